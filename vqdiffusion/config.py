@@ -1,0 +1,84 @@
+"""Typed, frozen configuration dataclasses saved as JSON beside safetensors weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C", bound="ConfigBase")
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed or does not match the weights it describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigBase:
+    """Base for frozen configs: JSON round trip with strict key checking.
+
+    Subclasses validate their values in ``__post_init__`` and raise :class:`ConfigError`.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(names)}")
+        kwargs = {}
+        for key, value in data.items():
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as err:  # missing required fields
+            raise ConfigError(f"{cls.__name__}: {err}") from None
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_json(cls: type[C], path: str | os.PathLike) -> C:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not valid JSON ({err})") from None
+        return cls.from_dict(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_positive(owner: str, **values: int | float) -> None:
+    """Raise ConfigError naming the first value that is not > 0."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{owner}: {name} must be > 0, got {value}")

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: explicit key maps with shape checks and strict accounting of every key."""
