@@ -34,7 +34,9 @@ def convert_state_dict(
         raise ConversionError(f"{source_name}: {len(unused)} unmapped key(s), e.g. {unused[:5]}")
     missing_src = sorted(k for k in key_map if k not in source)
     if missing_src:
-        raise ConversionError(f"{source_name}: {len(missing_src)} expected key(s) missing, e.g. {missing_src[:5]}")
+        raise ConversionError(
+            f"{source_name}: {len(missing_src)} expected key(s) missing, e.g. {missing_src[:5]}"
+        )
     out: dict[str, torch.Tensor] = {}
     for src_key, dst_key in key_map.items():
         if dst_key not in target_shapes:
