@@ -78,8 +78,8 @@ class MaskReplaceSchedule(ConfigBase):
             if abar[i] + gbar[i] > 1.0 + 1e-12 or 1.0 - alpha - gamma < -1e-12:
                 raise ConfigError(
                     f"{name}: step {i} has a negative transition probability (abar={abar[i]:.3g}, "
-                    f"gbar={gbar[i]:.3g}, 1 - alpha - gamma={1.0 - alpha - gamma:.3g}); choose endpoints with "
-                    "abar + gbar <= 1 and abar falling at least as fast as 1 - gbar"
+                    f"gbar={gbar[i]:.3g}, 1 - alpha - gamma={1.0 - alpha - gamma:.3g}); choose endpoints "
+                    "with abar + gbar <= 1 and abar falling at least as fast as 1 - gbar"
                 )
 
     @classmethod
