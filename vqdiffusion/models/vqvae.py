@@ -1,0 +1,550 @@
+"""Image tokenizer: a convolutional VQ autoencoder (VQ-VAE / VQGAN family; SPEC section 1, part 1).
+
+The layout is the taming-transformers encoder/decoder that VQ-Diffusion's tokenizers and diffusers'
+``VQModel`` share, so their weights load through an explicit key map (see
+``vqdiffusion.convert.diffusers_vqvae``):
+
+* encoder: 3x3 stem conv, one *level* per entry of ``block_out_channels`` (``layers_per_block`` residual
+  blocks, each optionally followed by single-head self-attention, then a stride-2 downsample on every level
+  but the last), a middle block (residual, optional attention, residual), GroupNorm + SiLU + 3x3 conv to
+  ``latent_channels``;
+* ``quant_proj``: 1x1 conv to the codebook width ``embed_dim``; ``codebook``: K vectors of that width;
+* ``post_quant_proj``: 1x1 conv back to ``latent_channels``;
+* decoder: the mirror image, with ``layers_per_block + 1`` residual blocks per level and nearest-neighbour
+  x2 upsampling followed by a 3x3 conv.
+
+Levels are indexed by resolution in both halves: level 0 works at full image resolution, level ``L - 1`` at
+``1 / 2**(L-1)`` of it.  The decoder runs its levels from ``L - 1`` down to 0.
+
+Shapes: images ``[B, C_in, H, W]`` in ``[-1, 1]``; latents ``[B, embed_dim, h, w]`` with ``h = H / f``,
+``w = W / f`` and ``f = 2**(L-1)``; tokens ``[B, h, w]`` int64 in ``[0, K)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigBase, ConfigError, check_positive
+
+__all__ = ["Codebook", "VQVAE", "VQVAEConfig", "VQVAEOutput"]
+
+# Number of distance-matrix entries (rows x K) computed at once when looking up nearest codes; bounds the
+# temporary memory of `Codebook.nearest` to about 64 MiB in float32 whatever the batch size.
+_DISTANCE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAEConfig(ConfigBase):
+    """Shape of a :class:`VQVAE`.
+
+    Attributes:
+        block_out_channels: channels of each resolution level, level 0 (full resolution) first.
+        latent_channels: channels of the encoder output / decoder input (taming's ``z_channels``).
+        embed_dim: width of a codebook vector (diffusers' ``vq_embed_dim``).
+        num_embeddings: codebook size K; tokens take values in ``[0, K)``.
+        encoder_attention: per level, whether each encoder residual block is followed by self-attention.
+        decoder_attention: per level (same indexing as ``block_out_channels``), the same for the decoder.
+        in_channels, out_channels: image channels.
+        layers_per_block: residual blocks per encoder level; decoder levels have one more.
+        mid_attention: whether the middle blocks of encoder and decoder have self-attention.
+        norm_num_groups: GroupNorm groups; must divide every entry of ``block_out_channels``.
+        norm_eps: GroupNorm epsilon (1e-6 in taming and diffusers).
+        sample_size: nominal image side the model was trained at; any multiple of ``downsample_factor`` is
+            accepted at run time.
+    """
+
+    block_out_channels: tuple[int, ...]
+    latent_channels: int
+    embed_dim: int
+    num_embeddings: int
+    encoder_attention: tuple[bool, ...]
+    decoder_attention: tuple[bool, ...]
+    in_channels: int = 3
+    out_channels: int = 3
+    layers_per_block: int = 2
+    mid_attention: bool = True
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    sample_size: int = 256
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in ("block_out_channels", "encoder_attention", "decoder_attention"):
+            if not isinstance(getattr(self, field), tuple):
+                raise ConfigError(f"{name}: {field} must be a tuple, got {getattr(self, field)!r}")
+        if len(self.block_out_channels) == 0:
+            raise ConfigError(f"{name}: block_out_channels must name at least one level, got ()")
+        ints = {
+            "latent_channels": self.latent_channels,
+            "embed_dim": self.embed_dim,
+            "num_embeddings": self.num_embeddings,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "layers_per_block": self.layers_per_block,
+            "norm_num_groups": self.norm_num_groups,
+            "sample_size": self.sample_size,
+        }
+        for i, channels in enumerate(self.block_out_channels):
+            ints[f"block_out_channels[{i}]"] = channels
+        for key, value in ints.items():
+            if not _is_int(value):
+                raise ConfigError(f"{name}: {key} must be an integer, got {value!r}")
+        check_positive(name, **ints)
+        if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool):
+            raise ConfigError(f"{name}: norm_eps must be a number, got {self.norm_eps!r}")
+        check_positive(name, norm_eps=self.norm_eps)
+        if not isinstance(self.mid_attention, bool):
+            raise ConfigError(f"{name}: mid_attention must be true or false, got {self.mid_attention!r}")
+        levels = len(self.block_out_channels)
+        for field in ("encoder_attention", "decoder_attention"):
+            flags = getattr(self, field)
+            if len(flags) != levels or not all(isinstance(f, bool) for f in flags):
+                raise ConfigError(
+                    f"{name}: {field} must hold one true/false flag per level ({levels} levels, from "
+                    f"block_out_channels={list(self.block_out_channels)}), got {list(flags)}"
+                )
+        for i, channels in enumerate(self.block_out_channels):
+            if channels % self.norm_num_groups:
+                raise ConfigError(
+                    f"{name}: block_out_channels[{i}]={channels} is not divisible by "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
+        if self.sample_size % self.downsample_factor:
+            raise ConfigError(
+                f"{name}: sample_size={self.sample_size} is not divisible by the downsampling factor "
+                f"{self.downsample_factor} (2**(levels-1) with {levels} levels)"
+            )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        """f: image side / token grid side, ``2**(levels-1)``."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """Token grid ``(h, w)`` for a ``sample_size`` x ``sample_size`` image."""
+        side = self.sample_size // self.downsample_factor
+        return (side, side)
+
+    @classmethod
+    def preset(cls, name: str) -> VQVAEConfig:
+        """A named configuration: ``"tiny"`` (tests) or ``"ithq"`` (the ITHQ tokenizer of SPEC section 6)."""
+        if name not in _PRESETS:
+            raise ConfigError(f"unknown VQVAEConfig preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return cls(**_PRESETS[name])
+
+
+_PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        block_out_channels=(32, 32),
+        latent_channels=8,
+        embed_dim=8,
+        num_embeddings=16,
+        encoder_attention=(False, True),
+        decoder_attention=(False, True),
+        layers_per_block=1,
+        mid_attention=True,
+        norm_num_groups=8,
+        sample_size=16,
+    ),
+    # The ITHQ VQ-VAE (f = 8, K = 4096, 32 x 32 tokens for 256 x 256 images), as described by the
+    # authors' `OUTPUT/pretrained_model/taming_dvae/config.yaml` (PatchVQGAN: ch 64, ch_mult 1-2-4-8,
+    # num_res_blocks 2, attention at 32 x 32 in encoder and decoder, z_channels 256, embed_dim 128,
+    # n_embed 4096; GroupNorm with 32 groups) and ported unchanged to diffusers' VQModel.
+    "ithq": dict(
+        block_out_channels=(64, 128, 256, 512),
+        latent_channels=256,
+        embed_dim=128,
+        num_embeddings=4096,
+        encoder_attention=(False, False, False, True),
+        decoder_attention=(False, False, False, True),
+        layers_per_block=2,
+        mid_attention=True,
+        norm_num_groups=32,
+        sample_size=256,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) twice, 1x1 conv on the skip if the
+    channel count changes.  ``[B, C_in, H, W] -> [B, C_out, H, W]``."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.in_norm = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.out_norm = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.in_conv(F.silu(self.in_norm(x)))
+        h = self.out_conv(F.silu(self.out_norm(h)))
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return skip + h
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over all H*W positions with a residual connection.
+
+    GroupNorm, then per-position linear query/key/value of width C, softmax(q k^T / sqrt(C)) v, a linear
+    output projection, plus the input.  ``[B, C, H, W] -> [B, C, H, W]``.
+    """
+
+    def __init__(self, channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.query = nn.Linear(channels, channels)
+        self.key = nn.Linear(channels, channels)
+        self.value = nn.Linear(channels, channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        q, k, v = (layer(h).unsqueeze(1) for layer in (self.query, self.key, self.value))  # [B, 1, HW, C]
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        h = self.proj(h).transpose(1, 2).reshape(b, c, height, width)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W: zero-pad one row/column at the bottom/right, then a 3x3 stride-2 conv (no padding)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: residual blocks, each optionally followed by attention, then an optional
+    resampling layer (``Downsample`` in the encoder, ``Upsample`` in the decoder)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_blocks: int,
+        attention: bool,
+        resample: nn.Module | None,
+        groups: int,
+        eps: float,
+    ):
+        super().__init__()
+        self.res_blocks = nn.ModuleList(
+            ResBlock(in_channels if i == 0 else out_channels, out_channels, groups, eps)
+            for i in range(num_blocks)
+        )
+        self.attn_blocks = nn.ModuleList(
+            SpatialSelfAttention(out_channels, groups, eps) for _ in range(num_blocks if attention else 0)
+        )
+        self.resample = resample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.res_blocks):
+            x = block(x)
+            if len(self.attn_blocks):
+                x = self.attn_blocks[i](x)
+        if self.resample is not None:
+            x = self.resample(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """Residual block, optional attention, residual block, all at the lowest resolution."""
+
+    def __init__(self, channels: int, attention: bool, groups: int, eps: float):
+        super().__init__()
+        self.res_a = ResBlock(channels, channels, groups, eps)
+        self.attn = SpatialSelfAttention(channels, groups, eps) if attention else None
+        self.res_b = ResBlock(channels, channels, groups, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.res_a(x)
+        if self.attn is not None:
+            x = self.attn(x)
+        return self.res_b(x)
+
+
+class Encoder(nn.Module):
+    """``[B, in_channels, H, W] -> [B, latent_channels, H/f, W/f]``."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        ch = config.block_out_channels
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.stem = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.levels = nn.ModuleList(
+            Level(
+                in_channels=ch[max(i - 1, 0)],
+                out_channels=ch[i],
+                num_blocks=config.layers_per_block,
+                attention=config.encoder_attention[i],
+                resample=Downsample(ch[i]) if i < config.num_levels - 1 else None,
+                groups=groups,
+                eps=eps,
+            )
+            for i in range(config.num_levels)
+        )
+        self.mid = MidBlock(ch[-1], config.mid_attention, groups, eps)
+        self.out_norm = nn.GroupNorm(groups, ch[-1], eps=eps)
+        self.out_conv = nn.Conv2d(ch[-1], config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for level in self.levels:
+            x = level(x)
+        x = self.mid(x)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+class Decoder(nn.Module):
+    """``[B, latent_channels, h, w] -> [B, out_channels, h*f, w*f]``; levels run from L-1 down to 0."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        ch = config.block_out_channels
+        last = config.num_levels - 1
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.stem = nn.Conv2d(config.latent_channels, ch[-1], 3, padding=1)
+        self.mid = MidBlock(ch[-1], config.mid_attention, groups, eps)
+        self.levels = nn.ModuleList(
+            Level(
+                in_channels=ch[min(i + 1, last)],
+                out_channels=ch[i],
+                num_blocks=config.layers_per_block + 1,
+                attention=config.decoder_attention[i],
+                resample=Upsample(ch[i]) if i > 0 else None,
+                groups=groups,
+                eps=eps,
+            )
+            for i in range(config.num_levels)
+        )
+        self.out_norm = nn.GroupNorm(groups, ch[0], eps=eps)
+        self.out_conv = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mid(self.stem(x))
+        for level in reversed(self.levels):
+            x = level(x)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+class Codebook(nn.Module):
+    """K code vectors of width D (``weight``: ``[K, D]``) with nearest-neighbour search and lookup.
+
+    The vectors are a plain parameter here (trained by the codebook loss); an EMA-updated codebook can
+    subclass this and keep ``weight`` as a buffer, so the state-dict key stays ``codebook.weight``.
+    """
+
+    def __init__(self, num_embeddings: int, embed_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embed_dim))
+        nn.init.uniform_(self.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    @torch.no_grad()
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Index of the closest code for each row of ``z`` ``[N, D]`` -> ``[N]`` int64.
+
+        ``||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2``; the first term is the same for every k, so the
+        argmin is taken over ``||e_k||^2 - 2 z.e_k``, one ``[rows, K]`` matmul per chunk of rows (never a
+        ``[N, K, D]`` broadcast).  Half-precision inputs are compared in float32; ties go to the lowest k.
+        """
+        compute_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+        codes = self.weight.detach().to(compute_dtype)
+        code_sq = codes.square().sum(dim=1)  # [K]
+        rows = max(1, _DISTANCE_CHUNK_ELEMENTS // codes.shape[0])
+        out = []
+        for chunk in z.to(compute_dtype).split(rows):
+            # code_sq - 2 * chunk @ codes.T, fused
+            scores = torch.addmm(code_sq.unsqueeze(0), chunk, codes.t(), beta=1.0, alpha=-2.0)
+            out.append(scores.argmin(dim=1))
+        if not out:
+            return torch.empty(0, dtype=torch.long, device=z.device)
+        return torch.cat(out)
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Code vectors for integer ``tokens`` of any shape ``[...]`` -> ``[..., D]``."""
+        return F.embedding(tokens, self.weight)
+
+
+@dataclasses.dataclass
+class VQVAEOutput:
+    """Result of :meth:`VQVAE.forward`.
+
+    Attributes:
+        reconstruction: ``[B, out_channels, H, W]`` decoder output (not clamped).
+        tokens: ``[B, h, w]`` int64 code indices.
+        commitment_loss: ``[B]`` per-example mean of ``(z - sg(z_q))^2``; gradients reach the encoder.
+        codebook_loss: ``[B]`` per-example mean of ``(sg(z) - z_q)^2``; gradients reach the codebook.
+            (The VQ-VAE objective is ``recon + codebook_loss + beta * commitment_loss``; an EMA codebook
+            drops ``codebook_loss``.)
+    """
+
+    reconstruction: torch.Tensor
+    tokens: torch.Tensor
+    commitment_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+
+
+class VQVAE(nn.Module):
+    """Convolutional VQ autoencoder: images <-> grids of codebook tokens (see the module docstring)."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        if not isinstance(config, VQVAEConfig):
+            raise TypeError(f"VQVAE expects a VQVAEConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_proj = nn.Conv2d(config.latent_channels, config.embed_dim, 1)
+        self.codebook = Codebook(config.num_embeddings, config.embed_dim)
+        self.post_quant_proj = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
+        self.decoder = Decoder(config)
+
+    # -- input checks ------------------------------------------------------------------------------------
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(
+                f"images must be [B, {cfg.in_channels}, H, W], got {images.ndim} dims with shape "
+                f"{tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+        if images.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"images have {images.shape[1]} channels (shape {tuple(images.shape)}), the model expects "
+                f"{cfg.in_channels}"
+            )
+        f = cfg.downsample_factor
+        height, width = images.shape[-2:]
+        if height == 0 or width == 0 or height % f or width % f:
+            raise ValueError(
+                f"image size {height}x{width} is not a positive multiple of the downsampling factor {f}; "
+                f"resize or crop to a multiple of {f}"
+            )
+
+    def _check_latents(self, z: torch.Tensor, width: int, what: str) -> None:
+        if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != width:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"{what} must be [B, {width}, h, w], got {shape}")
+        if not z.is_floating_point():
+            raise ValueError(f"{what} must be floating point, got dtype {z.dtype}")
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        k = self.config.num_embeddings
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.ndim != 3:
+            raise ValueError(f"tokens must be [B, h, w], got shape {tuple(tokens.shape)}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor (torch.long), got dtype {tokens.dtype}")
+        if tokens.numel() and bool(((tokens < 0) | (tokens >= k)).any()):
+            raise ValueError(
+                f"tokens must lie in [0, {k}), got values in [{int(tokens.min())}, {int(tokens.max())}]"
+                + (f"; {k} is the [MASK] id, which cannot be decoded" if int(tokens.max()) == k else "")
+            )
+
+    # -- encoding ----------------------------------------------------------------------------------------
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Continuous latents before quantisation: ``[B, C_in, H, W] -> [B, embed_dim, H/f, W/f]``."""
+        self._check_images(images)
+        return self.quant_proj(self.encoder(images))
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codes: ``z [B, D, h, w] -> (z_q [B, D, h, w], tokens [B, h, w] int64)``.
+
+        ``z_q`` are the code vectors themselves (no straight-through estimator; see :meth:`forward`).
+        """
+        self._check_latents(z, self.config.embed_dim, "latents")
+        b, d, height, width = z.shape
+        tokens = self.codebook.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, height, width)
+        # tokens come from argmin, so they are valid: skip `lookup`'s range check (a host sync)
+        z_q = self.codebook.lookup(tokens).permute(0, 3, 1, 2).contiguous()
+        return z_q, tokens
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokenize images: ``[B, C_in, H, W]`` in ``[-1, 1]`` -> ``[B, H/f, W/f]`` int64 in ``[0, K)``."""
+        return self.quantize(self.encode_latents(images))[1]
+
+    # -- decoding ----------------------------------------------------------------------------------------
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Code vectors of a token grid: ``[B, h, w]`` int -> ``[B, embed_dim, h, w]``."""
+        self._check_tokens(tokens)
+        return self.codebook.lookup(tokens.long()).permute(0, 3, 1, 2).contiguous()
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Decoder on (quantised) latents: ``[B, embed_dim, h, w] -> [B, C_out, h*f, w*f]``, not clamped."""
+        self._check_latents(z_q, self.config.embed_dim, "quantised latents")
+        return self.decoder(self.post_quant_proj(z_q))
+
+    def decode_tokens(self, tokens: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+        """Images from tokens: ``[B, h, w]`` int in ``[0, K)`` -> ``[B, C_out, h*f, w*f]``.
+
+        With ``clamp`` (default) the output is clamped to ``[-1, 1]``.
+        """
+        images = self.decode_latents(self.lookup(tokens))
+        return images.clamp(-1.0, 1.0) if clamp else images
+
+    # -- training ----------------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+        """Encode, quantise with the straight-through estimator, decode.
+
+        The decoder sees ``z + sg(z_q - z)``: its value is ``z_q`` and the reconstruction gradient passes to
+        the encoder unchanged.  Returns per-example commitment and codebook terms (:class:`VQVAEOutput`).
+        """
+        z = self.encode_latents(images)
+        z_q, tokens = self.quantize(z)
+        dims = tuple(range(1, z.ndim))
+        commitment = (z - z_q.detach()).float().square().mean(dim=dims)
+        codebook = (z.detach() - z_q).float().square().mean(dim=dims)
+        z_st = z + (z_q - z).detach()
+        return VQVAEOutput(
+            reconstruction=self.decode_latents(z_st),
+            tokens=tokens,
+            commitment_loss=commitment,
+            codebook_loss=codebook,
+        )
