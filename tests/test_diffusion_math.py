@@ -38,9 +38,7 @@ def dense_kernel(K: int, alpha: float, beta: float, gamma: float) -> torch.Tenso
 def one_step_matrices(schedule: MaskReplaceSchedule) -> list[torch.Tensor]:
     """Q_i = q(x_i | x_{i-1}) for i = 0..T-1 from the per-step parameters."""
     alphas, betas, gammas = schedule.step_params
-    return [
-        dense_kernel(schedule.num_classes, a, b, g) for a, b, g in zip(alphas, betas, gammas, strict=True)
-    ]
+    return [dense_kernel(schedule.num_classes, a, b, g) for a, b, g in zip(alphas, betas, gammas, strict=True)]
 
 
 def product(mats: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -50,9 +48,7 @@ def product(mats: list[torch.Tensor], size: int) -> torch.Tensor:
     return out
 
 
-def brute_force_posterior(
-    schedule: MaskReplaceSchedule, p_x0: torch.Tensor, x_t: int, t: int, s: int
-) -> torch.Tensor:
+def brute_force_posterior(schedule: MaskReplaceSchedule, p_x0: torch.Tensor, x_t: int, t: int, s: int) -> torch.Tensor:
     """p(x_s | x_t) = sum_x0 p(x0) Q_{s->t}[x_s, x_t] Qbar_s[x0, x_s] / Qbar_t[x0, x_t], normalised.
 
     x0 values that cannot produce x_t (Qbar_t[x0, x_t] = 0) are dropped, i.e. the prediction is conditioned
@@ -200,9 +196,7 @@ def test_schedule_validation_errors() -> None:
         MaskReplaceSchedule(4, 10, alpha_cum_start=0.1, alpha_cum_end=0.5)
     with pytest.raises(ConfigError, match="negative transition"):
         # abar falls slower than 1 - gbar: would need a negative beta
-        MaskReplaceSchedule(
-            4, 10, alpha_cum_start=0.5, alpha_cum_end=0.49, gamma_cum_start=0.0, gamma_cum_end=0.9
-        )
+        MaskReplaceSchedule(4, 10, alpha_cum_start=0.5, alpha_cum_end=0.49, gamma_cum_start=0.0, gamma_cum_end=0.9)
     with pytest.raises(ConfigError, match="unknown key"):
         MaskReplaceSchedule.from_dict({"num_classes": 4, "bogus": 1})
     schedule = MaskReplaceSchedule.paper_mask_and_replace(16, 20)
@@ -297,9 +291,7 @@ def dense_loss_reference(schedule, log_p_x0, x0, x_t, t, aux_weight, adaptive, m
             xt = int(x_t[b, n])
             w = mask_weight[0] if xt == K else mask_weight[1]
             p_model = brute_force_posterior(schedule, log_p_x0[b, :, n].double().exp(), xt, tb, tb - 1)
-            p_true = brute_force_posterior(
-                schedule, torch.eye(K, dtype=torch.float64)[x0[b, n]], xt, tb, tb - 1
-            )
+            p_true = brute_force_posterior(schedule, torch.eye(K, dtype=torch.float64)[x0[b, n]], xt, tb, tb - 1)
             pos = p_true > 0
             kl += w * float((p_true[pos] * (p_true[pos].log() - p_model[pos].log())).sum())
             nll += -math.log(float(p_model[x0[b, n]]))
@@ -325,9 +317,7 @@ def test_loss_terms_match_dense_reference(name: str) -> None:
     x_t = q_sample(schedule, x0, t, gen)
     x_t[2, 0] = K
     log_p_x0 = torch.log_softmax(torch.randn(4, K, N, generator=gen), 1)
-    terms = diffusion_loss(
-        schedule, log_p_x0, x0, x_t, t, aux_weight=0.1, adaptive_aux=True, mask_weight=(1.0, 0.5)
-    )
+    terms = diffusion_loss(schedule, log_p_x0, x0, x_t, t, aux_weight=0.1, adaptive_aux=True, mask_weight=(1.0, 0.5))
     vb, aux, w = dense_loss_reference(schedule, log_p_x0, x0, x_t, t, 0.1, True, (1.0, 0.5))
     torch.testing.assert_close(terms.vb.double(), vb, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(terms.aux.double(), aux, rtol=1e-5, atol=1e-5)

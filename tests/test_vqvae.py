@@ -188,10 +188,7 @@ def test_key_map_is_one_to_one_and_covers_both_models() -> None:
     assert len(set(key_map.values())) == len(key_map)
     # decoder levels are reversed relative to diffusers' up_blocks
     assert key_map["decoder.up_blocks.0.upsamplers.0.conv.weight"] == "decoder.levels.2.resample.conv.weight"
-    assert (
-        key_map["decoder.up_blocks.1.attentions.2.to_out.0.bias"]
-        == "decoder.levels.1.attn_blocks.2.proj.bias"
-    )
+    assert key_map["decoder.up_blocks.1.attentions.2.to_out.0.bias"] == "decoder.levels.1.attn_blocks.2.proj.bias"
 
 
 def test_conversion_rejects_bad_state_dicts() -> None:
@@ -256,10 +253,7 @@ def test_presets() -> None:
     assert model.codebook.weight.shape == (4096, 128)
     # the diffusers port of the ITHQ tokenizer uses these block types
     d = vqvae_config_to_diffusers(ithq)
-    assert (
-        d["down_block_types"][-1] == "AttnDownEncoderBlock2D"
-        and d["up_block_types"][0] == "AttnUpDecoderBlock2D"
-    )
+    assert d["down_block_types"][-1] == "AttnDownEncoderBlock2D" and d["up_block_types"][0] == "AttnUpDecoderBlock2D"
     with pytest.raises(ConfigError, match="huge"):
         VQVAEConfig.preset("huge")
 

@@ -60,13 +60,11 @@ class MaskReplaceSchedule(ConfigBase):
                 raise ConfigError(f"{name}: {field} must lie in [0, 1], got {value!r}")
         if self.alpha_cum_end > self.alpha_cum_start:
             raise ConfigError(
-                f"{name}: cumulative alpha must not increase (start {self.alpha_cum_start} "
-                f"< end {self.alpha_cum_end})"
+                f"{name}: cumulative alpha must not increase (start {self.alpha_cum_start} < end {self.alpha_cum_end})"
             )
         if self.gamma_cum_end < self.gamma_cum_start:
             raise ConfigError(
-                f"{name}: cumulative gamma must not decrease (start {self.gamma_cum_start} "
-                f"> end {self.gamma_cum_end})"
+                f"{name}: cumulative gamma must not decrease (start {self.gamma_cum_start} > end {self.gamma_cum_end})"
             )
         if self.gamma_cum_end <= 0.0:
             raise ConfigError(f"{name}: gamma_cum_end must be > 0 so that sampling can start from all [MASK]")
@@ -195,9 +193,7 @@ def _cumulative_table(schedule: MaskReplaceSchedule, device: torch.device) -> to
     return torch.tensor(rows, dtype=torch.float64, device=device)
 
 
-def _as_index(
-    t: int | torch.Tensor, batch: int, device: torch.device, name: str, low: int, high: int
-) -> torch.Tensor:
+def _as_index(t: int | torch.Tensor, batch: int, device: torch.device, name: str, low: int, high: int) -> torch.Tensor:
     """An int or 0-d/[B] tensor of step indices -> [B] long tensor on ``device``."""
     if isinstance(t, int):
         if not low <= t <= high:
@@ -241,9 +237,7 @@ def q_sample(
 # ---------------------------------------------------------------------------------------------------------
 # Reverse process: posterior p(x_s | x_t) for any s < t, per position with gathers
 # ---------------------------------------------------------------------------------------------------------
-def _posterior_coefficients(
-    schedule: MaskReplaceSchedule, t: torch.Tensor, s: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def _posterior_coefficients(schedule: MaskReplaceSchedule, t: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
     """Float64 [B] scalars of the closed-form posterior for the pairs (s, t) (SPEC section 3)."""
     table = _cumulative_table(schedule, t.device)
     a_s, b_s, g_s = table[s + 1].unbind(-1)
@@ -340,11 +334,9 @@ def posterior_log_probs(
     # The entry at index x_t: u(k) for real positions, u(MASK) for masked ones.
     log_at_x_t = torch.where(is_mask, log(coef["mask_stay"].expand(B, N)), log(u_k))
 
-    out = log_p.new_empty(B, K + 1, N)
-    torch.logaddexp(log_p + log_A.float()[:, None], log_C.float()[:, None], out=out[:, :K])
-    out[:, K] = -math.inf
-    out.scatter_(1, x_t[:, None], log_at_x_t.float()[:, None])
-    return out
+    body = torch.logaddexp(log_p + log_A.float()[:, None], log_C.float()[:, None])  # [B, K, N]
+    out = torch.cat([body, body.new_full((B, 1, N), -math.inf)], dim=1)
+    return out.scatter_(1, x_t[:, None], log_at_x_t.float()[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,9 +376,7 @@ def truncate_log_probs(log_p_x0: torch.Tensor, rate: float, *, start_k: int = 32
         k = min(2 * k, K)
     # The smallest kept log-prob is the per-position threshold; the kept mass renormalises.
     threshold = torch.where(keep, top_log_p, torch.full_like(top_log_p, math.inf)).amin(1, keepdim=True)
-    log_kept_mass = torch.where(keep, top_log_p, torch.full_like(top_log_p, -math.inf)).logsumexp(
-        1, keepdim=True
-    )
+    log_kept_mass = torch.where(keep, top_log_p, torch.full_like(top_log_p, -math.inf)).logsumexp(1, keepdim=True)
     return torch.where(log_p_x0 >= threshold, log_p_x0 - log_kept_mass, torch.full_like(log_p_x0, -math.inf))
 
 
@@ -501,9 +491,7 @@ class ImportanceTimestepSampler:
         uniform = torch.full_like(importance, 1.0 / self.num_timesteps)
         return torch.where((self.count > self.min_count).all(), importance, uniform)
 
-    def sample(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ([B] long step indices, [B] float32 probabilities p(t))."""
         probs = self.probabilities()
         t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
@@ -516,13 +504,9 @@ class ImportanceTimestepSampler:
         """
         t = t.to(self.count.device)
         seen = torch.zeros_like(self.count).index_add_(0, t, torch.ones_like(t))
-        total = torch.zeros_like(self.loss_sq).index_add_(
-            0, t, vb.detach().double().to(self.loss_sq.device) ** 2
-        )
+        total = torch.zeros_like(self.loss_sq).index_add_(0, t, vb.detach().double().to(self.loss_sq.device) ** 2)
         mean = total / seen.clamp_min(1)
-        self.loss_sq = torch.where(
-            seen > 0, self.decay * mean + (1 - self.decay) * self.loss_sq, self.loss_sq
-        )
+        self.loss_sq = torch.where(seen > 0, self.decay * mean + (1 - self.decay) * self.loss_sq, self.loss_sq)
         self.count += seen
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -532,8 +516,7 @@ class ImportanceTimestepSampler:
         for key in ("loss_sq", "count"):
             if state[key].shape != (self.num_timesteps,):
                 raise ValueError(
-                    f"sampler state {key} has shape {tuple(state[key].shape)}, expected "
-                    f"({self.num_timesteps},)"
+                    f"sampler state {key} has shape {tuple(state[key].shape)}, expected ({self.num_timesteps},)"
                 )
         self.loss_sq = state["loss_sq"].to(self.loss_sq)
         self.count = state["count"].to(self.count)

@@ -84,9 +84,7 @@ def vqvae_config_from_diffusers(config: Mapping[str, Any], *, sample_size: int |
             "'spatial' is the MoVQ decoder, which VQVAE does not implement)"
         )
     if cfg["act_fn"] not in ("silu", "swish"):
-        raise ConfigError(
-            f"diffusers VQModel config: act_fn={cfg['act_fn']!r} is not supported (only 'silu')"
-        )
+        raise ConfigError(f"diffusers VQModel config: act_fn={cfg['act_fn']!r} is not supported (only 'silu')")
     channels = tuple(cfg["block_out_channels"])
     down = tuple(cfg["down_block_types"])
     up = tuple(cfg["up_block_types"])
@@ -96,9 +94,7 @@ def vqvae_config_from_diffusers(config: Mapping[str, Any], *, sample_size: int |
     ):
         bad = [t for t in types if t not in allowed]
         if bad:
-            raise ConfigError(
-                f"diffusers VQModel config: {key} contains {bad}; supported are {list(allowed)}"
-            )
+            raise ConfigError(f"diffusers VQModel config: {key} contains {bad}; supported are {list(allowed)}")
         if len(types) != len(channels):
             raise ConfigError(
                 f"diffusers VQModel config: {key} has {len(types)} entries but block_out_channels has "
@@ -284,6 +280,4 @@ def vqvae_state_dict_to_diffusers(
     key_map = diffusers_to_vqvae_key_map(config)
     ours = _vqvae_shapes(config)
     target_shapes = {src: ours[dst] for src, dst in key_map.items()}
-    return convert_state_dict(
-        state_dict, invert_key_map(key_map), target_shapes, source_name="VQVAE state dict"
-    )
+    return convert_state_dict(state_dict, invert_key_map(key_map), target_shapes, source_name="VQVAE state dict")

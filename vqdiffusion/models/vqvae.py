@@ -264,8 +264,7 @@ class Level(nn.Module):
     ):
         super().__init__()
         self.res_blocks = nn.ModuleList(
-            ResBlock(in_channels if i == 0 else out_channels, out_channels, groups, eps)
-            for i in range(num_blocks)
+            ResBlock(in_channels if i == 0 else out_channels, out_channels, groups, eps) for i in range(num_blocks)
         )
         self.attn_blocks = nn.ModuleList(
             SpatialSelfAttention(out_channels, groups, eps) for _ in range(num_blocks if attention else 0)
@@ -445,8 +444,7 @@ class VQVAE(nn.Module):
             raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.ndim != 4:
             raise ValueError(
-                f"images must be [B, {cfg.in_channels}, H, W], got {images.ndim} dims with shape "
-                f"{tuple(images.shape)}"
+                f"images must be [B, {cfg.in_channels}, H, W], got {images.ndim} dims with shape {tuple(images.shape)}"
             )
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")

@@ -1,0 +1,153 @@
+"""Command line: ``vqdiffusion generate`` and ``vqdiffusion info``.
+
+Bad input ends with a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ConfigError
+
+USAGE_ERROR = 2
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class CLIError(Exception):
+    """A user error reported as one line with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqdiffusion", description="VQ-Diffusion text-to-image synthesis")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a text prompt")
+    gen.add_argument("prompt", help="the text prompt")
+    gen.add_argument("--model", required=True, help="model directory (vqdiffusion or diffusers layout)")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps, 1..T (default: the model's)")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    gen.add_argument("--truncation", type=float, default=None, help="truncation rate in (0, 1]")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
+    gen.add_argument(
+        "--output",
+        default="vqdiffusion.png",
+        help="an image file (several images become one grid) or a directory (numbered files)",
+    )
+    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    gen.add_argument("--bf16", action="store_true", help="run the denoiser in bfloat16")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    info = sub.add_parser("info", help="print a model's configuration and parameter counts")
+    info.add_argument("model", help="model directory")
+    return parser
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise CLIError('the prompt is empty; give a text prompt, e.g. vqdiffusion generate "a red circle"')
+    if args.num_images < 1:
+        raise CLIError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.truncation is not None and not 0.0 < args.truncation <= 1.0:
+        raise CLIError(f"--truncation must be in (0, 1], got {args.truncation}")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.output)
+    if out.suffix and out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise CLIError(f"--output {out}: unsupported image type {out.suffix!r} (use .png or a directory)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
+    import torch
+
+    from .pipeline import VQDiffusionPipeline, make_grid
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but CUDA is not available")
+    pipe = VQDiffusionPipeline.from_pretrained(args.model)
+    pipe.to(args.device, torch.bfloat16 if args.bf16 else None)
+    if args.steps is not None and args.steps > pipe.schedule.num_timesteps:
+        raise CLIError(f"--steps must be in [1, {pipe.schedule.num_timesteps}] for this model, got {args.steps}")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    result = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        truncation_rate=args.truncation,
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+        progress=not args.quiet,
+    )
+    out = Path(args.output)
+    if out.suffix:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image = result.images[0] if len(result.images) == 1 else make_grid(result.images)
+        image.save(out)
+        written = [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, image in enumerate(result.images):
+            path = out / f"{i:04d}.png"
+            image.save(path)
+            written.append(path)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .pipeline import VQDiffusionPipeline
+
+    pipe = VQDiffusionPipeline.from_pretrained(args.model)
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.modules().items()}
+    report = {
+        "model": str(args.model),
+        "schedule": pipe.schedule.to_dict(),
+        "denoiser": pipe.denoiser.config.to_dict(),
+        "vqvae": pipe.vqvae.config.to_dict(),
+        "text_encoder": {
+            "hidden_size": pipe.text_encoder.hidden_size,
+            "max_length": pipe.text_encoder.max_length,
+            "pad_token_id": pipe.text_encoder.pad_token_id,
+        },
+        "null_condition": "learned" if pipe.null_condition is not None else "empty prompt",
+        "defaults": pipe.defaults.to_dict(),
+        "parameters": {**counts, "total": sum(counts.values())},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "info": cmd_info}
+    try:
+        return commands[args.command](args)
+    except (
+        CLIError,
+        ConfigError,
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+    ) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Text-to-image pipeline: condition encoder -> discrete diffusion over VQ tokens -> VQ decoder.
+
+Reads our own layout (JSON configs + safetensors) and diffusers' VQ-Diffusion layout, writes ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ConfigBase, ConfigError, atomic_write_text
+from .convert.diffusers_denoiser import denoiser_config_from_diffusers, denoiser_state_dict_from_diffusers
+from .convert.diffusers_vqvae import vqvae_config_from_diffusers, vqvae_state_dict_from_diffusers
+from .diffusion import Generator, MaskReplaceSchedule
+from .io import find_weights, load_into, load_weights, save_safetensors
+from .models.conditions import CLIPTextCondition, LearnedNullCondition
+from .models.denoiser import Denoiser, DenoiserConfig
+from .models.vqvae import VQVAE, VQVAEConfig
+from .sampling import SamplingOptions, guided_predictor, sample_tokens
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "vqdiffusion-pipeline"
+FORMAT_VERSION = 1
+INDEX_FILE = "vqdiffusion.json"
+OutputType = Literal["pil", "np", "pt", "tokens"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineDefaults(ConfigBase):
+    """Per-model default sampling settings (used when a call does not give them)."""
+
+    num_inference_steps: int = 100
+    guidance_scale: float = 5.0
+    truncation_rate: float = 1.0
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    """``images``: PIL list, float array [B, H, W, 3] or tensor [B, 3, H, W] in [0, 1], or None for
+    ``output_type="tokens"``; ``tokens``: [B, h, w] long."""
+
+    images: Any
+    tokens: torch.Tensor
+
+
+class VQDiffusionPipeline:
+    """VQ-Diffusion text-to-image sampling (Gu et al. 2022; Tang et al. 2022).
+
+    Components: ``vqvae`` (tokens <-> pixels), ``denoiser`` ((x_t, t, cond) -> log p(x0)), ``schedule``
+    (the mask-and-replace process and its posterior), ``text_encoder`` (CLIP text condition) and
+    ``null_condition`` (the learned null text for classifier-free guidance; None means the encoding of
+    the empty prompt is used, as diffusers does for non-learnable models).
+    """
+
+    def __init__(
+        self,
+        *,
+        vqvae: VQVAE,
+        denoiser: Denoiser,
+        schedule: MaskReplaceSchedule,
+        text_encoder: CLIPTextCondition,
+        null_condition: LearnedNullCondition | None = None,
+        defaults: PipelineDefaults | None = None,
+    ) -> None:
+        cfg = denoiser.config
+        if schedule.num_classes != cfg.num_classes:
+            raise ConfigError(f"schedule has K={schedule.num_classes} but the denoiser has K={cfg.num_classes}")
+        if schedule.num_timesteps != cfg.num_timesteps:
+            raise ConfigError(
+                f"schedule has T={schedule.num_timesteps} but the denoiser embeds {cfg.num_timesteps} steps"
+            )
+        if vqvae.config.num_embeddings != cfg.num_classes:
+            raise ConfigError(
+                f"VQ-VAE codebook has {vqvae.config.num_embeddings} entries but the denoiser has K={cfg.num_classes}"
+            )
+        if text_encoder.hidden_size != cfg.cond_dim:
+            raise ConfigError(f"text encoder width {text_encoder.hidden_size} != denoiser cond_dim {cfg.cond_dim}")
+        if null_condition is not None and tuple(null_condition.embedding.shape) != (
+            text_encoder.max_length,
+            text_encoder.hidden_size,
+        ):
+            raise ConfigError(
+                f"null condition has shape {tuple(null_condition.embedding.shape)}, expected "
+                f"({text_encoder.max_length}, {text_encoder.hidden_size})"
+            )
+        self.vqvae = vqvae.eval()
+        self.denoiser = denoiser.eval()
+        self.schedule = schedule
+        self.text_encoder = text_encoder.eval()
+        self.null_condition = null_condition.eval() if null_condition is not None else None
+        self.defaults = defaults or PipelineDefaults()
+
+    # -- device and dtype -------------------------------------------------------------------------------
+    def modules(self) -> dict[str, torch.nn.Module]:
+        out = {"vqvae": self.vqvae, "denoiser": self.denoiser, "text_encoder": self.text_encoder}
+        if self.null_condition is not None:
+            out["null_condition"] = self.null_condition
+        return out
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VQDiffusionPipeline:
+        """Move every component; ``dtype`` applies to the denoiser (bf16 sampling keeps log-probs in float32),
+        the VQ decoder and the null condition; the text encoder stays in float32 on CPU for exactness
+        unless the device is CUDA."""
+        for name, module in self.modules().items():
+            target_dtype = dtype
+            if name == "text_encoder" and dtype is not None and torch.device(device or self.device).type == "cpu":
+                target_dtype = None
+            module.to(device=device, dtype=target_dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    # -- conditions -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text condition [B, L, D] (final layer norm output, L2-normalised per position)."""
+        return self.text_encoder.encode(prompts).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def null_embeddings(self, batch_size: int) -> torch.Tensor:
+        """The unconditional input for guidance [B, L, D]: the learned null text, else the empty prompt."""
+        if self.null_condition is not None:
+            return self.null_condition(batch_size).to(self.device, self.dtype)
+        return self.text_encoder.encode_unconditional(batch_size).to(self.device, self.dtype)
+
+    # -- sampling ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        truncation_rate: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: Generator = None,
+        output_type: OutputType = "pil",
+        progress: bool = True,
+    ) -> PipelineOutput:
+        """Generate images for ``prompt`` (one string or a list).
+
+        Args:
+            num_inference_steps: 1..T model evaluations (exact skip-step posterior below T).
+            guidance_scale: classifier-free guidance scale; 1.0 costs one forward pass per step.
+            truncation_rate: keep the most likely classes up to this mass, in (0, 1].
+            num_images_per_prompt: images per prompt (prompt-major order).
+            generator: a ``torch.Generator`` (or one per image) for reproducible sampling.
+            output_type: "pil", "np" ([B, H, W, 3] float in [0, 1]), "pt" ([B, 3, H, W] in [0, 1]) or
+                "tokens" (no decoding).
+            progress: show a progress bar.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or (num_images_per_prompt < 1)
+        ):
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if output_type not in ("pil", "np", "pt", "tokens"):
+            raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'tokens', got {output_type!r}")
+        options = SamplingOptions(
+            num_inference_steps=self.defaults.num_inference_steps
+            if num_inference_steps is None
+            else num_inference_steps,
+            guidance_scale=self.defaults.guidance_scale if guidance_scale is None else guidance_scale,
+            truncation_rate=self.defaults.truncation_rate if truncation_rate is None else truncation_rate,
+        )
+        options.validate(self.schedule.num_timesteps)
+
+        cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
+        batch = cond.shape[0]
+        null_cond = self.null_embeddings(batch) if options.uses_guidance else None
+        predict = guided_predictor(self.denoiser, cond, null_cond, options.guidance_scale)
+        cfg = self.denoiser.config
+        tokens = sample_tokens(
+            predict,
+            self.schedule,
+            batch,
+            cfg.height * cfg.width,
+            options,
+            generator=generator,
+            device=self.device,
+            progress=progress,
+        ).view(batch, cfg.height, cfg.width)
+        if output_type == "tokens":
+            return PipelineOutput(images=None, tokens=tokens)
+        images = self.decode(tokens)
+        return PipelineOutput(images=to_output_type(images, output_type), tokens=tokens)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, h, w] tokens -> [B, 3, H, W] float32 images in [0, 1]."""
+        return ((self.vqvae.decode_tokens(tokens).float() + 1) / 2).clamp(0, 1)
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write our layout: ``vqdiffusion.json`` index, JSON configs and safetensors weights."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        self.schedule.save_json(root / "schedule.json")
+        self.defaults.save_json(root / "defaults.json")
+        for name, module in (("vqvae", self.vqvae), ("denoiser", self.denoiser)):
+            module.config.save_json(root / name / "config.json")
+            save_safetensors(module.state_dict(), root / name / "model.safetensors")
+        self.text_encoder.save_pretrained(root / "text_encoder", root / "tokenizer")
+        if self.null_condition is not None:
+            save_safetensors({"embedding": self.null_condition.embedding}, root / "null_condition.safetensors")
+        index = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "condition": "text",
+            "null_condition": "learned" if self.null_condition is not None else "empty_prompt",
+            "text_pad_token_id": self.text_encoder.pad_token_id,
+        }
+        # The index is written last: a directory without it is an incomplete save.
+        atomic_write_text(root / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        text_pad_token_id: int | None | Literal["auto"] = "auto",
+    ) -> VQDiffusionPipeline:
+        """Load a model directory: ours (``vqdiffusion.json``) or diffusers' (``model_index.json``).
+
+        ``text_pad_token_id`` overrides the id that pads prompts after the end-of-text token ("auto":
+        what the model was trained with; for a diffusers-layout directory that is the authors' 0, since the
+        published models were trained with the authors' tokenizer, not diffusers' ``<|endoftext|>``
+        padding; None: the tokenizer's own padding).
+        """
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"model directory not found: {root}")
+        if not root.is_dir():
+            raise ValueError(f"{root} is a file, not a model directory")
+        if (root / INDEX_FILE).is_file():
+            pipe = cls._load_ours(root, text_pad_token_id)
+        elif (root / "model_index.json").is_file():
+            pipe = cls._load_diffusers(root, text_pad_token_id)
+        else:
+            raise ValueError(
+                f"{root} is not a model directory: expected {INDEX_FILE} (vqdiffusion layout) or "
+                "model_index.json (diffusers layout)"
+            )
+        if device is not None or dtype is not None:
+            pipe.to(device, dtype)
+        return pipe
+
+    @classmethod
+    def _load_ours(cls, root: Path, text_pad_token_id: int | None | str) -> VQDiffusionPipeline:
+        index = _read_json(root / INDEX_FILE)
+        if index.get("format") != FORMAT_NAME:
+            raise ValueError(f"{root / INDEX_FILE}: unknown format {index.get('format')!r}")
+        if index.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{root / INDEX_FILE}: format version {index.get('format_version')} is not supported "
+                f"(this vqdiffusion reads version {FORMAT_VERSION})"
+            )
+        if index.get("condition") != "text":
+            raise ValueError(f"{root}: condition kind {index.get('condition')!r} is not supported yet")
+        schedule = MaskReplaceSchedule.load_json(root / "schedule.json")
+        defaults = PipelineDefaults.load_json(root / "defaults.json") if (root / "defaults.json").exists() else None
+        vqvae = VQVAE(VQVAEConfig.load_json(root / "vqvae" / "config.json"))
+        load_into(vqvae, load_weights(root / "vqvae" / "model.safetensors"), f"{root}/vqvae")
+        denoiser = Denoiser(DenoiserConfig.load_json(root / "denoiser" / "config.json"))
+        load_into(denoiser, load_weights(root / "denoiser" / "model.safetensors"), f"{root}/denoiser")
+        pad = index.get("text_pad_token_id") if text_pad_token_id == "auto" else text_pad_token_id
+        text_encoder = CLIPTextCondition.from_pretrained(root / "text_encoder", root / "tokenizer", pad_token_id=pad)
+        null_condition = None
+        if index.get("null_condition") == "learned":
+            weights = load_weights(root / "null_condition.safetensors")
+            if set(weights) != {"embedding"}:
+                raise ValueError(f"{root / 'null_condition.safetensors'}: expected one tensor 'embedding'")
+            null_condition = LearnedNullCondition(weights["embedding"].clone())
+        return cls(
+            vqvae=vqvae,
+            denoiser=denoiser,
+            schedule=schedule,
+            text_encoder=text_encoder,
+            null_condition=null_condition,
+            defaults=defaults,
+        )
+
+    @classmethod
+    def _load_diffusers(cls, root: Path, text_pad_token_id: int | None | str) -> VQDiffusionPipeline:
+        index = _read_json(root / "model_index.json")
+        if index.get("_class_name") != "VQDiffusionPipeline":
+            raise ValueError(
+                f"{root / 'model_index.json'} describes a {index.get('_class_name')!r}, not a VQDiffusionPipeline"
+            )
+        weight_stems = ("diffusion_pytorch_model", "model")
+        vq_cfg = vqvae_config_from_diffusers(_read_json(root / "vqvae" / "config.json"))
+        vqvae = VQVAE(vq_cfg)
+        vq_sd = load_weights(find_weights(root / "vqvae", weight_stems))
+        load_into(vqvae, vqvae_state_dict_from_diffusers(vq_sd, vq_cfg), f"{root}/vqvae")
+        den_cfg = denoiser_config_from_diffusers(_read_json(root / "transformer" / "config.json"))
+        denoiser = Denoiser(den_cfg)
+        den_sd = load_weights(find_weights(root / "transformer", weight_stems))
+        load_into(denoiser, denoiser_state_dict_from_diffusers(den_sd, den_cfg), f"{root}/transformer")
+        schedule = schedule_from_diffusers(_read_json(root / "scheduler" / "scheduler_config.json"))
+        pad = 0 if text_pad_token_id == "auto" else text_pad_token_id
+        text_encoder = CLIPTextCondition.from_pretrained(root / "text_encoder", root / "tokenizer", pad_token_id=pad)
+        null_condition = None
+        null_dir = root / "learned_classifier_free_sampling_embeddings"
+        if null_dir.is_dir():
+            null_cfg = _read_json(null_dir / "config.json")
+            if null_cfg.get("learnable"):
+                weights = load_weights(find_weights(null_dir, weight_stems))
+                if set(weights) != {"embeddings"}:
+                    raise ValueError(f"{null_dir}: expected one tensor 'embeddings', found {sorted(weights)}")
+                null_condition = LearnedNullCondition(weights["embeddings"].clone())
+        return cls(
+            vqvae=vqvae,
+            denoiser=denoiser,
+            schedule=schedule,
+            text_encoder=text_encoder,
+            null_condition=null_condition,
+            defaults=PipelineDefaults(guidance_scale=5.0 if null_condition is not None else 1.0),
+        )
+
+
+def schedule_from_diffusers(config: dict[str, Any]) -> MaskReplaceSchedule:
+    """``VQDiffusionScheduler`` config (``num_vec_classes`` counts [MASK]) -> our schedule."""
+    try:
+        return MaskReplaceSchedule(
+            num_classes=int(config["num_vec_classes"]) - 1,
+            num_timesteps=int(config.get("num_train_timesteps", 100)),
+            alpha_cum_start=float(config.get("alpha_cum_start", 0.99999)),
+            alpha_cum_end=float(config.get("alpha_cum_end", 0.000009)),
+            gamma_cum_start=float(config.get("gamma_cum_start", 0.000009)),
+            gamma_cum_end=float(config.get("gamma_cum_end", 0.99999)),
+        )
+    except KeyError as err:
+        raise ConfigError(f"scheduler config lacks {err}") from None
+
+
+def schedule_to_diffusers(schedule: MaskReplaceSchedule) -> dict[str, Any]:
+    """Our schedule -> ``VQDiffusionScheduler`` config kwargs."""
+    return {
+        "num_vec_classes": schedule.num_classes + 1,
+        "num_train_timesteps": schedule.num_timesteps,
+        "alpha_cum_start": schedule.alpha_cum_start,
+        "alpha_cum_end": schedule.alpha_cum_end,
+        "gamma_cum_start": schedule.gamma_cum_start,
+        "gamma_cum_end": schedule.gamma_cum_end,
+    }
+
+
+def to_output_type(images: torch.Tensor, output_type: OutputType) -> Any:
+    """[B, 3, H, W] float in [0, 1] -> the requested type."""
+    if output_type == "pt":
+        return images.cpu()
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return array
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Paste equally sized images into a grid, row-major."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    columns = columns or int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / columns))
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
