@@ -132,16 +132,30 @@ def test_any_number_of_steps_ends_unmasked(pair, steps: int) -> None:
     assert len(calls) == steps and calls[0] == 99
 
 
-@pytest.mark.parametrize(("guidance", "batch_per_call"), [(1.0, 2), (5.0, 4)])
-def test_guidance_one_costs_one_forward_pass(pair, guidance: float, batch_per_call: int) -> None:
+@pytest.mark.parametrize(("guidance", "rows_out"), [(1.0, 2), (5.0, 4)])
+def test_guidance_one_costs_one_forward_pass(pair, guidance: float, rows_out: int) -> None:
+    """One denoiser call per step; with guidance it returns [null; text] rows for the shared x_t."""
     _, _, ours = pair
-    batches = []
-    hook = ours.denoiser.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    calls = []
+    hook = ours.denoiser.register_forward_hook(lambda m, args, out: calls.append((args[0].shape[0], out.shape[0])))
     try:
         ours(PROMPTS, num_inference_steps=5, guidance_scale=guidance, output_type="tokens", progress=False)
     finally:
         hook.remove()
-    assert batches == [batch_per_call] * 5
+    assert calls == [(2, rows_out)] * 5
+
+
+def test_shared_x_t_groups_equal_explicit_copies(pair) -> None:
+    """Sharing the first self-attention across guidance groups equals running the duplicated batch."""
+    _, _, ours = pair
+    K = ours.schedule.num_classes
+    x_t = torch.randint(0, K + 1, (2, 16), generator=torch.Generator().manual_seed(5))
+    cond = torch.cat([ours.null_embeddings(2), ours.encode_prompt(PROMPTS)])
+    with torch.no_grad():
+        kv = ours.denoiser.precompute_cond_kv(cond)
+        shared = ours.denoiser(x_t, torch.tensor([3, 70]), cond_kv=kv)
+        explicit = ours.denoiser(torch.cat([x_t, x_t]), torch.tensor([3, 70, 3, 70]), cond)
+    torch.testing.assert_close(shared, explicit, rtol=0, atol=1e-5)
 
 
 def test_save_load_round_trip(pair, tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ def guided_predictor(
     scale = float(guidance_scale)
 
     def predict_guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
-        logits = denoiser(torch.cat([x_t, x_t]), t, cond_kv=both_kv, validate=False, return_logits=True)
+        # x_t is shared by the two condition groups (the first self-attention runs once): [2B, K, N]
+        logits = denoiser(x_t, t, cond_kv=both_kv, validate=False, return_logits=True)
         logits_u, logits_c = logits.chunk(2)  # [B, K, N] each
         return torch.log_softmax(torch.lerp(logits_u, logits_c, scale), dim=1)
 

@@ -120,7 +120,9 @@ class GELU2(nn.Module):
     """x * sigmoid(1.702 x), the authors' GELU2 (diffusers' "geglu-approximate")."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        return torch.sigmoid(1.702 * x).mul_(x)  # inference: one temporary less (~10% of the MLP on CPU)
 
 
 class Block(nn.Module):
@@ -145,9 +147,17 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, cond_kv: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        groups: int = 1,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.norm_self(x, t))
+        """x [B, N, D] -> [groups * B, N, D].  With ``groups > 1`` (guidance: one copy of x_t per condition)
+        the self-attention runs once on B rows, and the copies are made before the cross-attention."""
+        x = x + self.self_attn(self.norm_self(x, t[: x.shape[0]]))
+        if groups > 1:
+            x = x.repeat(groups, 1, 1)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x, t), cond_kv)
         return x + self.mlp(self.norm_mlp(x))
@@ -206,11 +216,14 @@ class Denoiser(nn.Module):
             x_t: [B, N] long tokens in [0, K] (K = [MASK]).
             t: [B] long step indices in [0, T) (an int or 0-d tensor applies to the whole batch).
             cond: [B, L, cond_dim] condition sequence, or None when ``cond_kv`` is given / unconditional.
-            cond_kv: keys/values from :meth:`precompute_cond_kv` (replaces ``cond``).
+            cond_kv: keys/values from :meth:`precompute_cond_kv` (replaces ``cond``).  It may be computed for
+                ``G * B`` conditions (e.g. [null; text] for guidance): x_t is then shared by the G groups, the
+                first block's self-attention runs once, and the output has ``G * B`` rows.
             validate: check token and step ranges (a host sync; the sampling loop turns it off).
             return_logits: return unnormalised logits instead of log-probabilities.
         Returns:
-            [B, K, N] float32 (a transposed view of a [B, N, K] tensor).
+            [G * B, K, N] float32 (a transposed view of a [G * B, N, K] tensor); G = 1 unless ``cond_kv`` has
+            a multiple of B rows.
         """
         cfg = self.config
         if x_t.ndim != 2 or x_t.shape[1] != cfg.num_tokens or x_t.dtype not in (torch.long, torch.int32):
@@ -225,8 +238,10 @@ class Denoiser(nn.Module):
             cond_kv = self.precompute_cond_kv(cond) if cond is not None else ()
         elif len(cond_kv) != (cfg.num_layers if cfg.cond_dim is not None else 0):
             raise ValueError(f"cond_kv has {len(cond_kv)} entries, expected one per block ({cfg.num_layers})")
-        elif cond_kv and cond_kv[0][0].shape[0] != B:
-            raise ValueError(f"cond_kv is for a batch of {cond_kv[0][0].shape[0]}, x_t has {B}")
+        groups = cond_kv[0][0].shape[0] // B if cond_kv else 1
+        if cond_kv and cond_kv[0][0].shape[0] != groups * B:
+            raise ValueError(f"cond_kv is for a batch of {cond_kv[0][0].shape[0]}, not a multiple of x_t's {B}")
+        t = t.repeat(groups) if groups > 1 else t
         if validate:
             if bool((x_t < 0).any()) or bool((x_t > cfg.num_classes).any()):
                 raise ValueError(f"x_t values must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = [MASK])")
@@ -235,7 +250,7 @@ class Denoiser(nn.Module):
 
         h = self.token_embedding(x_t) + self.position_embedding()  # [B, N, D]
         for i, block in enumerate(self.blocks):
-            h = block(h, t, cond_kv[i] if cond_kv else None)
+            h = block(h, t, cond_kv[i] if cond_kv else None, groups if i == 0 else 1)
         logits = self.head(self.norm_out(h)).float()  # [B, N, K]
         out = logits if return_logits else torch.log_softmax(logits, dim=-1)
         return out.transpose(1, 2)
