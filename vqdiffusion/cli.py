@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print a model's configuration and parameter counts")
     info.add_argument("model", help="model directory")
+
+    from .training.vqvae import add_train_vqvae_parser
+
+    add_train_vqvae_parser(sub)
     return parser
 
 
@@ -130,7 +134,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "info": cmd_info}
+    from .training.vqvae import run_train_vqvae
+
+    commands = {"generate": cmd_generate, "info": cmd_info, "train-vqvae": run_train_vqvae}
     try:
         return commands[args.command](args)
     except (
