@@ -34,9 +34,7 @@ def convert_state_dict(
         raise ConversionError(f"{source_name}: {len(unused)} unmapped key(s), e.g. {unused[:5]}")
     missing_src = sorted(k for k in key_map if k not in source)
     if missing_src:
-        raise ConversionError(
-            f"{source_name}: {len(missing_src)} expected key(s) missing, e.g. {missing_src[:5]}"
-        )
+        raise ConversionError(f"{source_name}: {len(missing_src)} expected key(s) missing, e.g. {missing_src[:5]}")
     out: dict[str, torch.Tensor] = {}
     for src_key, dst_key in key_map.items():
         if dst_key not in target_shapes:
@@ -54,9 +52,7 @@ def convert_state_dict(
         out[dst_key] = tensor
     not_produced = sorted(set(target_shapes) - set(out))
     if not_produced:
-        raise ConversionError(
-            f"{source_name}: {len(not_produced)} target key(s) not produced, e.g. {not_produced[:5]}"
-        )
+        raise ConversionError(f"{source_name}: {len(not_produced)} target key(s) not produced, e.g. {not_produced[:5]}")
     return out
 
 

@@ -1,8 +1,22 @@
-"""The VQ-Diffusion denoiser: a transformer over tokens predicting log p(x0 | x_t, y) (paper sec. 3.3)."""
+"""The VQ-Diffusion denoiser: a transformer over tokens predicting log p(x0 | x_t, y) (paper sec. 3.3).
+
+Layout (SPEC section 1.3): token embedding (K + 1 rows, the last is [MASK]) plus a row + column position
+embedding, then ``num_layers`` blocks of
+
+    x = x + SelfAttn(AdaLN_t(x))          full attention over the N = h * w tokens
+    x = x + CrossAttn(AdaLN_t(x), cond)   skipped when the config is unconditional
+    x = x + MLP(LayerNorm(x))
+
+and a final LayerNorm + Linear head giving logits over the K real tokens (never [MASK]). AdaLN_t is a
+non-affine LayerNorm followed by ``x * (1 + scale) + shift`` with (scale, shift) predicted from an
+embedding of the step t. The parameter set is the one of diffusers' discrete ``Transformer2DModel``,
+one tensor for one tensor (see :mod:`vqdiffusion.convert.diffusers_denoiser`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +27,32 @@ from ..config import ConfigBase, ConfigError
 ACTIVATIONS = ("gelu2", "gelu")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
+# Cross-attention keys and values of a condition batch: one (k, v) pair per block, each
+# [B, heads, L, head_dim] in the module's dtype. Empty for an unconditional denoiser.
+CondKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class DenoiserConfig(ConfigBase):
-    """Sizes of the denoiser.  K real tokens; the embedding has K + 1 rows, the last is [MASK]."""
+    """Sizes of the denoiser.
+
+    ``num_classes`` = K real VQ tokens; the token embedding has K + 1 rows and index K is [MASK].
+    ``height`` x ``width`` is the token grid (N = h * w, row-major). ``cond_dim`` is the width of the
+    condition sequence fed to cross-attention, or None for an unconditional model (no cross-attention).
+    ``num_timesteps`` = T rows of each AdaLN step embedding. ``activation``: "gelu2" = x * sigmoid(1.702 x)
+    (the authors' GELU2, diffusers' "geglu-approximate") or "gelu" (exact). ``attention_bias`` puts a bias
+    on the q, k, v projections (the output projection always has one). ``norm_eps`` is every LayerNorm's eps.
+    """
 
     num_classes: int
     height: int
@@ -34,44 +71,95 @@ class DenoiserConfig(ConfigBase):
         name = type(self).__name__
         for field in ("num_classes", "height", "width", "num_layers", "dim", "num_heads", "num_timesteps"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name}: {field} must be a positive integer, got {value!r}")
-        if self.cond_dim is not None and (not isinstance(self.cond_dim, int) or self.cond_dim < 1):
-            raise ConfigError(f"{name}: cond_dim must be a positive integer or None, got {self.cond_dim!r}")
+        cond_dim = self.cond_dim
+        if cond_dim is not None and (not _is_int(cond_dim) or cond_dim < 1):
+            raise ConfigError(
+                f"{name}: cond_dim must be a positive integer (condition width) or None (unconditional), "
+                f"got {cond_dim!r}"
+            )
         if self.dim % self.num_heads:
-            raise ConfigError(f"{name}: dim {self.dim} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(
+                f"{name}: dim={self.dim} is not divisible by num_heads={self.num_heads}; choose a dim "
+                f"that is a multiple of it (e.g. {self.num_heads * max(1, self.dim // self.num_heads)})"
+            )
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"{name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not self.mlp_ratio > 0 or not self.norm_eps > 0:
-            raise ConfigError(f"{name}: mlp_ratio and norm_eps must be > 0")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)):
+            raise ConfigError(f"{name}: mlp_ratio must be a number, got {self.mlp_ratio!r}")
+        if int(self.dim * self.mlp_ratio) < 1:
+            raise ConfigError(
+                f"{name}: mlp_ratio={self.mlp_ratio} gives an MLP hidden width of "
+                f"{int(self.dim * self.mlp_ratio)}; use a ratio > 0 (4.0 is standard)"
+            )
+        if not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ConfigError(f"{name}: norm_eps must be > 0 (1e-5 is standard), got {self.norm_eps!r}")
+        if not isinstance(self.attention_bias, bool):
+            raise ConfigError(f"{name}: attention_bias must be true or false, got {self.attention_bias!r}")
 
     @property
     def mask_id(self) -> int:
+        """Index of the [MASK] token (= K)."""
         return self.num_classes
 
     @property
     def num_tokens(self) -> int:
+        """N = height * width."""
         return self.height * self.width
 
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
     @classmethod
-    def preset(cls, name: str, **overrides) -> DenoiserConfig:
+    def preset(cls, name: str, **overrides: Any) -> DenoiserConfig:
+        """A named size from :data:`DENOISER_PRESETS` with fields replaced by ``overrides`` (validated)."""
         if name not in DENOISER_PRESETS:
             raise ValueError(f"unknown denoiser preset {name!r}; choose one of {sorted(DENOISER_PRESETS)}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"{cls.__name__}.preset: unknown field(s) {unknown}")
         return dataclasses.replace(DENOISER_PRESETS[name], **overrides)
 
 
-DENOISER_PRESETS = {
+DENOISER_PRESETS: dict[str, DenoiserConfig] = {
+    # For tests and smoke runs.
     "tiny": DenoiserConfig(num_classes=16, height=4, width=4, num_layers=2, dim=32, num_heads=2, cond_dim=16),
-    "small": DenoiserConfig(num_classes=1024, height=16, width=16, num_layers=8, dim=512, num_heads=8, cond_dim=512),
-    "ithq": DenoiserConfig(num_classes=4096, height=32, width=32, num_layers=36, dim=1408, num_heads=16, cond_dim=512),
+    # A small text-to-image model over a 16 x 16 grid of a 1024-entry codebook.
+    "small": DenoiserConfig(
+        num_classes=1024,
+        height=16,
+        width=16,
+        num_layers=8,
+        dim=512,
+        num_heads=8,
+        cond_dim=512,
+    ),
+    # The released ITHQ transformer (SPEC section 6): about 1.36B parameters.
+    "ithq": DenoiserConfig(
+        num_classes=4096,
+        height=32,
+        width=32,
+        num_layers=36,
+        dim=1408,
+        num_heads=16,
+        cond_dim=512,
+        num_timesteps=100,
+        activation="gelu2",
+    ),
 }
-
-# Cross-attention keys and values of the condition, one (k, v) pair per block, each [B, heads, L, head_dim].
-CondKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class AdaLayerNorm(nn.Module):
-    """Non-affine LayerNorm modulated by the timestep: norm(x) * (1 + scale_t) + shift_t."""
+    """Non-affine LayerNorm modulated by the step: norm(x) * (1 + scale_t) + shift_t.
+
+    (scale_t, shift_t) = Linear(SiLU(Embedding(t))) split in two halves, scale first.
+    """
 
     def __init__(self, dim: int, num_timesteps: int, eps: float) -> None:
         super().__init__()
@@ -81,14 +169,15 @@ class AdaLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x [B, N, D], t [B] long -> [B, N, D]."""
-        scale, shift = self.modulation(F.silu(self.timestep_embedding(t)))[:, None].chunk(2, dim=-1)
+        scale_shift = self.modulation(F.silu(self.timestep_embedding(t)))  # [B, 2D]
+        scale, shift = scale_shift.unsqueeze(1).chunk(2, dim=-1)  # [B, 1, D] each
         return torch.addcmul(shift, self.norm(x), 1 + scale)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, L, H * d] -> [B, H, L, d]."""
-    B, L, _ = x.shape
-    return x.view(B, L, heads, -1).transpose(1, 2)
+    """[B, L, heads * d] -> [B, heads, L, d] (a view)."""
+    batch, length, _ = x.shape
+    return x.view(batch, length, heads, -1).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -96,7 +185,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = True) -> None:
         super().__init__()
-        context_dim = context_dim or dim
+        context_dim = dim if context_dim is None else context_dim
         self.heads = heads
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim, dim, bias=bias)
@@ -108,42 +197,42 @@ class Attention(nn.Module):
         return _split_heads(self.to_k(context), self.heads), _split_heads(self.to_v(context), self.heads)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x [B, N, D]; kv from :meth:`key_value` (cross-attention) or None (self-attention)."""
-        B, N, D = x.shape
+        """x [B, N, D]; ``kv`` from :meth:`key_value` (cross-attention) or None (self-attention over x)."""
+        batch, length, dim = x.shape
         q = _split_heads(self.to_q(x), self.heads)
-        k, v = kv if kv is not None else self.key_value(x)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d]
-        return self.to_out(out.transpose(1, 2).reshape(B, N, D))
+        k, v = self.key_value(x) if kv is None else kv
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
+        return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 
 class GELU2(nn.Module):
-    """x * sigmoid(1.702 x), the authors' GELU2 (diffusers' "geglu-approximate")."""
+    """x * sigmoid(1.702 x): the authors' GELU2, diffusers' "geglu-approximate"."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return x * torch.sigmoid(1.702 * x)
-        return torch.sigmoid(1.702 * x).mul_(x)  # inference: one temporary less (~10% of the MLP on CPU)
+        # Inference: one temporary instead of three (the MLP is the largest activation on CPU).
+        return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
 class Block(nn.Module):
-    """AdaLN -> self-attention, AdaLN -> cross-attention, LayerNorm -> MLP; all residual."""
+    """AdaLN -> self-attention, AdaLN -> cross-attention (if conditional), LayerNorm -> MLP; all residual."""
 
     def __init__(self, config: DenoiserConfig) -> None:
         super().__init__()
-        dim, eps = config.dim, config.norm_eps
+        dim, eps, bias = config.dim, config.norm_eps, config.attention_bias
         self.norm_self = AdaLayerNorm(dim, config.num_timesteps, eps)
-        self.self_attn = Attention(dim, config.num_heads, bias=config.attention_bias)
+        self.self_attn = Attention(dim, config.num_heads, bias=bias)
+        self.norm_cross: AdaLayerNorm | None = None
+        self.cross_attn: Attention | None = None
         if config.cond_dim is not None:
             self.norm_cross = AdaLayerNorm(dim, config.num_timesteps, eps)
-            self.cross_attn = Attention(dim, config.num_heads, config.cond_dim, bias=config.attention_bias)
-        else:
-            self.norm_cross = self.cross_attn = None
-        hidden = int(dim * config.mlp_ratio)
+            self.cross_attn = Attention(dim, config.num_heads, config.cond_dim, bias=bias)
         self.norm_mlp = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden),
+            nn.Linear(dim, config.mlp_hidden),
             GELU2() if config.activation == "gelu2" else nn.GELU(),
-            nn.Linear(hidden, dim),
+            nn.Linear(config.mlp_hidden, dim),
         )
 
     def forward(
@@ -153,18 +242,36 @@ class Block(nn.Module):
         cond_kv: tuple[torch.Tensor, torch.Tensor] | None,
         groups: int = 1,
     ) -> torch.Tensor:
-        """x [B, N, D] -> [groups * B, N, D].  With ``groups > 1`` (guidance: one copy of x_t per condition)
-        the self-attention runs once on B rows, and the copies are made before the cross-attention."""
-        x = x + self.self_attn(self.norm_self(x, t[: x.shape[0]]))
+        """x [B, N, D], t [groups * B] long, cond_kv (k, v) each [groups * B, heads, L, head_dim] or None.
+
+        Returns [groups * B, N, D]. With ``groups > 1`` (guidance: the same x_t for every condition group)
+        the self-attention runs once on the B rows and the copies are made before the cross-attention.
+        """
+        # Residuals add into the fresh branch output (add_ on a Linear's output is autograd-safe).
+        x = self.self_attn(self.norm_self(x, t[: x.shape[0]])).add_(x)
         if groups > 1:
             x = x.repeat(groups, 1, 1)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_cross(x, t), cond_kv)
-        return x + self.mlp(self.norm_mlp(x))
+            x = self.cross_attn(self.norm_cross(x, t), cond_kv).add_(x)
+        return self.mlp(self.norm_mlp(x)).add_(x)
+
+
+def cat_cond_kv(*parts: CondKV) -> CondKV:
+    """Concatenate CondKVs along the batch (e.g. [null; cond] for classifier-free guidance).
+
+    All parts must come from the same denoiser and have the same condition length L. The simpler route is
+    ``denoiser.precompute_cond_kv(torch.cat([null_cond, cond]))``; this helper is for CondKVs already built.
+    """
+    if not parts:
+        raise ValueError("cat_cond_kv needs at least one CondKV")
+    if len({len(p) for p in parts}) != 1:
+        raise ValueError(f"CondKVs have different numbers of blocks: {[len(p) for p in parts]}")
+    per_block = zip(*parts, strict=True)  # for each block: its (k, v) in every part
+    return tuple((torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])) for kvs in per_block)
 
 
 class Denoiser(nn.Module):
-    """(x_t [B, N] long, t [B] long, cond [B, L, Dc]) -> log p(x0 | x_t, cond) [B, K, N] float32."""
+    """(x_t [B, N] long, t [B] long, cond [B, L, cond_dim]) -> log p(x0 | x_t, cond) [B, K, N] float32."""
 
     def __init__(self, config: DenoiserConfig) -> None:
         super().__init__()
@@ -177,28 +284,70 @@ class Denoiser(nn.Module):
         self.head = nn.Linear(config.dim, config.num_classes)
 
     def position_embedding(self) -> torch.Tensor:
-        """[N, D]: row embedding + column embedding, row-major over the h x w grid."""
-        rows, cols = self.row_embedding.weight, self.col_embedding.weight
-        return (rows[:, None, :] + cols[None, :, :]).reshape(-1, self.config.dim)
+        """[N, D]: row embedding + column embedding, row-major over the h x w grid (i = row * w + col)."""
+        rows, cols = self.row_embedding.weight, self.col_embedding.weight  # [h, D], [w, D]
+        return (rows.unsqueeze(1) + cols.unsqueeze(0)).view(-1, self.config.dim)
 
     def precompute_cond_kv(self, cond: torch.Tensor) -> CondKV:
-        """The condition's cross-attention keys/values for every block; compute once per sampling run."""
-        if self.config.cond_dim is None:
+        """The condition's cross-attention keys/values for every block, computed once per sampling run.
+
+        Args:
+            cond: [B, L, cond_dim] float (cast to the module's dtype).
+        Returns:
+            One (k, v) pair per block, each [B, heads, L, head_dim]; ``()`` for an unconditional model
+            (``cond`` must then be None). For guidance, call it once on ``torch.cat([null_cond, cond])``
+            (or join existing ones with :func:`cat_cond_kv`) and pass the un-duplicated x_t [B, N] to
+            :meth:`forward`, which returns the [null; cond] rows, [2B, K, N].
+        """
+        self._check_cond(cond, None)
+        return self._key_values(cond)
+
+    def _key_values(self, cond: torch.Tensor | None) -> CondKV:
+        if cond is None:
             return ()
-        self._check_cond(cond, cond.shape[0])
-        cond = cond.to(self.head.weight.dtype)
+        cond = cond.to(self.token_embedding.weight.dtype)
         return tuple(block.cross_attn.key_value(cond) for block in self.blocks)
 
-    def _check_cond(self, cond: torch.Tensor | None, batch: int) -> None:
+    def _check_cond(self, cond: torch.Tensor | None, batch: int | None) -> None:
         cfg = self.config
         if cfg.cond_dim is None:
             if cond is not None:
                 raise ValueError("this denoiser is unconditional (cond_dim=None); pass cond=None")
             return
+        want = f"[{'B' if batch is None else batch}, L, {cfg.cond_dim}]"
         if cond is None:
-            raise ValueError(f"this denoiser needs a condition [B, L, {cfg.cond_dim}]; got None")
-        if cond.ndim != 3 or cond.shape[0] != batch or cond.shape[2] != cfg.cond_dim:
-            raise ValueError(f"cond must be [{batch}, L, {cfg.cond_dim}], got {tuple(cond.shape)}")
+            raise ValueError(f"this denoiser needs a condition {want} (or cond_kv); got None")
+        if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
+            raise ValueError(f"cond must be a floating-point tensor {want}, got {_describe(cond)}")
+        if cond.ndim != 3 or cond.shape[2] != cfg.cond_dim or (batch is not None and cond.shape[0] != batch):
+            raise ValueError(f"cond must be {want}, got {tuple(cond.shape)}")
+
+    def _cond_groups(self, cond_kv: CondKV, batch: int) -> int:
+        """Check ``cond_kv`` against x_t's batch B; return G, the number of condition rows per x_t row."""
+        cfg = self.config
+        expected = cfg.num_layers if cfg.cond_dim is not None else 0
+        if len(cond_kv) != expected:
+            raise ValueError(f"cond_kv has {len(cond_kv)} entries, expected {expected} (one per block)")
+        if not expected:
+            return 1
+        shape = tuple(cond_kv[0][0].shape)
+        if len(shape) != 4 or (shape[1], shape[3]) != (cfg.num_heads, cfg.head_dim) or shape[0] % batch:
+            raise ValueError(
+                f"cond_kv keys must be [G * {batch}, {cfg.num_heads}, L, {cfg.head_dim}] for x_t of batch "
+                f"{batch}, got {shape}; build them with precompute_cond_kv"
+            )
+        return shape[0] // batch
+
+    def _steps(self, t: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        """t as an int, 0-d or [B] integer tensor -> [B] long on ``device``."""
+        if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+            raise ValueError(f"t must be an int or a [{batch}] integer tensor, got {_describe(t)}")
+        t = torch.as_tensor(t, device=device)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.ndim > 1:
+            raise ValueError(f"t must be an int or a [{batch}] integer tensor, got {_describe(t)}")
+        if t.ndim == 1 and t.shape[0] != batch:
+            raise ValueError(f"t must have one step per sample: expected [{batch}], got {tuple(t.shape)}")
+        return t.long().expand(batch)
 
     def forward(
         self,
@@ -213,47 +362,66 @@ class Denoiser(nn.Module):
         """Predict log p(x0 | x_t, cond) over the K real tokens (never [MASK]).
 
         Args:
-            x_t: [B, N] long tokens in [0, K] (K = [MASK]).
-            t: [B] long step indices in [0, T) (an int or 0-d tensor applies to the whole batch).
-            cond: [B, L, cond_dim] condition sequence, or None when ``cond_kv`` is given / unconditional.
-            cond_kv: keys/values from :meth:`precompute_cond_kv` (replaces ``cond``).  It may be computed for
-                ``G * B`` conditions (e.g. [null; text] for guidance): x_t is then shared by the G groups, the
-                first block's self-attention runs once, and the output has ``G * B`` rows.
-            validate: check token and step ranges (a host sync; the sampling loop turns it off).
+            x_t: [B, N] long (or int32) tokens in [0, K]; K is [MASK].
+            t: [B] integer steps in [0, T), one per sample; an int or 0-d tensor applies to the whole batch.
+            cond: [B, L, cond_dim] condition; None when ``cond_kv`` is given or the model is unconditional.
+            cond_kv: keys/values from :meth:`precompute_cond_kv` (instead of ``cond``). They may hold
+                G * B conditions (e.g. [null; text] for guidance): x_t and t are then shared by the G
+                groups, the first self-attention runs once, and the output has G * B rows, group-major.
+            validate: check token and step ranges (one host sync; the sampling loop passes False).
+                Shapes and dtypes are always checked.
             return_logits: return unnormalised logits instead of log-probabilities.
         Returns:
-            [G * B, K, N] float32 (a transposed view of a [G * B, N, K] tensor); G = 1 unless ``cond_kv`` has
-            a multiple of B rows.
+            [G * B, K, N] float32 log-probabilities (G = 1 unless ``cond_kv`` says otherwise); log_softmax
+            over K is computed in float32 whatever the module dtype. It is a transposed view of a
+            contiguous [G * B, N, K] tensor, so it is *not* contiguous; call ``.contiguous()`` if needed.
         """
         cfg = self.config
-        if x_t.ndim != 2 or x_t.shape[1] != cfg.num_tokens or x_t.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"x_t must be a [B, {cfg.num_tokens}] integer tensor, got {tuple(x_t.shape)} {x_t.dtype}")
-        B = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
-        if t.dtype.is_floating_point or t.ndim > 1 or (t.ndim == 1 and t.shape[0] != B):
-            raise ValueError(f"t must be an int or a [{B}] integer tensor, got {tuple(t.shape)} {t.dtype}")
-        t = t.long().expand(B) if t.ndim == 0 else t.long()
+        if not isinstance(x_t, torch.Tensor) or x_t.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"x_t must be a [B, {cfg.num_tokens}] long tensor, got {_describe(x_t)}")
+        if x_t.ndim != 2 or x_t.shape[1] != cfg.num_tokens or x_t.shape[0] == 0:
+            grid = f"N = {cfg.height} x {cfg.width} tokens"
+            raise ValueError(f"x_t must be [B, {cfg.num_tokens}] ({grid}), got {tuple(x_t.shape)}")
+        batch = x_t.shape[0]
+        t = self._steps(t, batch, x_t.device)
+        groups = 1
         if cond_kv is None:
-            self._check_cond(cond, B)
-            cond_kv = self.precompute_cond_kv(cond) if cond is not None else ()
-        elif len(cond_kv) != (cfg.num_layers if cfg.cond_dim is not None else 0):
-            raise ValueError(f"cond_kv has {len(cond_kv)} entries, expected one per block ({cfg.num_layers})")
-        groups = cond_kv[0][0].shape[0] // B if cond_kv else 1
-        if cond_kv and cond_kv[0][0].shape[0] != groups * B:
-            raise ValueError(f"cond_kv is for a batch of {cond_kv[0][0].shape[0]}, not a multiple of x_t's {B}")
-        t = t.repeat(groups) if groups > 1 else t
+            self._check_cond(cond, batch)
+            cond_kv = self._key_values(cond)
+        elif cond is not None:
+            raise ValueError("pass either cond or cond_kv, not both")
+        else:
+            groups = self._cond_groups(cond_kv, batch)
         if validate:
-            if bool((x_t < 0).any()) or bool((x_t > cfg.num_classes).any()):
-                raise ValueError(f"x_t values must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = [MASK])")
-            if bool((t < 0).any()) or bool((t >= cfg.num_timesteps).any()):
-                raise ValueError(f"t must lie in [0, {cfg.num_timesteps - 1}]")
+            self._check_ranges(x_t, t)
+        if groups > 1:
+            t = t.repeat(groups)  # [G * B]; the first self-attention reads t[:B]
 
-        h = self.token_embedding(x_t) + self.position_embedding()  # [B, N, D]
+        hidden = self.token_embedding(x_t)  # [B, N, D]; fresh tensor, so the in-place add is safe
+        hidden += self.position_embedding()  # broadcast over the batch, no per-sample copy
         for i, block in enumerate(self.blocks):
-            h = block(h, t, cond_kv[i] if cond_kv else None, groups if i == 0 else 1)
-        logits = self.head(self.norm_out(h)).float()  # [B, N, K]
+            hidden = block(hidden, t, cond_kv[i] if cond_kv else None, groups if i == 0 else 1)
+        logits = self.head(self.norm_out(hidden)).float()  # [G * B, N, K]; no-op cast in float32
         out = logits if return_logits else torch.log_softmax(logits, dim=-1)
         return out.transpose(1, 2)
 
+    def _check_ranges(self, x_t: torch.Tensor, t: torch.Tensor) -> None:
+        """Token and step ranges, with a single host sync on the good path."""
+        cfg = self.config
+        bad_x = (x_t < 0).any() | (x_t > cfg.num_classes).any()
+        bad_t = (t < 0).any() | (t >= cfg.num_timesteps).any()
+        bad_x, bad_t = torch.stack([bad_x, bad_t]).tolist()
+        if bad_x:
+            raise ValueError(
+                f"x_t values must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = [MASK]), "
+                f"got min {int(x_t.min())} max {int(x_t.max())}"
+            )
+        if bad_t:
+            raise ValueError(
+                f"t must lie in [0, {cfg.num_timesteps - 1}] (T = {cfg.num_timesteps}), "
+                f"got min {int(t.min())} max {int(t.max())}"
+            )
+
     def num_parameters(self) -> int:
+        """Total number of parameters (works on the meta device)."""
         return sum(p.numel() for p in self.parameters())
