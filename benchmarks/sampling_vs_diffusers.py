@@ -21,7 +21,7 @@ import time
 import torch
 
 from vqdiffusion import VQDiffusionPipeline
-from vqdiffusion.text_vocab import build_char_clip_tokenizer
+from vqdiffusion.testing import RandomPipelineSpec, random_diffusers_pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,81 +46,24 @@ CONFIGS = {
 PROMPTS = ["a red circle", "a blue square at the top", "two yellow triangles", "a green field under sky"]
 
 
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
 def build_diffusers_pipeline(cfg: BenchConfig):
-    from diffusers import (
-        Transformer2DModel,
-        VQDiffusionScheduler,
-        VQModel,
-    )
-    from diffusers import (
-        VQDiffusionPipeline as DiffusersPipeline,
-    )
-    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
-        LearnedClassifierFreeSamplingEmbeddings,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    levels = {8: 3, 16: 3, 32: 4}[cfg.side]  # image side 8 * side or so; keep the decoder cheap
-    vqvae = VQModel(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32,) * levels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        layers_per_block=1,
-        latent_channels=32,
-        num_vq_embeddings=cfg.num_classes,
-        vq_embed_dim=32,
-        norm_num_groups=8,
-        sample_size=cfg.side * 2 ** (levels - 1),
-    )
-    transformer = Transformer2DModel(
-        num_attention_heads=cfg.heads,
-        attention_head_dim=cfg.width // cfg.heads,
-        num_layers=cfg.layers,
-        num_vector_embeds=cfg.num_classes + 1,
-        sample_size=cfg.side,
-        cross_attention_dim=cfg.text_width,
-        activation_fn="geglu-approximate",
-        attention_bias=True,
-        norm_type="ada_norm",
-        num_embeds_ada_norm=100,
-    )
-    tokenizer = build_char_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.text_width,
-            intermediate_size=4 * cfg.text_width,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=8 if cfg.text_width >= 256 else 2,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+    """diffusers' pipeline with random weights at ``cfg``; the VQ decoder stays small (32 channels)."""
+    return random_diffusers_pipeline(
+        RandomPipelineSpec(
+            num_classes=cfg.num_classes,
+            side=cfg.side,
+            layers=cfg.layers,
+            heads=cfg.heads,
+            head_dim=cfg.width // cfg.heads,
+            text_width=cfg.text_width,
+            text_layers=cfg.text_layers,
+            text_heads=8 if cfg.text_width >= 256 else 2,
+            vq_levels={8: 3, 16: 3, 32: 4}[cfg.side],
+            vq_channels=32,
+            transformer_std=0.05,
+            other_std=0.05,
         )
     )
-    null = LearnedClassifierFreeSamplingEmbeddings(learnable=True, hidden_size=cfg.text_width, length=77)
-    for i, module in enumerate((vqvae, transformer, text_encoder, null)):
-        randomize(module, i)
-    scheduler = VQDiffusionScheduler(num_vec_classes=cfg.num_classes + 1, num_train_timesteps=100)
-    pipe = DiffusersPipeline(
-        vqvae=vqvae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        transformer=transformer.eval(),
-        scheduler=scheduler,
-        learned_classifier_free_sampling_embeddings=null,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def run_pipeline(pipe, prompts: list[str], kwargs: dict) -> None:
