@@ -287,10 +287,7 @@ class VQDiffusionPipeline:
         text_encoder = CLIPTextCondition.from_pretrained(root / "text_encoder", root / "tokenizer", pad_token_id=pad)
         null_condition = None
         if index.get("null_condition") == "learned":
-            weights = load_weights(root / "null_condition.safetensors")
-            if set(weights) != {"embedding"}:
-                raise ValueError(f"{root / 'null_condition.safetensors'}: expected one tensor 'embedding'")
-            null_condition = LearnedNullCondition(weights["embedding"].clone())
+            null_condition = _load_null_condition(root / "null_condition.safetensors", "embedding")
         return cls(
             vqvae=vqvae,
             denoiser=denoiser,
@@ -324,10 +321,7 @@ class VQDiffusionPipeline:
         if null_dir.is_dir():
             null_cfg = _read_json(null_dir / "config.json")
             if null_cfg.get("learnable"):
-                weights = load_weights(find_weights(null_dir, weight_stems))
-                if set(weights) != {"embeddings"}:
-                    raise ValueError(f"{null_dir}: expected one tensor 'embeddings', found {sorted(weights)}")
-                null_condition = LearnedNullCondition(weights["embeddings"].clone())
+                null_condition = _load_null_condition(find_weights(null_dir, weight_stems), "embeddings")
         return cls(
             vqvae=vqvae,
             denoiser=denoiser,
@@ -386,6 +380,14 @@ def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Im
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
     return grid
+
+
+def _load_null_condition(path: Path, key: str) -> LearnedNullCondition:
+    """A weights file holding exactly one [L, D] tensor named ``key``."""
+    weights = load_weights(path)
+    if set(weights) != {key}:
+        raise ValueError(f"{path}: expected one tensor {key!r}, found {sorted(weights)}")
+    return LearnedNullCondition(weights[key].clone())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
