@@ -53,14 +53,20 @@ class ConfigBase:
 
     @classmethod
     def load_json(cls: type[C], path: str | os.PathLike) -> C:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path} is not valid JSON ({err})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(Path(path)))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Parse a JSON file holding an object; FileNotFoundError / ConfigError name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigBase, ConfigError, atomic_write_text
+from .config import ConfigBase, ConfigError, atomic_write_text, read_json_object
 from .convert.diffusers_denoiser import denoiser_config_from_diffusers, denoiser_state_dict_from_diffusers
 from .convert.diffusers_vqvae import vqvae_config_from_diffusers, vqvae_state_dict_from_diffusers
 from .diffusion import Generator, MaskReplaceSchedule
@@ -267,7 +267,7 @@ class VQDiffusionPipeline:
 
     @classmethod
     def _load_ours(cls, root: Path, text_pad_token_id: int | None | str) -> VQDiffusionPipeline:
-        index = _read_json(root / INDEX_FILE)
+        index = read_json_object(root / INDEX_FILE)
         if index.get("format") != FORMAT_NAME:
             raise ValueError(f"{root / INDEX_FILE}: unknown format {index.get('format')!r}")
         if index.get("format_version") != FORMAT_VERSION:
@@ -299,27 +299,27 @@ class VQDiffusionPipeline:
 
     @classmethod
     def _load_diffusers(cls, root: Path, text_pad_token_id: int | None | str) -> VQDiffusionPipeline:
-        index = _read_json(root / "model_index.json")
+        index = read_json_object(root / "model_index.json")
         if index.get("_class_name") != "VQDiffusionPipeline":
             raise ValueError(
                 f"{root / 'model_index.json'} describes a {index.get('_class_name')!r}, not a VQDiffusionPipeline"
             )
         weight_stems = ("diffusion_pytorch_model", "model")
-        vq_cfg = vqvae_config_from_diffusers(_read_json(root / "vqvae" / "config.json"))
+        vq_cfg = vqvae_config_from_diffusers(read_json_object(root / "vqvae" / "config.json"))
         vqvae = VQVAE(vq_cfg)
         vq_sd = load_weights(find_weights(root / "vqvae", weight_stems))
         load_into(vqvae, vqvae_state_dict_from_diffusers(vq_sd, vq_cfg), f"{root}/vqvae")
-        den_cfg = denoiser_config_from_diffusers(_read_json(root / "transformer" / "config.json"))
+        den_cfg = denoiser_config_from_diffusers(read_json_object(root / "transformer" / "config.json"))
         denoiser = Denoiser(den_cfg)
         den_sd = load_weights(find_weights(root / "transformer", weight_stems))
         load_into(denoiser, denoiser_state_dict_from_diffusers(den_sd, den_cfg), f"{root}/transformer")
-        schedule = schedule_from_diffusers(_read_json(root / "scheduler" / "scheduler_config.json"))
+        schedule = schedule_from_diffusers(read_json_object(root / "scheduler" / "scheduler_config.json"))
         pad = 0 if text_pad_token_id == "auto" else text_pad_token_id
         text_encoder = CLIPTextCondition.from_pretrained(root / "text_encoder", root / "tokenizer", pad_token_id=pad)
         null_condition = None
         null_dir = root / "learned_classifier_free_sampling_embeddings"
         if null_dir.is_dir():
-            null_cfg = _read_json(null_dir / "config.json")
+            null_cfg = read_json_object(null_dir / "config.json")
             if null_cfg.get("learnable"):
                 null_condition = _load_null_condition(find_weights(null_dir, weight_stems), "embeddings")
         return cls(
@@ -388,15 +388,3 @@ def _load_null_condition(path: Path, key: str) -> LearnedNullCondition:
     if set(weights) != {key}:
         raise ValueError(f"{path}: expected one tensor {key!r}, found {sorted(weights)}")
     return LearnedNullCondition(weights[key].clone())
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
