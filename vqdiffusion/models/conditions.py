@@ -1,81 +1,272 @@
-"""Condition encoders: CLIP text (SPEC section 1.2), the learned null condition, class labels."""
+"""Condition encoders (SPEC sections 1.2 and 5): what the denoiser's cross-attention reads.
+
+- :class:`CLIPTextCondition`: a frozen CLIP text transformer, prompts -> [B, L, D].
+- :class:`LearnedNullCondition`: the learned "null text" [L, D] of classifier-free guidance.
+- :class:`EmptyPromptNullCondition`: the null condition of models without a learned one (the empty
+  prompt's encoding; diffusers' ``LearnedClassifierFreeSamplingEmbeddings(learnable=False)``).
+- :class:`ClassCondition`: class labels -> [B, 1, D], with an extra null class for guidance.
+- :class:`ConditionConfig`: which of these a model uses, with its sizes.
+
+Every null condition is called as ``null(batch_size) -> [B, L, D]`` and has an ``embedding`` [L, D].
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import ConfigBase, ConfigError
+
 logger = logging.getLogger(__name__)
+
+CONDITION_KINDS = ("text", "class", "none")
+NULL_KINDS = ("learned", "empty_prompt", "none")
+TEXT_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionConfig(ConfigBase):
+    """The condition part of a model.  The defaults describe ITHQ (CLIP ViT-B/32 text, learned null).
+
+    ``kind``: "text" (CLIP, ``seq_len`` x ``dim``), "class" (one token of width ``dim``; ``num_classes``
+    labels) or "none" (unconditional; ``dim`` and ``seq_len`` are None).
+    ``null``: the unconditional input of classifier-free guidance: "learned" (a trained [L, D]
+    parameter, for classes an extra label ``num_classes``), "empty_prompt" (text only: the encoding of
+    "") or "none" (the model cannot be guided).
+    ``pad_token_id`` (text only): the id written after the end-of-text token; None keeps the
+    tokenizer's padding (``<|endoftext|>`` for transformers' CLIP), 0 is the authors' padding.
+    """
+
+    kind: str = "text"
+    dim: int | None = 512
+    seq_len: int | None = 77
+    num_classes: int | None = None
+    pad_token_id: int | None = None
+    null: str = "learned"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.kind not in CONDITION_KINDS:
+            raise ConfigError(f"{name}: kind must be one of {CONDITION_KINDS}, got {self.kind!r}")
+        if self.null not in NULL_KINDS:
+            raise ConfigError(f"{name}: null must be one of {NULL_KINDS}, got {self.null!r}")
+        if self.kind == "none":
+            given = {f: getattr(self, f) for f in ("dim", "seq_len", "num_classes", "pad_token_id")}
+            given = {f: v for f, v in given.items() if v is not None}
+            if given or self.null != "none":
+                raise ConfigError(
+                    f"{name}: an unconditional model (kind='none') takes no condition sizes and null='none'; "
+                    f"got {given or ''} null={self.null!r}"
+                )
+            return
+        for field in ("dim", "seq_len"):
+            value = getattr(self, field)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{name}: {field} must be a positive integer for kind={self.kind!r}, got {value!r}")
+        if self.kind == "text":
+            if self.num_classes is not None:
+                raise ConfigError(f"{name}: num_classes is for kind='class', not 'text' (got {self.num_classes!r})")
+            if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
+                raise ConfigError(
+                    f"{name}: pad_token_id must be None (the tokenizer's padding) or an id >= 0 "
+                    f"(0 for the authors' models), got {self.pad_token_id!r}"
+                )
+        else:  # class
+            if not _is_int(self.num_classes) or self.num_classes < 1:
+                raise ConfigError(f"{name}: kind='class' needs num_classes >= 1, got {self.num_classes!r}")
+            if self.seq_len != 1:
+                raise ConfigError(f"{name}: a class condition is one token; seq_len must be 1, got {self.seq_len!r}")
+            if self.pad_token_id is not None:
+                raise ConfigError(f"{name}: pad_token_id is for kind='text' (got {self.pad_token_id!r})")
+            if self.null == "empty_prompt":
+                raise ConfigError(f"{name}: null='empty_prompt' needs a text condition; use 'learned' or 'none'")
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP text
+# ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_transformers_progress_bars() -> Iterator[None]:
+    """Loading or saving a local model needs no progress bar on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _check_text_encoder_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"text encoder directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'} not found (a CLIPTextModel folder from save_pretrained)")
+    if not any((path / name).is_file() for name in TEXT_WEIGHT_FILES):
+        raise FileNotFoundError(f"no text encoder weights in {path}: expected one of {list(TEXT_WEIGHT_FILES)}")
+
+
+def _check_tokenizer_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    has_bpe_files = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    if not ((path / "tokenizer.json").is_file() or has_bpe_files):
+        raise FileNotFoundError(
+            f"no CLIP tokenizer files in {path}: expected tokenizer.json or vocab.json + merges.txt"
+        )
 
 
 class CLIPTextCondition(nn.Module):
     """A frozen CLIP text transformer as the condition: ``encode(prompts) -> [B, L, D]``.
 
-    The output is the final layer norm's output at all L = ``max_length`` positions, each L2-normalised
-    (the text projection is not used), as the published VQ-Diffusion models and diffusers expect.  All
-    positions feed cross-attention, so padding matters: ``pad_token_id`` replaces every id after the
-    end-of-text token (the authors' tokenizer pads with 0); None keeps the tokenizer's own padding
-    (``<|endoftext|>`` for CLIP, what diffusers feeds).  CLIP's causal mask means padding never changes
-    the embeddings of the earlier positions; no attention mask is passed, as in diffusers.
+    The output is the text model's ``last_hidden_state`` (the final layer norm's output) at all
+    L = ``max_length`` positions (77 for CLIP), each position L2-normalised; the text projection is not
+    used.  This is what the published VQ-Diffusion models and diffusers' ``VQDiffusionPipeline`` feed to
+    cross-attention.
+
+    Token ids are BOS, the prompt's BPE pieces, EOS, then padding up to L.  Every position feeds
+    cross-attention, so the padding id matters: ``pad_token_id`` None pads with the tokenizer's pad
+    token (``<|endoftext|>`` = 49407 for transformers' CLIP; what diffusers feeds), 0 reproduces the
+    authors' tokenizer.  The text model runs without an attention mask (as in diffusers and the
+    authors' code): CLIP's causal mask already keeps the padding from changing any position up to EOS;
+    the padded positions themselves depend on the padding id.
+
+    A prompt longer than L tokens keeps BOS, its first L - 2 pieces and EOS (the authors' rule and
+    transformers' ``truncation=True``), with a warning.  diffusers instead cuts after L ids, which drops
+    EOS; only the last position differs.
+
+    Args:
+        text_model: a ``transformers.CLIPTextModel`` (frozen here: eval mode, no gradients).
+        tokenizer: a ``transformers.CLIPTokenizer``.
+        pad_token_id: the id written after EOS, or None for the tokenizer's own padding.
     """
 
-    def __init__(self, text_model: nn.Module, tokenizer, *, pad_token_id: int | None = None) -> None:
+    def __init__(self, text_model: nn.Module, tokenizer: Any, *, pad_token_id: int | None = None) -> None:
         super().__init__()
+        config = text_model.config
+        vocab_size = int(config.vocab_size)
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, name) is None:
+                raise ValueError(f"the tokenizer has no {name}; a CLIP tokenizer has <|startoftext|> and <|endoftext|>")
+        if len(tokenizer) > vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text model embeds only {vocab_size}")
+        if pad_token_id is None:
+            if tokenizer.pad_token_id is None:
+                raise ValueError("the tokenizer has no pad token; give pad_token_id (0 for the authors' padding)")
+        elif not _is_int(pad_token_id) or not 0 <= pad_token_id < vocab_size:
+            raise ValueError(f"pad_token_id must be an id in [0, {vocab_size}) or None, got {pad_token_id!r}")
         self.text_model = text_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
-        positions = int(text_model.config.max_position_embeddings)
-        self.max_length = min(int(tokenizer.model_max_length), positions)
-        if pad_token_id is not None and not 0 <= pad_token_id < int(text_model.config.vocab_size):
-            raise ValueError(f"pad_token_id {pad_token_id} outside the vocabulary [0, {text_model.config.vocab_size})")
+        self.max_length = min(int(tokenizer.model_max_length), int(config.max_position_embeddings))
 
+    # -- properties ---------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
+        """D, the width of the condition (512 for CLIP ViT-B/32)."""
         return int(self.text_model.config.hidden_size)
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> [B, L] long ids: BOS, text, EOS, then padding; over-long prompts are cut (EOS kept)."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        untruncated = self.tokenizer(prompts, truncation=False).input_ids
-        for prompt, full in zip(prompts, untruncated, strict=True):
-            if len(full) > self.max_length:
-                logger.warning("prompt truncated to %d tokens: %r", self.max_length, prompt)
-        if self.pad_token_id is not None:
-            eos = self.tokenizer.eos_token_id
-            first_eos = (ids == eos).int().argmax(dim=1, keepdim=True)  # [B, 1]
-            after = torch.arange(ids.shape[1])[None] > first_eos
-            ids = ids.masked_fill(after, self.pad_token_id)
-        return ids
+    @property
+    def padding_id(self) -> int:
+        """The id actually written after EOS (``pad_token_id``, else the tokenizer's pad token)."""
+        return self.tokenizer.pad_token_id if self.pad_token_id is None else self.pad_token_id
 
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> [B, L, D] L2-normalised final-layer-norm states."""
-        device = next(self.text_model.parameters()).device
-        hidden = self.text_model(input_ids=ids.to(device)).last_hidden_state
-        return hidden / hidden.norm(dim=-1, keepdim=True)
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.text_model.parameters()).dtype
+
+    def train(self, mode: bool = True) -> CLIPTextCondition:
+        """The text model is frozen: it stays in eval mode whatever ``mode`` is."""
+        super().train(mode)
+        self.text_model.eval()
+        return self
+
+    # -- encoding -----------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """B prompts -> [B, L] long ids: BOS, pieces, EOS, padding (empty prompts allowed here)."""
+        tok = self.tokenizer
+        bos, eos, pad, length = tok.bos_token_id, tok.eos_token_id, self.padding_id, self.max_length
+        pieces = tok(list(prompts), add_special_tokens=True, padding=False, truncation=False, verbose=False).input_ids
+        rows = []
+        for prompt, ids in zip(prompts, pieces, strict=True):
+            if len(ids) < 2 or ids[0] != bos or ids[-1] != eos:
+                raise ValueError(f"the tokenizer did not wrap {prompt!r} in <|startoftext|> ... <|endoftext|>")
+            if len(ids) > length:
+                logger.warning(
+                    "prompt truncated: %d tokens with BOS and EOS, CLIP takes %d; kept BOS, %d pieces, EOS: %r",
+                    len(ids),
+                    length,
+                    length - 2,
+                    prompt if len(prompt) <= 200 else prompt[:200] + "...",
+                )
+                ids = ids[: length - 1] + [eos]
+            rows.append(ids + [pad] * (length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Non-empty prompts -> [B, L, D] condition sequence."""
-        if isinstance(prompts, str) or not isinstance(prompts, list | tuple) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings")
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] long ids -> [B, L, D] final-layer-norm states, each position L2-normalised.
+
+        The norm is taken in float32 and the result cast back to the model's dtype (bf16 stays bf16).
+        """
+        if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ids must be a [B, L] integer tensor, got shape {tuple(ids.shape)} {ids.dtype}")
+        hidden = self.text_model(input_ids=ids.to(self.device)).last_hidden_state
+        states = hidden.float()
+        return (states / states.norm(dim=-1, keepdim=True)).to(hidden.dtype)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """A non-empty list of non-empty prompts -> [B, L, D] condition on the model's device and dtype."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is an empty list; give at least one prompt")
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
-                raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+                raise ValueError(f"prompts[{i}] is a {type(prompt).__name__}, not a string")
             if not prompt.strip():
-                raise ValueError(f"prompt {i} is empty; give some text (use guidance for unconditional sampling)")
-        return self.encode_ids(self.tokenize(list(prompts)))
+                raise ValueError(
+                    f"prompts[{i}] is empty; give some text (unconditional samples come from the null condition)"
+                )
+        return self.encode_ids(self.tokenize(prompts, device=self.device))
+
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.encode(prompts)
 
     @torch.no_grad()
     def encode_unconditional(self, batch_size: int) -> torch.Tensor:
-        """The empty prompt's encoding [B, L, D] (the null condition of non-learnable models)."""
-        return self.encode_ids(self.tokenize([""])).expand(batch_size, -1, -1)
+        """The empty prompt's encoding expanded to [B, L, D] (diffusers' null text when not learnable)."""
+        _check_batch_size(batch_size)
+        return self.encode_ids(self.tokenize([""], device=self.device)).expand(batch_size, -1, -1)
 
+    # -- files --------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
@@ -83,78 +274,151 @@ class CLIPTextCondition(nn.Module):
         tokenizer_dir: str | os.PathLike,
         *,
         pad_token_id: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> CLIPTextCondition:
-        """Load transformers' ``CLIPTextModel`` and ``CLIPTokenizer`` from local directories only."""
+        """Load a ``CLIPTextModel`` and a ``CLIPTokenizer`` from local folders (never the hub).
+
+        Raises FileNotFoundError for a missing folder or missing files, ValueError for files transformers
+        cannot read or weights that leave some parameter uninitialised.
+        """
         from transformers import CLIPTextModel, CLIPTokenizer
 
         text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
-        for folder in (text_encoder_dir, tokenizer_dir):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"missing directory: {folder}")
-        if not (text_encoder_dir / "config.json").is_file():
-            raise FileNotFoundError(f"missing file: {text_encoder_dir / 'config.json'}")
+        _check_text_encoder_dir(text_encoder_dir)
+        _check_tokenizer_dir(tokenizer_dir)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        except Exception as err:  # transformers raises many types for a bad folder
-            raise ValueError(f"{tokenizer_dir}: cannot load a CLIP tokenizer ({type(err).__name__}: {err})") from None
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # loading a small local model needs no progress bar on stderr
+        except Exception as err:  # transformers raises OSError, ValueError, JSON and tokenizers errors
+            raise ValueError(f"cannot load a CLIP tokenizer from {tokenizer_dir}: {type(err).__name__}: {err}") from err
         try:
-            model = CLIPTextModel.from_pretrained(str(text_encoder_dir), local_files_only=True)
-        except Exception as err:
+            with _no_transformers_progress_bars():
+                model, info = CLIPTextModel.from_pretrained(
+                    str(text_encoder_dir), local_files_only=True, output_loading_info=True
+                )
+        except Exception as err:  # as above, plus safetensors errors for damaged weights
             raise ValueError(
-                f"{text_encoder_dir}: cannot load a CLIP text model ({type(err).__name__}: {err})"
-            ) from None
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
+                f"cannot load a CLIP text model from {text_encoder_dir}: {type(err).__name__}: {err}"
+            ) from err
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"{text_encoder_dir}: the weights lack {len(missing)} parameter(s), e.g. {missing[:3]}")
+        if dtype is not None:
+            model = model.to(dtype)
         return cls(model, tokenizer, pad_token_id=pad_token_id)
 
     def save_pretrained(self, text_encoder_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> None:
-        """Write the text model (safetensors) and the tokenizer files."""
-        self.text_model.save_pretrained(str(text_encoder_dir), safe_serialization=True)
+        """Write the text model (config.json + model.safetensors) and the tokenizer files.
+
+        ``pad_token_id`` is not stored there; keep it in the owning model's config.
+        """
+        with _no_transformers_progress_bars():
+            self.text_model.save_pretrained(str(text_encoder_dir), safe_serialization=True)
         self.tokenizer.save_pretrained(str(tokenizer_dir))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Null conditions (classifier-free guidance)
+# ---------------------------------------------------------------------------------------------------
+def _check_batch_size(batch_size: int) -> None:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 class LearnedNullCondition(nn.Module):
-    """The learned null text of Improved VQ-Diffusion's classifier-free guidance (sec. 3.1): [L, D]."""
+    """The learned null text of Improved VQ-Diffusion (Tang et al. 2022, sec. 3.1): a parameter
+    ``embedding`` [L, D] that stands in for the condition on unconditional passes (about 10% of training
+    samples; the negative branch of guidance).  diffusers: ``LearnedClassifierFreeSamplingEmbeddings
+    .embeddings`` (initialised to zeros, as :meth:`zeros` does)."""
 
     def __init__(self, embedding: torch.Tensor) -> None:
         super().__init__()
-        if embedding.ndim != 2:
-            raise ValueError(f"null condition must be [L, D], got shape {tuple(embedding.shape)}")
+        if not isinstance(embedding, torch.Tensor) or embedding.ndim != 2 or not embedding.is_floating_point():
+            got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+            raise ValueError(f"a null condition is a float [L, D] tensor, got {got}")
         self.embedding = nn.Parameter(embedding)
 
+    @classmethod
+    def zeros(cls, seq_len: int, dim: int) -> LearnedNullCondition:
+        """A fresh [seq_len, dim] null condition of zeros (77 x 512 for ITHQ)."""
+        return cls(torch.zeros(seq_len, dim))
+
     def forward(self, batch_size: int) -> torch.Tensor:
-        """[B, L, D] (an expanded view, no copy)."""
+        """[B, L, D], an expanded view of ``embedding`` (no copy; gradients reach the parameter)."""
+        _check_batch_size(batch_size)
         return self.embedding[None].expand(batch_size, -1, -1)
 
 
+class EmptyPromptNullCondition(nn.Module):
+    """The null condition of text models trained without a learned one: the encoding of the empty prompt
+    (BOS, EOS, padding), computed once from ``text`` with its padding and stored as the non-persistent
+    buffer ``embedding`` [L, D].  diffusers: ``LearnedClassifierFreeSamplingEmbeddings(learnable=False)``.
+    Build a new one if the text encoder or its ``pad_token_id`` changes."""
+
+    def __init__(self, text: CLIPTextCondition) -> None:
+        super().__init__()
+        self.register_buffer("embedding", text.encode_unconditional(1)[0].clone(), persistent=False)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """[B, L, D], an expanded view (no copy)."""
+        _check_batch_size(batch_size)
+        return self.embedding[None].expand(batch_size, -1, -1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Class labels
+# ---------------------------------------------------------------------------------------------------
 class ClassCondition(nn.Module):
-    """Class labels as a one-token condition sequence [B, 1, D]; index ``num_classes`` is the null class
-    used for guidance when ``learnable_null`` is set."""
+    """Class labels as a one-token condition (ImageNet-style models): ``encode(labels [B]) -> [B, 1, D]``.
+
+    With ``learnable_null`` the table has one extra row, label ``null_label`` = ``num_classes``, the learned
+    null class of classifier-free guidance; it is not a valid input of :meth:`encode`.
+    """
 
     def __init__(self, num_classes: int, dim: int, *, learnable_null: bool = True) -> None:
         super().__init__()
-        if num_classes < 1 or dim < 1:
-            raise ValueError(f"need num_classes >= 1 and dim >= 1, got {num_classes}, {dim}")
+        if not _is_int(num_classes) or not _is_int(dim) or num_classes < 1 or dim < 1:
+            raise ValueError(f"need integers num_classes >= 1 and dim >= 1, got {num_classes!r}, {dim!r}")
         self.num_classes = num_classes
-        self.learnable_null = learnable_null
-        self.embedding = nn.Embedding(num_classes + int(learnable_null), dim)
+        self.learnable_null = bool(learnable_null)
+        self.embedding = nn.Embedding(num_classes + int(self.learnable_null), dim)
+
+    @classmethod
+    def from_config(cls, config: ConditionConfig) -> ClassCondition:
+        if config.kind != "class":
+            raise ConfigError(f"ClassCondition needs a ConditionConfig with kind='class', got {config.kind!r}")
+        return cls(config.num_classes, config.dim, learnable_null=config.null == "learned")
+
+    @property
+    def dim(self) -> int:
+        return self.embedding.embedding_dim
+
+    @property
+    def null_label(self) -> int | None:
+        """The label of the null class (``num_classes``), or None without ``learnable_null``."""
+        return self.num_classes if self.learnable_null else None
 
     def encode(self, labels: torch.Tensor) -> torch.Tensor:
-        """[B] long labels in [0, num_classes) -> [B, 1, D]."""
-        labels = torch.as_tensor(labels, device=self.embedding.weight.device)
-        if labels.ndim != 1 or labels.dtype.is_floating_point:
-            raise ValueError(f"labels must be a [B] integer tensor, got {tuple(labels.shape)} {labels.dtype}")
-        if bool((labels < 0).any()) or bool((labels >= self.num_classes).any()):
-            raise ValueError(f"labels must lie in [0, {self.num_classes})")
-        return self.embedding(labels)[:, None]
+        """[B] integer labels in [0, num_classes) -> [B, 1, D].  The range check syncs with the device."""
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(f"labels must be a [B] integer tensor, got {type(labels).__name__}")
+        if labels.ndim != 1 or labels.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+            raise ValueError(f"labels must be a [B] integer tensor, got shape {tuple(labels.shape)} {labels.dtype}")
+        if labels.numel() == 0:
+            raise ValueError("labels is empty; give at least one label")
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}), got {labels[bad][:5].tolist()} "
+                f"(use null() for the null class)"
+            )
+        return self.embedding(labels.to(self.embedding.weight.device).long())[:, None]
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.encode(labels)
 
     def null(self, batch_size: int) -> torch.Tensor:
-        """The null class [B, 1, D] (needs ``learnable_null``)."""
+        """The null class [B, 1, D] (an expanded view); needs ``learnable_null``."""
         if not self.learnable_null:
             raise ValueError("this class condition has no null class; guidance needs learnable_null=True")
+        _check_batch_size(batch_size)
         return self.embedding.weight[self.num_classes][None, None].expand(batch_size, 1, -1)
