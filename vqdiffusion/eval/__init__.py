@@ -1,0 +1,1 @@
+"""Evaluation: automatic scoring of generated images (the ``shapes`` detector in :mod:`.shapes`)."""
