@@ -163,3 +163,15 @@ def test_corrupt_model_exit_2_without_traceback(model_dirs: Path, tmp_path: Path
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_make_shapes_writes_a_training_folder(tmp_path: Path) -> None:
+    from vqdiffusion.data.folders import ImageCaptionFolder
+    from vqdiffusion.data.shapes import parse_caption
+
+    assert main(["make-shapes", str(tmp_path / "s"), "--n", "6", "--seed", "3"]) == 0
+    folder = ImageCaptionFolder(tmp_path / "s", 64)
+    assert len(folder) == 6 and not folder.skipped
+    for i in range(6):
+        assert parse_caption(folder[i]["caption"]) is not None
+    assert main(["make-shapes", str(tmp_path / "t"), "--n", "0"]) == 2

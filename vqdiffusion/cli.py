@@ -46,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a model's configuration and parameter counts")
     info.add_argument("model", help="model directory")
 
+    shapes = sub.add_parser("make-shapes", help="write the synthetic shapes data set (image + caption folder)")
+    shapes.add_argument("out_dir", help="output folder")
+    shapes.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    shapes.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "heldout", "all"],
+        help="train: held-out colour-shape pairs excluded; heldout: only those pairs",
+    )
+    shapes.add_argument("--two-object-fraction", type=float, default=0.3, help="fraction of two-object scenes")
+
     from .training.vqvae import add_train_vqvae_parser
 
     add_train_vqvae_parser(sub)
@@ -131,12 +143,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_shapes(args: argparse.Namespace) -> int:
+    from .data.shapes import make_dataset
+
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
+    if not 0.0 <= args.two_object_fraction <= 1.0:
+        raise CLIError(f"--two-object-fraction must be in [0, 1], got {args.two_object_fraction}")
+    print(make_dataset(args.out_dir, args.n, args.seed, split=args.split, two_object_fraction=args.two_object_fraction))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     from .training.vqvae import run_train_vqvae
 
-    commands = {"generate": cmd_generate, "info": cmd_info, "train-vqvae": run_train_vqvae}
+    commands = {
+        "generate": cmd_generate,
+        "info": cmd_info,
+        "make-shapes": cmd_make_shapes,
+        "train-vqvae": run_train_vqvae,
+    }
     try:
         return commands[args.command](args)
     except (
