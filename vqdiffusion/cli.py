@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument("--two-object-fraction", type=float, default=0.3, help="fraction of two-object scenes")
 
+    ev = sub.add_parser("eval", help="score a model on an evaluation suite (shapes)")
+    ev.add_argument("--model", required=True, help="model directory")
+    ev.add_argument("--suite", default="shapes", choices=["shapes"], help="evaluation suite (default shapes)")
+    ev.add_argument("--n", type=int, default=256, help="images per prompt set (default 256)")
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    ev.add_argument("--truncation", type=float, default=None, help="truncation rate (default: the model's)")
+    ev.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
+    ev.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ev.add_argument("--out", default="eval_shapes", help="folder for report.json and samples.png")
+    ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
     from .training.vqvae import add_train_vqvae_parser
 
     add_train_vqvae_parser(sub)
@@ -143,6 +156,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.n < 1 or args.batch_size < 1:
+        raise CLIError(f"--n and --batch-size must be >= 1, got {args.n}, {args.batch_size}")
+    from .eval.suite import evaluate_shapes, format_table, write_report
+    from .pipeline import VQDiffusionPipeline
+
+    pipe = VQDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    report = evaluate_shapes(
+        pipe,
+        num_per_set=args.n,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        truncation_rate=args.truncation,
+    )
+    json_path, grid_path = write_report(report, args.out)
+    print(format_table(report))
+    print(f"seconds per image: {report['seconds_per_image']:.3f}")
+    print(json_path)
+    print(grid_path)
+    return 0
+
+
 def cmd_make_shapes(args: argparse.Namespace) -> int:
     from .data.shapes import make_dataset
 
@@ -162,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "generate": cmd_generate,
         "info": cmd_info,
+        "eval": cmd_eval,
         "make-shapes": cmd_make_shapes,
         "train-vqvae": run_train_vqvae,
     }
