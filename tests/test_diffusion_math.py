@@ -358,3 +358,17 @@ def test_importance_sampler() -> None:
     torch.testing.assert_close(other.probabilities(), probs)
     with pytest.raises(ValueError, match="shape"):
         ImportanceTimestepSampler(T + 1).load_state_dict(state)
+
+
+def test_loss_gradient_is_finite_at_every_step_including_the_first() -> None:
+    """Zero posterior coefficients (e.g. b_s = 0 at s = -1) must not turn into 0 * inf = NaN gradients."""
+    K, T = 6, 10
+    for schedule in (MaskReplaceSchedule(K, T), MaskReplaceSchedule.paper_mask_and_replace(K, T)):
+        x0 = torch.randint(0, K, (T, 5), generator=torch.Generator().manual_seed(0))
+        t = torch.arange(T)
+        x_t = q_sample(schedule, x0, t, torch.Generator().manual_seed(1))
+        logits = torch.randn(T, K, 5, requires_grad=True)
+        terms = diffusion_loss(schedule, torch.log_softmax(logits, 1), x0, x_t, t)
+        terms.total().sum().backward()
+        assert torch.isfinite(logits.grad).all()
+        assert logits.grad[0].abs().sum() > 0  # the decoder NLL at t = 0 does train the model

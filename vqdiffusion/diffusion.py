@@ -327,7 +327,9 @@ def posterior_log_probs(
     log_z = torch.where(is_mask, z_mask.expand(B, N), z_real).log()
 
     def log(x: torch.Tensor) -> torch.Tensor:
-        return x.log() - log_z
+        # log(0) = -inf with a zero (not NaN) gradient: the inner where keeps 0 out of the log's backward.
+        positive = x > 0
+        return torch.where(positive, torch.where(positive, x, 1.0).log(), -math.inf) - log_z
 
     log_A = torch.where(is_mask, log(coef["mask_A"].expand(B, N)), log(coef["r1"].expand(B, N)))
     log_C = torch.where(is_mask, log(coef["mask_B"].expand(B, N)), log(off_const))
