@@ -71,9 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    from .training.denoiser import add_train_parser
+    from .training.export import add_export_parser
+    from .training.tokenize import add_tokenize_parser
     from .training.vqvae import add_train_vqvae_parser
 
     add_train_vqvae_parser(sub)
+    add_tokenize_parser(sub)
+    add_train_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -195,6 +201,9 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from .training.denoiser import run_train
+    from .training.export import run_export
+    from .training.tokenize import run_tokenize
     from .training.vqvae import run_train_vqvae
 
     commands = {
@@ -203,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": cmd_eval,
         "make-shapes": cmd_make_shapes,
         "train-vqvae": run_train_vqvae,
+        "tokenize": run_tokenize,
+        "train": run_train,
+        "export": run_export,
     }
     try:
         return commands[args.command](args)
@@ -213,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
         NotADirectoryError,
         IsADirectoryError,
+        FloatingPointError,
     ) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {message}", file=sys.stderr)

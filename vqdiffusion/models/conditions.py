@@ -229,7 +229,6 @@ class CLIPTextCondition(nn.Module):
             rows.append(ids + [pad] * (length - len(ids)))
         return torch.tensor(rows, dtype=torch.long, device=device)
 
-    @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, L] long ids -> [B, L, D] final-layer-norm states, each position L2-normalised.
 
