@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument("--two-object-fraction", type=float, default=0.3, help="fraction of two-object scenes")
 
+    conv = sub.add_parser("convert", help="convert a model directory between our layout and diffusers'")
+    conv.add_argument("src", help="model directory (ours or diffusers layout)")
+    conv.add_argument("out_dir", help="output directory")
+    conv.add_argument("--to", default="ours", choices=["ours", "diffusers"], help="output layout (default ours)")
+
     ev = sub.add_parser("eval", help="score a model on an evaluation suite (shapes)")
     ev.add_argument("--model", required=True, help="model directory")
     ev.add_argument("--suite", default="shapes", choices=["shapes"], help="evaluation suite (default shapes)")
@@ -162,6 +167,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .pipeline import VQDiffusionPipeline
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"{out} exists and is not empty; choose a new output directory")
+    pipe = VQDiffusionPipeline.from_pretrained(args.src)
+    if args.to == "diffusers":
+        from .convert.diffusers_pipeline import save_diffusers_layout
+
+        save_diffusers_layout(pipe, out)
+    else:
+        pipe.save_pretrained(out)
+    print(out)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise CLIError(f"--n and --batch-size must be >= 1, got {args.n}, {args.batch_size}")
@@ -210,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "info": cmd_info,
         "eval": cmd_eval,
+        "convert": cmd_convert,
         "make-shapes": cmd_make_shapes,
         "train-vqvae": run_train_vqvae,
         "tokenize": run_tokenize,
