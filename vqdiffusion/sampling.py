@@ -51,7 +51,7 @@ class SamplingOptions:
         return self.guidance_scale != 1.0
 
 
-# (x_t [B, N] long, t int, cond_kv) -> log p(x0 | x_t) [B, K, N]
+# (x_t [B, N] long, t int) -> log p(x0 | x_t) [B, K, N], guidance already combined
 PredictFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -67,7 +67,9 @@ def guided_predictor(
     log_softmax((1 - s) * logits_u + s * logits_c); per-position constants cancel in the softmax, so the
     raw logits can be used directly (Improved VQ-Diffusion sec. 3.1).
     """
-    if guidance_scale == 1.0 or null_cond is None:
+    if guidance_scale != 1.0 and null_cond is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a null condition; pass null_cond or use 1.0")
+    if guidance_scale == 1.0:
         cond_kv = denoiser.precompute_cond_kv(cond) if cond is not None else None
 
         def predict(x_t: torch.Tensor, t: int) -> torch.Tensor:
