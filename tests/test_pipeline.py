@@ -268,3 +268,26 @@ def test_bf16_denoiser_close_to_fp32(pair, tmp_path: Path) -> None:
     # Documented tolerance of the bf16 mode: per-step probabilities within 0.05 (total variation <= 0.1).
     assert (p16 - p32).abs().max() < 0.05
     assert 0.5 * (p16 - p32).abs().sum(1).max() < 0.1
+
+
+def test_diffusers_layout_with_legacy_bin_weights(pair, tmp_path: Path) -> None:
+    """Published diffusers checkpoints ship ``diffusion_pytorch_model.bin``; they load without unpickling."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, path, ours = pair
+    copy = tmp_path / "bin_layout"
+    shutil.copytree(path, copy)
+    for sub in ("vqvae", "transformer", "learned_classifier_free_sampling_embeddings"):
+        st = copy / sub / "diffusion_pytorch_model.safetensors"
+        torch.save(load_file(str(st)), copy / sub / "diffusion_pytorch_model.bin")
+        st.unlink()
+    loaded = VQDiffusionPipeline.from_pretrained(copy, text_pad_token_id=None)
+    for name in ("vqvae", "denoiser", "null_condition"):
+        mine, theirs = ours.modules()[name].state_dict(), loaded.modules()[name].state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # A pickle that holds more than tensors is refused with a clear error.
+    torch.save({"weights": torch.zeros(1), "extra": object()}, copy / "vqvae" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="weights_only"):
+        VQDiffusionPipeline.from_pretrained(copy)
