@@ -365,3 +365,29 @@ def test_cli_train_and_resume(token_dir, tmp_path, capsys):
         run_train(parser.parse_args([*base, "--resume", "--steps", "4", "--lr", "0.1", "--quiet"]))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_train(parser.parse_args(["train", str(token_dir), "--out", str(tmp_path / "none"), "--resume"]))
+
+
+def test_word_vocabulary_text_model_trains_exports_and_encodes_like_training(token_dir, tmp_path):
+    parser = argparse.ArgumentParser(prog="vqdiffusion")
+    add_train_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "words"
+    base = ["train", str(token_dir), "--out", str(out)]
+    assert run_train(parser.parse_args([*base, *TINY_FLAGS, "--steps", "2", "--text-vocab", "words"])) == 0
+    ckpt = out / "checkpoints" / "step_00000002.safetensors"
+    words = load_checkpoint(ckpt)[1]["config"]["text_words"]
+    captions = TokenDataset(token_dir).captions
+    assert words and set(words) == {w for c in captions for w in c.lower().replace(",", " ").split() if w.isalpha()}
+    pipe = VQDiffusionPipeline.from_pretrained(out / "model")
+    tokenizer = pipe.text_encoder.tokenizer
+    assert all(len(tokenizer.tokenize(w)) == 1 for w in words)
+    trainer = DenoiserTrainer.from_checkpoint(ckpt)
+    trainer.ema.copy_to(trainer.module)
+    with torch.no_grad():
+        expected = trainer.module.text.encode_ids(trainer.condition_inputs([0]))
+        torch.testing.assert_close(pipe.encode_prompt([captions[0]]), expected)
+    # the vocabulary belongs to the checkpoint: it cannot change on resume
+    with pytest.raises(ValueError, match="--text-vocab"):
+        run_train(parser.parse_args([*base, "--resume", "--steps", "3", "--text-vocab", "chars", "--quiet"]))
+    assert run_train(parser.parse_args([*base, "--resume", "--steps", "3", "--quiet"])) == 0
+    with pytest.raises(ConfigError, match="text_words"):
+        make_config(token_dir, tmp_path, text_model="pretrained", text_words=("red",))

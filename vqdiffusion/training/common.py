@@ -17,6 +17,7 @@ Checkpoint key convention used by the trainers: tensors are namespaced by a pref
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -67,6 +68,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "vqdiffusion.checkpoint"
 CHECKPOINT_FORMAT_VERSION = "1"
 LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 _CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.safetensors$")
 
 
@@ -97,6 +99,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for a ``mixed_precision`` setting (``"no"``, ``"bf16"``, ``"fp16"``) on ``device``."""
+    if mode == "no":
+        return contextlib.nullcontext()
+    if mode not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {mode!r}")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:

@@ -77,11 +77,14 @@ from ..io import load_into
 from ..models.conditions import ClassCondition, CLIPTextCondition, LearnedNullCondition
 from ..models.denoiser import ACTIVATIONS, DENOISER_PRESETS, Denoiser, DenoiserConfig
 from ..sampling import SamplingOptions, guided_predictor, sample_tokens
+from ..text_vocab import build_char_clip_tokenizer, caption_words
 from .common import (
     EMA,
     LR_SCHEDULES,
+    MIXED_PRECISION,
     CSVLogger,
     StepBatchSampler,
+    autocast_context,
     capture_rng_state,
     checkpoint_path,
     find_latest_checkpoint,
@@ -119,7 +122,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_KIND = "denoiser"
 NOISE_SCHEDULES = ("reference", "mask_and_replace")
 TEXT_MODELS = ("pretrained", "train")
-MIXED_PRECISION = ("no", "bf16", "fp16")
 # Fields that may differ between a checkpoint's config and the config resuming it.
 RESUMABLE_FIELDS = frozenset(
     {
@@ -169,6 +171,9 @@ class DenoiserTrainConfig(ConfigBase):
             ``"train"`` (a CLIP-architecture text transformer of width ``cond_dim`` with ``text_layers``
             layers, ``text_heads`` heads and ``text_max_length`` positions, and the character tokenizer,
             trained with the denoiser).  Only used for caption data.
+        text_words: with ``text_model="train"``, words that the tokenizer keeps whole (one token each;
+            other words fall back to characters); ``()`` is the plain character tokenizer.  ``vqdiffusion
+            train --text-vocab words`` fills it with the training captions' words.
         cond_drop_prob: fraction of samples whose condition is replaced by the learned null condition (0 =
             no null condition, no classifier-free guidance).
         batch_size: the global batch of one optimizer step (all processes and accumulation micro-steps).
@@ -214,6 +219,7 @@ class DenoiserTrainConfig(ConfigBase):
     text_layers: int = 2
     text_heads: int = 4
     text_max_length: int = 77
+    text_words: tuple[str, ...] = ()
     cond_drop_prob: float = 0.1
     batch_size: int = 32
     grad_accum: int = 1
@@ -314,6 +320,10 @@ class DenoiserTrainConfig(ConfigBase):
             raise ConfigError(
                 f"{name}: text_model='train' builds its own text model; drop text_encoder_dir and tokenizer_dir"
             )
+        if self.text_words and self.text_model != "train":
+            raise ConfigError(f"{name}: text_words is only for text_model='train' (a pretrained CLIP has its own)")
+        if not all(isinstance(w, str) and w for w in self.text_words):
+            raise ConfigError(f"{name}: text_words must be non-empty strings, got {list(self.text_words)[:5]}...")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"{name}: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         self.schedule(2)  # validates the endpoints
@@ -381,16 +391,14 @@ def init_denoiser_weights(denoiser: nn.Module, std: float = _INIT_STD) -> None:
 
 
 def build_text_model(config: DenoiserTrainConfig) -> CLIPTextCondition:
-    """A fresh CLIP-architecture text model of width ``cond_dim`` with the character tokenizer
-    (``text_model="train"``); its parameters require gradients."""
+    """A fresh CLIP-architecture text model of width ``cond_dim`` with the character tokenizer (whole
+    tokens for ``text_words``) (``text_model="train"``); its parameters require gradients."""
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..text_vocab import build_char_clip_tokenizer
 
     width = config.resolved_cond_dim()
     if width % config.text_heads:
         raise ConfigError(f"text_heads={config.text_heads} does not divide the text width cond_dim={width}")
-    tokenizer = build_char_clip_tokenizer(model_max_length=config.text_max_length)
+    tokenizer = build_char_clip_tokenizer(model_max_length=config.text_max_length, words=config.text_words)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=width,
@@ -634,11 +642,7 @@ class DenoiserTrainer:
         return lr_at(step, cfg.lr, cfg.lr_warmup, cfg.lr_decay_steps or cfg.steps, cfg.lr_schedule, cfg.min_lr)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        mode = self.config.mixed_precision
-        if mode == "no":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast_context(self.config.mixed_precision, self.device)
 
     def rank_rows(self) -> list[int]:
         """Positions in the global batch of this rank's examples, micro-step by micro-step.
@@ -1222,6 +1226,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="train a small CLIP-architecture text model (character tokenizer) jointly",
     )
     parser.add_argument(
+        "--text-vocab",
+        choices=["chars", "words"],
+        default=None,
+        help="tokenizer of a trained text model: chars (default) or words (the training captions' words are "
+        "single tokens, other words are spelled out)",
+    )
+    parser.add_argument(
         "--no-adaptive-aux",
         dest="adaptive_aux",
         action="store_const",
@@ -1244,6 +1255,13 @@ def run_train(args: argparse.Namespace) -> int:
         overrides["grad_clip"] = None
     overrides["progress"] = not args.quiet
     overrides["token_dir"], overrides["output_dir"] = str(args.token_dir), str(args.out)
+    if args.text_vocab == "words" and not args.resume:
+        captions = TokenDataset(args.token_dir).captions
+        if captions is None:
+            raise ValueError(f"--text-vocab words needs a caption token folder; {args.token_dir} has no captions")
+        overrides["text_words"] = caption_words(captions)
+    elif args.text_vocab is not None and args.resume:
+        raise ValueError("--text-vocab cannot change on --resume (the tokenizer is part of the checkpoint's config)")
     resume_path = None
     if args.resume:
         resume_path = find_latest_checkpoint(Path(args.out) / "checkpoints")

@@ -77,7 +77,7 @@ def pipeline_from_checkpoint(
 
     text_config: dict[str, Any] | None = meta.get("text_model_config")
     if text_config is not None:
-        tokenizer = build_char_clip_tokenizer(model_max_length=config.text_max_length)
+        tokenizer = build_char_clip_tokenizer(model_max_length=config.text_max_length, words=config.text_words)
         if len(tokenizer) != int(text_config["vocab_size"]):
             raise ValueError(
                 f"{path}: the text model has {text_config['vocab_size']} token ids but this version's character "

@@ -26,6 +26,7 @@ tokenizer, the layout of a pipeline's ``vqvae`` folder), ``metrics.csv``, ``samp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -49,6 +50,7 @@ from .common import (
     LR_SCHEDULES,
     CSVLogger,
     StepBatchSampler,
+    autocast_context,
     capture_rng_state,
     checkpoint_path,
     find_latest_checkpoint,
@@ -85,6 +87,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_KIND = "vqvae"
 RECON_LOSSES = ("l1", "mse")
 CODEBOOK_INITS = ("data", "random")
+VQ_MIXED_PRECISION = ("no", "bf16")
 # Fields that may differ between a checkpoint's config and the config resuming it.
 RESUMABLE_FIELDS = frozenset(
     {
@@ -124,6 +127,8 @@ class VQVAETrainConfig(ConfigBase):
         latent_channels, embed_dim, num_embeddings, layers_per_block, norm_num_groups: overrides (None
             keeps the preset's value).
         batch_size, steps: images per step and number of optimizer steps.
+        mixed_precision: ``"no"``, ``"bf16"`` (encoder, decoder and losses under bfloat16 autocast; the
+            nearest-code search and the EMA codebook stay float32).
         lr, lr_warmup, lr_schedule, lr_decay_steps, min_lr: Adam learning rate, linear warm-up steps,
             ``"constant"`` or ``"cosine"`` (decaying to ``min_lr`` at ``lr_decay_steps``, default ``steps``).
         adam_betas, weight_decay, grad_clip: optimizer settings (``grad_clip`` None = no clipping).
@@ -159,6 +164,7 @@ class VQVAETrainConfig(ConfigBase):
     norm_num_groups: int | None = None
     batch_size: int = 16
     steps: int = 10000
+    mixed_precision: str = "no"
     lr: float = 2e-4
     lr_warmup: int = 0
     lr_schedule: str = "constant"
@@ -198,6 +204,7 @@ class VQVAETrainConfig(ConfigBase):
             "lr_schedule": LR_SCHEDULES,
             "recon_loss": RECON_LOSSES,
             "codebook_init": CODEBOOK_INITS,
+            "mixed_precision": VQ_MIXED_PRECISION,
             "model_preset": tuple(sorted(_PRESETS)),
         }
         for field, allowed in choices.items():
@@ -549,6 +556,9 @@ class VQVAETrainer:
         total = cfg.lr_decay_steps or cfg.steps
         return lr_at(step, cfg.lr, cfg.lr_warmup, total, cfg.lr_schedule, cfg.min_lr)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.config.mixed_precision, self.device)
+
     def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on ``images [B, 3, S, S]`` in ``[-1, 1]``; returns detached metric tensors
         (``loss``, ``rec``, ``commit``, ``psnr`` as batch means, ``tokens [B, h, w]``, ``restarted [K]``),
@@ -566,21 +576,23 @@ class VQVAETrainer:
 
         lr = self.lr(self.step)
         set_lr(self.optimizer, lr)
-        z = model.encode_latents(images)
-        z_q, tokens = model.quantize(z)
+        with self.autocast():
+            z = model.encode_latents(images).float()
+        z_q, tokens = model.quantize(z)  # float32, outside autocast (which would run the distances in bf16)
         dims = (1, 2, 3)
-        commit = (z - z_q.detach()).float().square().mean(dim=dims)
-        reconstruction = model.decode_latents(z + (z_q - z).detach())
-        diff = (reconstruction.float() - images.float()).flatten(1)
-        rec = diff.abs().mean(dim=1) if cfg.recon_loss == "l1" else diff.square().mean(dim=1)
-        per_example = rec + cfg.commitment_beta * commit
-        if self.perceptual is not None:
-            per_example = per_example + cfg.perceptual_weight * self.perceptual(reconstruction, images)
-        loss = per_example.mean()
-        gan_on = self.discriminator is not None and self.step >= cfg.gan_start_step
-        if gan_on:
-            self.discriminator.requires_grad_(False)
-            loss = loss - cfg.gan_weight * self.discriminator(reconstruction).mean()
+        commit = (z - z_q.detach()).square().mean(dim=dims)
+        with self.autocast():
+            reconstruction = model.decode_latents(z + (z_q - z).detach())
+            diff = (reconstruction.float() - images.float()).flatten(1)
+            rec = diff.abs().mean(dim=1) if cfg.recon_loss == "l1" else diff.square().mean(dim=1)
+            per_example = rec + cfg.commitment_beta * commit
+            if self.perceptual is not None:
+                per_example = per_example + cfg.perceptual_weight * self.perceptual(reconstruction, images).float()
+            loss = per_example.mean()
+            gan_on = self.discriminator is not None and self.step >= cfg.gan_start_step
+            if gan_on:
+                self.discriminator.requires_grad_(False)
+                loss = loss - cfg.gan_weight * self.discriminator(reconstruction).float().mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -590,7 +602,10 @@ class VQVAETrainer:
         if gan_on:
             self.discriminator.requires_grad_(True)
             set_lr(self.disc_optimizer, (cfg.disc_lr or cfg.lr) * lr / cfg.lr)
-            d_loss = hinge_discriminator_loss(self.discriminator(images), self.discriminator(reconstruction.detach()))
+            with self.autocast():
+                real_logits = self.discriminator(images).float()
+                fake_logits = self.discriminator(reconstruction.detach()).float()
+            d_loss = hinge_discriminator_loss(real_logits, fake_logits)
             self.disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_optimizer.step()
@@ -833,6 +848,7 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--norm-groups": ("norm_num_groups", int, "GroupNorm groups"),
     "--batch-size": ("batch_size", int, "images per step (default 16)"),
     "--steps": ("steps", int, "optimizer steps (default 10000)"),
+    "--mixed-precision": ("mixed_precision", str, "no (default) or bf16 autocast"),
     "--lr": ("lr", float, "Adam learning rate (default 2e-4)"),
     "--lr-warmup": ("lr_warmup", int, "linear warm-up steps (default 0)"),
     "--lr-schedule": ("lr_schedule", str, "constant (default) or cosine"),
