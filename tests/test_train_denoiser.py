@@ -224,6 +224,18 @@ def test_export_and_generate(token_dir, tmp_path):
     add_export_parser(parser.add_subparsers(dest="command"))
     assert run_export(parser.parse_args(["export", str(ckpt), str(tmp_path / "cli"), "--raw"])) == 0
     assert (tmp_path / "cli" / "vqdiffusion.json").is_file()
+    # half-precision storage and default sampling settings
+    flags = ["--half", "--steps", "7", "--guidance", "3", "--truncation", "0.9"]
+    assert run_export(parser.parse_args(["export", str(ckpt), str(tmp_path / "half"), *flags])) == 0
+    half = VQDiffusionPipeline.from_pretrained(tmp_path / "half")
+    assert half.defaults.to_dict() == {"num_inference_steps": 7, "guidance_scale": 3.0, "truncation_rate": 0.9}
+    assert half.dtype == torch.float32
+    for key, value in half.denoiser.state_dict().items():
+        assert torch.equal(value, tensors[f"ema.denoiser.{key}"].half().float()), key
+    stored = (tmp_path / "half" / "denoiser" / "model.safetensors").stat().st_size
+    assert stored < 0.6 * (tmp_path / "exported" / "denoiser" / "model.safetensors").stat().st_size
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        run_export(parser.parse_args(["export", str(ckpt), str(tmp_path / "bad"), "--steps", "1000"]))
 
 
 def test_condition_dropout_uses_the_null_for_the_configured_fraction(token_dir, tmp_path):
@@ -388,6 +400,6 @@ def test_word_vocabulary_text_model_trains_exports_and_encodes_like_training(tok
     # the vocabulary belongs to the checkpoint: it cannot change on resume
     with pytest.raises(ValueError, match="--text-vocab"):
         run_train(parser.parse_args([*base, "--resume", "--steps", "3", "--text-vocab", "chars", "--quiet"]))
-    assert run_train(parser.parse_args([*base, "--resume", "--steps", "3", "--quiet"])) == 0
+    assert run_train(parser.parse_args([*base, "--resume", "--steps", "3", "--text-vocab", "words", "--quiet"])) == 0
     with pytest.raises(ConfigError, match="text_words"):
         make_config(token_dir, tmp_path, text_model="pretrained", text_words=("red",))

@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import ConfigError
 
 USAGE_ERROR = 2
+DEFAULT_MODEL = "builtin:shapes"  # vqdiffusion.pipeline.DEFAULT_MODEL (kept here so --help imports no torch)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -28,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from a text prompt")
     gen.add_argument("prompt", help="the text prompt")
-    gen.add_argument("--model", required=True, help="model directory (vqdiffusion or diffusers layout)")
+    gen.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model directory (vqdiffusion or diffusers layout) or a built-in model (default {DEFAULT_MODEL})",
+    )
     gen.add_argument("--steps", type=int, default=None, help="sampling steps, 1..T (default: the model's)")
     gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     gen.add_argument("--truncation", type=float, default=None, help="truncation rate in (0, 1]")
@@ -64,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", default="ours", choices=["ours", "diffusers"], help="output layout (default ours)")
 
     ev = sub.add_parser("eval", help="score a model on an evaluation suite (shapes)")
-    ev.add_argument("--model", required=True, help="model directory")
+    ev.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model directory or built-in model (default {DEFAULT_MODEL})"
+    )
     ev.add_argument("--suite", default="shapes", choices=["shapes"], help="evaluation suite (default shapes)")
     ev.add_argument("--n", type=int, default=256, help="images per prompt set (default 256)")
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")

@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "vqdiffusion-pipeline"
 FORMAT_VERSION = 1
 INDEX_FILE = "vqdiffusion.json"
+BUILTIN_PREFIX = "builtin:"
+# Models shipped inside the package (``vqdiffusion/assets/<name>``), loadable as ``"builtin:<name>"``.
+BUILTIN_MODELS = ("shapes",)
+DEFAULT_MODEL = "builtin:shapes"
 OutputType = Literal["pil", "np", "pt", "tokens"]
 
 
@@ -209,18 +213,30 @@ class VQDiffusionPipeline:
         return ((self.vqvae.decode_tokens(tokens).float() + 1) / 2).clamp(0, 1)
 
     # -- persistence -------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write our layout: ``vqdiffusion.json`` index, JSON configs and safetensors weights."""
+    def save_pretrained(self, path: str | os.PathLike, *, weights_dtype: torch.dtype | None = None) -> None:
+        """Write our layout: ``vqdiffusion.json`` index, JSON configs and safetensors weights.
+
+        ``weights_dtype`` (e.g. ``torch.float16``) stores the VQ-VAE, denoiser and null-condition floating
+        point weights in that dtype (half the size); loading casts them back to the modules' dtype.  The
+        text encoder is always stored as it is.
+        """
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         self.schedule.save_json(root / "schedule.json")
         self.defaults.save_json(root / "defaults.json")
+
+        def stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if weights_dtype is None:
+                return tensors
+            return {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
         for name, module in (("vqvae", self.vqvae), ("denoiser", self.denoiser)):
             module.config.save_json(root / name / "config.json")
-            save_safetensors(module.state_dict(), root / name / "model.safetensors")
+            save_safetensors(stored(module.state_dict()), root / name / "model.safetensors")
         self.text_encoder.save_pretrained(root / "text_encoder", root / "tokenizer")
         if self.null_condition is not None:
-            save_safetensors({"embedding": self.null_condition.embedding}, root / "null_condition.safetensors")
+            null = stored({"embedding": self.null_condition.embedding})
+            save_safetensors(null, root / "null_condition.safetensors")
         index = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -240,14 +256,15 @@ class VQDiffusionPipeline:
         dtype: torch.dtype | None = None,
         text_pad_token_id: int | None | Literal["auto"] = "auto",
     ) -> VQDiffusionPipeline:
-        """Load a model directory: ours (``vqdiffusion.json``) or diffusers' (``model_index.json``).
+        """Load a model directory: ours (``vqdiffusion.json``) or diffusers' (``model_index.json``), or a
+        model shipped with the package, ``"builtin:shapes"`` (see :func:`resolve_model_path`).
 
         ``text_pad_token_id`` overrides the id that pads prompts after the end-of-text token ("auto":
         what the model was trained with; for a diffusers-layout directory that is the authors' 0, since the
         published models were trained with the authors' tokenizer, not diffusers' ``<|endoftext|>``
         padding; None: the tokenizer's own padding).
         """
-        root = Path(path)
+        root = resolve_model_path(path)
         if not root.exists():
             raise FileNotFoundError(f"model directory not found: {root}")
         if not root.is_dir():
@@ -330,6 +347,24 @@ class VQDiffusionPipeline:
             null_condition=null_condition,
             defaults=PipelineDefaults(guidance_scale=5.0 if null_condition is not None else 1.0),
         )
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A model directory, with ``"builtin:<name>"`` mapped to the package's ``assets/<name>`` folder."""
+    text = os.fspath(path)
+    if not text.startswith(BUILTIN_PREFIX):
+        return Path(text)
+    name = text[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+        raise ValueError(f"unknown built-in model {text!r}; built-in models: {known}")
+    root = Path(__file__).resolve().parent / "assets" / name
+    if not (root / INDEX_FILE).is_file():
+        raise FileNotFoundError(
+            f"the built-in model {text!r} is missing from this installation ({root}); reinstall vqdiffusion "
+            "or rebuild it with scripts/train_default.sh"
+        )
+    return root
 
 
 def schedule_from_diffusers(config: dict[str, Any]) -> MaskReplaceSchedule:

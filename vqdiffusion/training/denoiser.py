@@ -1255,21 +1255,25 @@ def run_train(args: argparse.Namespace) -> int:
         overrides["grad_clip"] = None
     overrides["progress"] = not args.quiet
     overrides["token_dir"], overrides["output_dir"] = str(args.token_dir), str(args.out)
-    if args.text_vocab == "words" and not args.resume:
-        captions = TokenDataset(args.token_dir).captions
-        if captions is None:
-            raise ValueError(f"--text-vocab words needs a caption token folder; {args.token_dir} has no captions")
-        overrides["text_words"] = caption_words(captions)
-    elif args.text_vocab is not None and args.resume:
-        raise ValueError("--text-vocab cannot change on --resume (the tokenizer is part of the checkpoint's config)")
     resume_path = None
     if args.resume:
         resume_path = find_latest_checkpoint(Path(args.out) / "checkpoints")
         if resume_path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {Path(args.out) / 'checkpoints'}")
         meta = read_checkpoint_meta(resume_path)
+        saved_vocab = "words" if meta["config"].get("text_words") else "chars"
+        if args.text_vocab is not None and args.text_vocab != saved_vocab:
+            raise ValueError(
+                f"--text-vocab {args.text_vocab}: the checkpoint was trained with --text-vocab {saved_vocab}; "
+                "the tokenizer cannot change on --resume"
+            )
         config = DenoiserTrainConfig.from_dict({**meta["config"], **overrides})
     else:
+        if args.text_vocab == "words":
+            captions = TokenDataset(args.token_dir).captions
+            if captions is None:
+                raise ValueError(f"--text-vocab words needs a caption token folder; {args.token_dir} has none")
+            overrides["text_words"] = caption_words(captions)
         config = DenoiserTrainConfig(**overrides)
     exported = train_denoiser(config, resume=resume_path or False)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -14,12 +14,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import ConfigError
 from ..diffusion import MaskReplaceSchedule
 from ..io import load_into
 from ..models.conditions import CLIPTextCondition, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
 from ..pipeline import PipelineDefaults, VQDiffusionPipeline
+from ..sampling import SamplingOptions
 from .common import find_latest_checkpoint, load_checkpoint, take_prefix
 
 __all__ = ["add_export_parser", "export_pipeline", "pipeline_from_checkpoint", "run_export"]
@@ -126,11 +129,20 @@ def export_pipeline(
     *,
     ema: bool = True,
     vqvae_dir: str | os.PathLike | None = None,
+    defaults: dict[str, Any] | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the pipeline of ``checkpoint`` (see :func:`pipeline_from_checkpoint`) to ``out_dir``; returns it."""
+    """Write the pipeline of ``checkpoint`` (see :func:`pipeline_from_checkpoint`) to ``out_dir``; returns it.
+
+    ``defaults`` replaces fields of the model's default sampling settings (:class:`PipelineDefaults`);
+    ``weights_dtype`` stores the weights in that dtype (see :meth:`VQDiffusionPipeline.save_pretrained`).
+    """
     pipe = pipeline_from_checkpoint(checkpoint, ema=ema, vqvae_dir=vqvae_dir)
+    if defaults:
+        pipe.defaults = PipelineDefaults.from_dict({**pipe.defaults.to_dict(), **defaults})
+        SamplingOptions(**pipe.defaults.to_dict()).validate(pipe.schedule.num_timesteps)
     out = Path(out_dir)
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out, weights_dtype=weights_dtype)
     return out
 
 
@@ -145,10 +157,24 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="model folder to write")
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     parser.add_argument("--vqvae", default=None, help="VQ-VAE folder (default: the token folder's)")
+    parser.add_argument("--half", action="store_true", help="store the VQ-VAE and denoiser weights as float16")
+    parser.add_argument("--steps", type=int, default=None, help="the model's default sampling steps (default T)")
+    parser.add_argument("--guidance", type=float, default=None, help="default guidance scale (default 5, or 1)")
+    parser.add_argument("--truncation", type=float, default=None, help="default truncation rate (default 1)")
     return parser
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``export``; prints the model folder."""
-    print(export_pipeline(args.checkpoint, args.out_dir, ema=not args.raw, vqvae_dir=args.vqvae))
+    names = {"steps": "num_inference_steps", "guidance": "guidance_scale", "truncation": "truncation_rate"}
+    defaults = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
+    out = export_pipeline(
+        args.checkpoint,
+        args.out_dir,
+        ema=not args.raw,
+        vqvae_dir=args.vqvae,
+        defaults=defaults,
+        weights_dtype=torch.float16 if args.half else None,
+    )
+    print(out)
     return 0
