@@ -228,7 +228,8 @@ def test_export_and_generate(token_dir, tmp_path):
     flags = ["--half", "--steps", "7", "--guidance", "3", "--truncation", "0.9"]
     assert run_export(parser.parse_args(["export", str(ckpt), str(tmp_path / "half"), *flags])) == 0
     half = VQDiffusionPipeline.from_pretrained(tmp_path / "half")
-    assert half.defaults.to_dict() == {"num_inference_steps": 7, "guidance_scale": 3.0, "truncation_rate": 0.9}
+    defaults = half.defaults
+    assert (defaults.num_inference_steps, defaults.guidance_scale, defaults.truncation_rate) == (7, 3.0, 0.9)
     assert half.dtype == torch.float32
     for key, value in half.denoiser.state_dict().items():
         assert torch.equal(value, tensors[f"ema.denoiser.{key}"].half().float()), key

@@ -23,6 +23,32 @@ class CLIError(Exception):
     """A user error reported as one line with exit code 2."""
 
 
+# flag -> (pipeline keyword, type, help); every knob of vqdiffusion.sampling.SamplingOptions
+SAMPLING_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--steps": ("num_inference_steps", int, "sampling steps, 1..T"),
+    "--guidance": ("guidance_scale", float, "classifier-free guidance scale (1 = off, one pass per step)"),
+    "--truncation": ("truncation_rate", float, "truncation rate in (0, 1] (1 = off)"),
+    "--sampler": ("sampler", str, "ancestral, uniform or purity (high-quality inference, Improved VQ-Diffusion)"),
+    "--prior-weight": ("prior_weight", float, "r of the purity sampler, >= 0"),
+    "--spacing": ("spacing", str, "step indices: uniform or quadratic"),
+    "--temperature": ("temperature", float, "temperature of p(x0 | x_t), > 0"),
+    "--tokens-per-call": ("tokens_per_call", int, "budget samplers: positions filled per model call"),
+}
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, default_text: str = "the model's") -> None:
+    """Add the sampling flags (all default to None: ``default_text``)."""
+    choices = {"--sampler": ["ancestral", "uniform", "purity"], "--spacing": ["uniform", "quadratic"]}
+    for flag, (dest, kind, text) in SAMPLING_FLAGS.items():
+        text = f"{text} (default: {default_text})"
+        parser.add_argument(flag, dest=dest, type=kind, default=None, choices=choices.get(flag), help=text)
+
+
+def sampling_arguments(args: argparse.Namespace) -> dict[str, object]:
+    """The sampling flags that were given, as pipeline keywords."""
+    return {dest: getattr(args, dest) for dest, _, _ in SAMPLING_FLAGS.values() if getattr(args, dest) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqdiffusion", description="VQ-Diffusion text-to-image synthesis")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help=f"model directory (vqdiffusion or diffusers layout) or a built-in model (default {DEFAULT_MODEL})",
     )
-    gen.add_argument("--steps", type=int, default=None, help="sampling steps, 1..T (default: the model's)")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    gen.add_argument("--truncation", type=float, default=None, help="truncation rate in (0, 1]")
+    add_sampling_arguments(gen)
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
     gen.add_argument(
@@ -74,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--suite", default="shapes", choices=["shapes"], help="evaluation suite (default shapes)")
     ev.add_argument("--n", type=int, default=256, help="images per prompt set (default 256)")
-    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    ev.add_argument("--truncation", type=float, default=None, help="truncation rate (default: the model's)")
+    add_sampling_arguments(ev)
     ev.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
     ev.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ev.add_argument("--out", default="eval_shapes", help="folder for report.json and samples.png")
@@ -100,15 +122,26 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise CLIError('the prompt is empty; give a text prompt, e.g. vqdiffusion generate "a red circle"')
     if args.num_images < 1:
         raise CLIError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.truncation is not None and not 0.0 < args.truncation <= 1.0:
-        raise CLIError(f"--truncation must be in (0, 1], got {args.truncation}")
-    if args.guidance is not None and not args.guidance >= 0:
-        raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    _check_sampling_args(args)
     out = Path(args.output)
     if out.suffix and out.suffix.lower() not in IMAGE_SUFFIXES:
         raise CLIError(f"--output {out}: unsupported image type {out.suffix!r} (use .png or a directory)")
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """Range checks that need no model (the pipeline checks the rest, e.g. --steps against T)."""
+    if args.truncation_rate is not None and not 0.0 < args.truncation_rate <= 1.0:
+        raise CLIError(f"--truncation must be in (0, 1], got {args.truncation_rate}")
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
+        raise CLIError(f"--guidance must be >= 0, got {args.guidance_scale}")
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.num_inference_steps}")
+    if args.prior_weight is not None and not args.prior_weight >= 0:
+        raise CLIError(f"--prior-weight must be >= 0, got {args.prior_weight}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise CLIError(f"--temperature must be > 0, got {args.temperature}")
+    if args.tokens_per_call is not None and args.tokens_per_call < 1:
+        raise CLIError(f"--tokens-per-call must be >= 1, got {args.tokens_per_call}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -121,17 +154,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--device cuda requested but CUDA is not available")
     pipe = VQDiffusionPipeline.from_pretrained(args.model)
     pipe.to(args.device, torch.bfloat16 if args.bf16 else None)
-    if args.steps is not None and args.steps > pipe.schedule.num_timesteps:
-        raise CLIError(f"--steps must be in [1, {pipe.schedule.num_timesteps}] for this model, got {args.steps}")
+    steps = args.num_inference_steps
+    if steps is not None and steps > pipe.schedule.num_timesteps:
+        raise CLIError(f"--steps must be in [1, {pipe.schedule.num_timesteps}] for this model, got {steps}")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     result = pipe(
         args.prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        truncation_rate=args.truncation,
         num_images_per_prompt=args.num_images,
         generator=generator,
         progress=not args.quiet,
+        **sampling_arguments(args),
     )
     out = Path(args.output)
     if out.suffix:
@@ -194,6 +226,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise CLIError(f"--n and --batch-size must be >= 1, got {args.n}, {args.batch_size}")
+    _check_sampling_args(args)
     from .eval.suite import evaluate_shapes, format_table, write_report
     from .pipeline import VQDiffusionPipeline
 
@@ -204,9 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         progress=not args.quiet,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        truncation_rate=args.truncation,
+        **sampling_arguments(args),
     )
     json_path, grid_path = write_report(report, args.out)
     print(format_table(report))

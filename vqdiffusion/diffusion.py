@@ -393,6 +393,138 @@ def uniform_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
     return [round(i * num_timesteps / num_steps) - 1 for i in range(num_steps, 0, -1)]
 
 
+SPACINGS = ("uniform", "quadratic")
+
+
+def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> list[int]:
+    """Step indices T-1 = t_n > ... > t_1 >= 0 for ``num_steps`` model evaluations.
+
+    ``"uniform"``: :func:`uniform_timesteps`.  ``"quadratic"``: t_i = ceil(T (i/n)^2) - 1, made strictly
+    decreasing, so the jumps are long while most tokens are [MASK] (early in sampling) and short near x0,
+    where the last tokens are filled in next to many already decided ones.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
+    if spacing == "uniform":
+        return uniform_timesteps(num_timesteps, num_steps)
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"number of steps must be in [1, {num_timesteps}], got {num_steps}")
+    ascending: list[int] = []
+    for i in range(1, num_steps + 1):
+        raw = math.ceil(num_timesteps * (i / num_steps) ** 2 - 1e-9) - 1
+        low = ascending[-1] + 1 if ascending else 0
+        high = num_timesteps - 1 - (num_steps - i)  # leave room for the remaining steps
+        ascending.append(min(max(raw, low), high))
+    return ascending[::-1]
+
+
+def unmask_budget(schedule: MaskReplaceSchedule, timesteps: Sequence[int], num_tokens: int) -> list[int]:
+    """How many [MASK] positions each step of a high-quality (fixed-budget) sampler fills.
+
+    Starting from N = ``num_tokens`` masked positions at ``timesteps[0]``, the step from t_i to the next
+    index s (-1 after the last) leaves m(s) = round(N * gbar_s / gbar_{t_n}) masked, the expected count of
+    the forward process, so the budgets follow the schedule for any N and any step subset and add up to
+    N (m(-1) = 0: nothing stays masked).  For the reference schedule (gbar linear in t) this is about N/T
+    per training step, the authors' hard-coded tables for N = 1024.
+    """
+    steps = list(timesteps)
+    if not steps or any(a <= b for a, b in zip(steps, steps[1:], strict=False)) or steps[-1] < 0:
+        raise ValueError(f"timesteps must be strictly decreasing indices >= 0, got {steps}")
+    if steps[0] >= schedule.num_timesteps:
+        raise ValueError(f"timesteps must be < T={schedule.num_timesteps}, got {steps[0]}")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    g_first = schedule.cumulative_at(steps[0])[2]
+    targets = [num_tokens] + [round(num_tokens * schedule.cumulative_at(s)[2] / g_first) for s in steps[1:]] + [0]
+    return [a - b for a, b in zip(targets, targets[1:], strict=False)]
+
+
+def temper_log_probs(log_p_x0: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature on p(x0 | x_t): log_softmax(log p / tau) over dim 1; ``tau == 1`` returns the input."""
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if temperature == 1.0:
+        return log_p_x0
+    return torch.log_softmax(log_p_x0 / temperature, dim=1)
+
+
+PRIOR_RULES = ("uniform", "purity")
+
+
+def purity_scores(log_p_x0: torch.Tensor) -> torch.Tensor:
+    """Purity of every position (Improved VQ-Diffusion sec. 3.2): max_k p(x0 = k | x_t), divided by its
+    maximum over the positions of each image.  ``[B, K, N] -> [B, N]`` float32 in (0, 1]."""
+    purity = log_p_x0.float().amax(dim=1).exp()
+    return purity / purity.amax(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def select_positions(weights: torch.Tensor, count: int, generator: Generator = None) -> torch.Tensor:
+    """Draw ``count`` positions per row without replacement, with probability proportional to ``weights``
+    (successive draws among the positions not drawn yet), as a boolean mask.
+
+    Gumbel-top-k: the ``count`` largest log w + G (G standard Gumbel) are such a draw.  Positions with
+    weight 0 are never drawn; each row needs at least ``count`` positive weights.
+
+    Args:
+        weights: [B, N] non-negative.
+    Returns:
+        [B, N] bool, ``count`` True per row.
+    """
+    if weights.ndim != 2:
+        raise ValueError(f"weights must be [B, N], got shape {tuple(weights.shape)}")
+    B, N = weights.shape
+    if not 0 <= count <= N:
+        raise ValueError(f"count must be in [0, {N}], got {count}")
+    chosen = torch.zeros((B, N), dtype=torch.bool, device=weights.device)
+    if count == 0:
+        return chosen
+    u = _rand((B, N), generator, weights.device)
+    keys = weights.float().log() - torch.log(-torch.log(u))
+    return chosen.scatter_(1, keys.topk(count, dim=1).indices, True)
+
+
+def prior_unmask_step(
+    log_p_x0: torch.Tensor,
+    x_t: torch.Tensor,
+    count: int,
+    *,
+    rule: str = "purity",
+    prior_weight: float = 0.0,
+    generator: Generator = None,
+) -> torch.Tensor:
+    """One step of high-quality inference (Improved VQ-Diffusion sec. 3.2, the authors' ``prior_rule``).
+
+    Exactly ``count`` [MASK] positions of each image are filled; the others are unchanged.  A candidate
+    token is drawn at every position from softmax((1 + r * score) * log p(x0 | x_t)) (eq. 11, r =
+    ``prior_weight``; the plain p(x0 | x_t) when r = 0); the positions are drawn among the masked ones
+    without replacement with probability proportional to the score: the purity (:func:`purity_scores`)
+    for ``rule="purity"``, 1 for ``rule="uniform"`` (where r must be 0, as the scaling needs a score).
+
+    Args:
+        log_p_x0: [B, K, N] log p(x0 | x_t) (after guidance, temperature, truncation).
+        x_t: [B, N] long, K = [MASK]; every row needs at least ``count`` masked positions.
+    Returns:
+        [B, N] long.
+    """
+    if rule not in PRIOR_RULES:
+        raise ValueError(f"rule must be one of {list(PRIOR_RULES)}, got {rule!r}")
+    if not prior_weight >= 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+    if rule == "uniform" and prior_weight != 0:
+        raise ValueError("prior_weight needs rule='purity' (the uniform rule has no score to scale by)")
+    B, K, N = log_p_x0.shape
+    if x_t.shape != (B, N):
+        raise ValueError(f"x_t must be [{B}, {N}] to match log_p_x0, got {tuple(x_t.shape)}")
+    is_mask = x_t == K
+    score = purity_scores(log_p_x0) if rule == "purity" else torch.ones((B, N), device=log_p_x0.device)
+    log_p = log_p_x0.float()
+    if prior_weight > 0:
+        log_p = torch.log_softmax((1.0 + prior_weight * score)[:, None] * log_p, dim=1)
+    candidates = sample_categorical(log_p, generator)  # [B, N]
+    chosen = select_positions(torch.where(is_mask, score, torch.zeros_like(score)), count, generator)
+    return torch.where(chosen, candidates, x_t)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training objective (SPEC section 4)
 # ---------------------------------------------------------------------------------------------------------

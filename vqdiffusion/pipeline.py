@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigBase, ConfigError, atomic_write_text, read_json_object
+from .config import ConfigError, atomic_write_text, read_json_object
 from .convert.diffusers_denoiser import denoiser_config_from_diffusers, denoiser_state_dict_from_diffusers
 from .convert.diffusers_vqvae import vqvae_config_from_diffusers, vqvae_state_dict_from_diffusers
 from .diffusion import Generator, MaskReplaceSchedule
@@ -38,13 +38,8 @@ DEFAULT_MODEL = "builtin:shapes"
 OutputType = Literal["pil", "np", "pt", "tokens"]
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineDefaults(ConfigBase):
-    """Per-model default sampling settings (used when a call does not give them)."""
-
-    num_inference_steps: int = 100
-    guidance_scale: float = 5.0
-    truncation_rate: float = 1.0
+# Per-model default sampling settings (``defaults.json``), used for every knob a call does not give.
+PipelineDefaults = SamplingOptions
 
 
 @dataclasses.dataclass
@@ -154,13 +149,27 @@ class VQDiffusionPipeline:
         generator: Generator = None,
         output_type: OutputType = "pil",
         progress: bool = True,
+        *,
+        sampler: str | None = None,
+        prior_weight: float | None = None,
+        spacing: str | None = None,
+        temperature: float | None = None,
+        tokens_per_call: int | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt`` (one string or a list).
 
+        Every sampling knob left at None takes the model's default (``self.defaults``); see
+        :class:`~vqdiffusion.sampling.SamplingOptions` for their meaning.
+
         Args:
-            num_inference_steps: 1..T model evaluations (exact skip-step posterior below T).
+            num_inference_steps: 1..T steps (exact skip-step posterior below T).
             guidance_scale: classifier-free guidance scale; 1.0 costs one forward pass per step.
             truncation_rate: keep the most likely classes up to this mass, in (0, 1].
+            sampler: "ancestral", "uniform" or "purity" (high-quality inference, Improved VQ-Diffusion).
+            prior_weight: r of the purity sampler.
+            spacing: "uniform" or "quadratic" step indices.
+            temperature: temperature of p(x0 | x_t).
+            tokens_per_call: budget samplers fill at most this many positions per model evaluation.
             num_images_per_prompt: images per prompt (prompt-major order).
             generator: a ``torch.Generator`` (or one per image) for reproducible sampling.
             output_type: "pil", "np" ([B, H, W, 3] float in [0, 1]), "pt" ([B, 3, H, W] in [0, 1]) or
@@ -178,14 +187,17 @@ class VQDiffusionPipeline:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if output_type not in ("pil", "np", "pt", "tokens"):
             raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'tokens', got {output_type!r}")
-        options = SamplingOptions(
-            num_inference_steps=self.defaults.num_inference_steps
-            if num_inference_steps is None
-            else num_inference_steps,
-            guidance_scale=self.defaults.guidance_scale if guidance_scale is None else guidance_scale,
-            truncation_rate=self.defaults.truncation_rate if truncation_rate is None else truncation_rate,
-        )
-        options.validate(self.schedule.num_timesteps)
+        given = {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "truncation_rate": truncation_rate,
+            "sampler": sampler,
+            "prior_weight": prior_weight,
+            "spacing": spacing,
+            "temperature": temperature,
+            "tokens_per_call": tokens_per_call,
+        }
+        options = self.sampling_options(**given)
 
         cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
         batch = cond.shape[0]
@@ -206,6 +218,24 @@ class VQDiffusionPipeline:
             return PipelineOutput(images=None, tokens=tokens)
         images = self.decode(tokens)
         return PipelineOutput(images=to_output_type(images, output_type), tokens=tokens)
+
+    def sampling_options(self, **overrides: Any) -> SamplingOptions:
+        """The model's defaults with the non-None ``overrides`` applied, validated for this model.
+
+        Choosing another sampler than the default drops the default's sampler-specific settings that the
+        call does not give (a purity ``prior_weight``, a budget sampler's ``tokens_per_call``).
+        """
+        base = self.defaults
+        sampler = overrides.get("sampler")
+        if sampler is not None and sampler != base.sampler:
+            base = dataclasses.replace(
+                base,
+                prior_weight=base.prior_weight if sampler == "purity" else 0.0,
+                tokens_per_call=None if sampler == "ancestral" else base.tokens_per_call,
+            )
+        options = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        options.validate(self.schedule.num_timesteps)
+        return options
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

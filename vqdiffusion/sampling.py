@@ -1,4 +1,5 @@
-"""The reverse-process sampling loop: step subset, learned-null guidance and truncation combined.
+"""The reverse-process sampling loop: step subset, learned-null guidance, temperature, truncation and the
+ancestral or high-quality (purity prior) sampler combined.
 
 Each option is a typed field of :class:`SamplingOptions`; the math lives in :mod:`vqdiffusion.diffusion`.
 """
@@ -7,48 +8,91 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .config import ConfigBase
 from .diffusion import (
+    PRIOR_RULES,
+    SPACINGS,
     Generator,
     MaskReplaceSchedule,
     posterior_log_probs,
+    prior_unmask_step,
     sample_categorical,
+    spaced_timesteps,
+    temper_log_probs,
     truncate_log_probs,
-    uniform_timesteps,
+    unmask_budget,
 )
+
+SAMPLERS = ("ancestral", *PRIOR_RULES)
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """Knobs of one sampling run (SPEC section 5).
+class SamplingOptions(ConfigBase):
+    """Knobs of one sampling run (SPEC section 5; Improved VQ-Diffusion sec. 3).
 
-    num_inference_steps: model evaluations, 1..T; fewer than T use the exact skip-step posterior.
+    num_inference_steps: steps of the chain, 1..T; fewer than T use the exact skip-step posterior.
+    spacing: which step indices: ``"uniform"`` or ``"quadratic"`` (see :func:`spaced_timesteps`).
     guidance_scale: classifier-free guidance s (log p_u + s (log p_c - log p_u)); 1 disables it (one pass).
     truncation_rate: keep the most likely x0 classes up to this cumulative mass, in (0, 1]; 1 disables it.
+    temperature: tau of p(x0 | x_t)^(1 / tau), > 0; 1 leaves it unchanged.
+    sampler: ``"ancestral"`` (x_s ~ p(x_s | x_t), every position independently) or high-quality inference
+        with a fixed unmasking budget per step (:func:`unmask_budget`), the positions drawn uniformly
+        (``"uniform"``, the authors' prior_rule 1) or by purity (``"purity"``, prior_rule 2).  Those two keep
+        tokens once unmasked (exact for mask-only schedules such as the reference one).
+    prior_weight: r of ``sampler="purity"``: candidates come from softmax((1 + r * purity) log p(x0 | x_t)).
+    tokens_per_call: with a budget sampler, fill at most this many positions per model evaluation (the
+        authors' "more steps for higher quality", prior_ps); None = one evaluation per step.
     """
 
     num_inference_steps: int = 100
     guidance_scale: float = 5.0
     truncation_rate: float = 1.0
+    spacing: str = "uniform"
+    temperature: float = 1.0
+    sampler: str = "ancestral"
+    prior_weight: float = 0.0
+    tokens_per_call: int | None = None
 
     def validate(self, num_timesteps: int) -> None:
         steps = self.num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
             raise ValueError(f"num_inference_steps must be an integer in [1, {num_timesteps}], got {steps!r}")
         scale = self.guidance_scale
-        if not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+        if not _is_number(scale) or not math.isfinite(scale) or scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {scale!r}")
         rate = self.truncation_rate
-        if not isinstance(rate, int | float) or not 0.0 < rate <= 1.0:
+        if not _is_number(rate) or not 0.0 < rate <= 1.0:
             raise ValueError(f"truncation_rate must be in (0, 1], got {rate!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {self.spacing!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or not self.temperature > 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        weight = self.prior_weight
+        if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"prior_weight must be a finite number >= 0, got {weight!r}")
+        if weight != 0 and self.sampler != "purity":
+            raise ValueError(f"prior_weight={weight} only applies to sampler='purity' (got sampler={self.sampler!r})")
+        per_call = self.tokens_per_call
+        if per_call is not None:
+            if isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1:
+                raise ValueError(f"tokens_per_call must be a positive integer or None, got {per_call!r}")
+            if self.sampler == "ancestral":
+                raise ValueError("tokens_per_call needs a budget sampler ('uniform' or 'purity'), not 'ancestral'")
 
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale != 1.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # (x_t [B, N] long, t int) -> log p(x0 | x_t) [B, K, N], guidance already combined
@@ -99,23 +143,59 @@ def sample_tokens(
     generator: Generator = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    timesteps: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Run the reverse chain from all-[MASK] at step T-1 down to x0 (paper sec. 3.3, SPEC section 3).
+    """Run the reverse chain from all-[MASK] at step ``timesteps[0]`` down to x0 (paper sec. 3.3).
 
-    Steps t_n > ... > t_1 come from :func:`uniform_timesteps`; each step samples x_s ~ p(x_s | x_t) with
-    s the next step (or -1 = x0 after the last one) through the exact skip-step posterior.
+    Each model output goes through temperature and truncation; then the ancestral sampler draws
+    x_s ~ p(x_s | x_t) with s the next step index (-1 = x0 after the last one) through the exact
+    skip-step posterior, or a budget sampler fills :func:`unmask_budget` masked positions with
+    :func:`prior_unmask_step` (steps with an empty budget cost no model call).
 
+    Args:
+        timesteps: explicit strictly decreasing step indices (default: ``options.num_inference_steps``
+            indices with ``options.spacing``, starting at T-1).  Anything but T-1 first is not the trained
+            process; it exists to reproduce other samplers (e.g. diffusers' steps n-1..0).
+        generator: one ``torch.Generator`` or a list with one per image (then each image's samples do not
+            depend on the batch it is in).
     Returns:
         [B, N] long tokens in [0, K).
     """
     options.validate(schedule.num_timesteps)
-    steps = uniform_timesteps(schedule.num_timesteps, options.num_inference_steps)
+    if timesteps is None:
+        steps = spaced_timesteps(schedule.num_timesteps, options.num_inference_steps, options.spacing)
+    else:
+        steps = [int(t) for t in timesteps]
+        unmask_budget(schedule, steps, num_tokens)  # validates the indices
+    budgets = unmask_budget(schedule, steps, num_tokens) if options.sampler != "ancestral" else None
+
+    def log_p_x0_at(x_t: torch.Tensor, t: int) -> torch.Tensor:
+        log_p = temper_log_probs(predict(x_t, t), options.temperature)
+        return truncate_log_probs(log_p, options.truncation_rate)
+
     x_t = torch.full((batch_size, num_tokens), schedule.mask_id, dtype=torch.long, device=device)
     for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress, leave=False)):
         s = steps[i + 1] if i + 1 < len(steps) else -1
-        log_p_x0 = truncate_log_probs(predict(x_t, t), options.truncation_rate)
-        if s == -1:  # the last step samples x0 itself: no [MASK] row needed
-            x_t = sample_categorical(log_p_x0, generator)
+        if budgets is not None:
+            for count in _split(budgets[i], options.tokens_per_call):
+                x_t = prior_unmask_step(
+                    log_p_x0_at(x_t, t),
+                    x_t,
+                    count,
+                    rule=options.sampler,
+                    prior_weight=options.prior_weight,
+                    generator=generator,
+                )
+        elif s == -1:  # the last step samples x0 itself: no [MASK] row needed
+            x_t = sample_categorical(log_p_x0_at(x_t, t), generator)
         else:
-            x_t = sample_categorical(posterior_log_probs(schedule, log_p_x0, x_t, t, s), generator)
+            x_t = sample_categorical(posterior_log_probs(schedule, log_p_x0_at(x_t, t), x_t, t, s), generator)
     return x_t
+
+
+def _split(total: int, chunk: int | None) -> list[int]:
+    """``total`` as near-equal parts of at most ``chunk`` (one part when ``chunk`` is None; none for 0)."""
+    if total == 0:
+        return []
+    parts = 1 if chunk is None else -(-total // chunk)
+    return [total // parts + (1 if j < total % parts else 0) for j in range(parts)]

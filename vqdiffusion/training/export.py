@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
+from ..cli import add_sampling_arguments, sampling_arguments
 from ..config import ConfigError
 from ..diffusion import MaskReplaceSchedule
 from ..io import load_into
 from ..models.conditions import CLIPTextCondition, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
 from ..pipeline import PipelineDefaults, VQDiffusionPipeline
-from ..sampling import SamplingOptions
 from .common import find_latest_checkpoint, load_checkpoint, take_prefix
 
 __all__ = ["add_export_parser", "export_pipeline", "pipeline_from_checkpoint", "run_export"]
@@ -140,7 +140,7 @@ def export_pipeline(
     pipe = pipeline_from_checkpoint(checkpoint, ema=ema, vqvae_dir=vqvae_dir)
     if defaults:
         pipe.defaults = PipelineDefaults.from_dict({**pipe.defaults.to_dict(), **defaults})
-        SamplingOptions(**pipe.defaults.to_dict()).validate(pipe.schedule.num_timesteps)
+        pipe.defaults.validate(pipe.schedule.num_timesteps)
     out = Path(out_dir)
     pipe.save_pretrained(out, weights_dtype=weights_dtype)
     return out
@@ -158,16 +158,13 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     parser.add_argument("--vqvae", default=None, help="VQ-VAE folder (default: the token folder's)")
     parser.add_argument("--half", action="store_true", help="store the VQ-VAE and denoiser weights as float16")
-    parser.add_argument("--steps", type=int, default=None, help="the model's default sampling steps (default T)")
-    parser.add_argument("--guidance", type=float, default=None, help="default guidance scale (default 5, or 1)")
-    parser.add_argument("--truncation", type=float, default=None, help="default truncation rate (default 1)")
+    add_sampling_arguments(parser, default_text="T steps, guidance 5 (1 without a null condition), the rest off")
     return parser
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``export``; prints the model folder."""
-    names = {"steps": "num_inference_steps", "guidance": "guidance_scale", "truncation": "truncation_rate"}
-    defaults = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
+    defaults = sampling_arguments(args)
     out = export_pipeline(
         args.checkpoint,
         args.out_dir,
