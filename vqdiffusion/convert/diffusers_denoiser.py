@@ -116,6 +116,18 @@ def denoiser_config_to_diffusers(config: DenoiserConfig) -> dict[str, Any]:
         raise ConfigError(f"diffusers' MLP is 4x wide; mlp_ratio={config.mlp_ratio} cannot be exported")
     if config.norm_eps != _DIFFUSERS_EPS:
         raise ConfigError(f"diffusers' norms use eps 1e-5; norm_eps={config.norm_eps} cannot be exported")
+    if config.num_class_labels is not None:
+        raise ConfigError(
+            "diffusers' Transformer2DModel has no class-conditional (class AdaLN) variant; this class-conditional "
+            "denoiser cannot be exported to the diffusers layout (keep it in ours)"
+        )
+    if config.mlp_type != "linear":
+        raise ConfigError(f"diffusers' feed-forward is linear; mlp_type={config.mlp_type!r} cannot be exported")
+    if config.position_grid is not None:
+        raise ConfigError(
+            f"diffusers' position embedding covers exactly the token grid; position_grid="
+            f"{list(config.position_grid)} cannot be exported"
+        )
     return {
         "num_attention_heads": config.num_heads,
         "attention_head_dim": config.head_dim,

@@ -40,8 +40,12 @@ def save_diffusers_layout(pipe: VQDiffusionPipeline, path: str | os.PathLike) ->
 
     root = Path(path)
     den_cfg = pipe.denoiser.config
-    if den_cfg.cond_dim is None:
-        raise ConfigError("diffusers' VQDiffusionPipeline is text-conditional; this model is unconditional")
+    if den_cfg.cond_dim is None or pipe.text_encoder is None:
+        kind = "class-conditional" if den_cfg.num_class_labels is not None else "unconditional"
+        raise ConfigError(
+            f"diffusers' VQDiffusionPipeline is text-conditional only; this model is {kind} and cannot be "
+            "written in the diffusers layout (convert it to ours: --to ours)"
+        )
     _write_config(root / "vqvae" / "config.json", "VQModel", vqvae_config_to_diffusers(pipe.vqvae.config))
     save_safetensors(
         vqvae_state_dict_to_diffusers(pipe.vqvae.state_dict(), pipe.vqvae.config), root / "vqvae" / WEIGHTS

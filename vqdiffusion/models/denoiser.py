@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ConfigBase, ConfigError
 
 ACTIVATIONS = ("gelu2", "gelu")
+MLP_TYPES = ("linear", "conv")
 
 
 def _is_int(value: object) -> bool:
@@ -52,6 +53,18 @@ class DenoiserConfig(ConfigBase):
     ``num_timesteps`` = T rows of each AdaLN step embedding. ``activation``: "gelu2" = x * sigmoid(1.702 x)
     (the authors' GELU2, diffusers' "geglu-approximate") or "gelu" (exact). ``attention_bias`` puts a bias
     on the q, k, v projections (the output projection always has one). ``norm_eps`` is every LayerNorm's eps.
+
+    Options for the authors' class-conditional and unconditional transformers (defaults: the text layout):
+
+    * ``mlp_type``: "linear" (Linear -> act -> Linear) or "conv" (3x3 conv -> act -> 3x3 conv over the
+      h x w grid, the authors' ``conv_mlp``).
+    * ``num_class_labels``: class conditioning through the MLP norm (the authors' ``selfcondition``
+      block): that norm becomes an AdaLN driven by a per-block embedding of the label instead of t, and
+      the condition passed to :meth:`Denoiser.forward` is a [B] long tensor of labels in
+      [0, num_class_labels). Needs ``cond_dim=None`` (no cross-attention).
+    * ``position_grid``: (rows, cols) of the row/column position tables when they are larger than the
+      token grid; position i then takes the i-th entry of that grid flattened row-major (what the
+      authors' embedding does when ``spatial_size`` exceeds the token grid). None = (height, width).
     """
 
     num_classes: int
@@ -66,6 +79,9 @@ class DenoiserConfig(ConfigBase):
     activation: str = "gelu2"
     attention_bias: bool = True
     norm_eps: float = 1e-5
+    mlp_type: str = "linear"
+    num_class_labels: int | None = None
+    position_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -97,6 +113,26 @@ class DenoiserConfig(ConfigBase):
             raise ConfigError(f"{name}: norm_eps must be > 0 (1e-5 is standard), got {self.norm_eps!r}")
         if not isinstance(self.attention_bias, bool):
             raise ConfigError(f"{name}: attention_bias must be true or false, got {self.attention_bias!r}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ConfigError(f"{name}: mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
+        labels = self.num_class_labels
+        if labels is not None:
+            if not _is_int(labels) or labels < 1:
+                raise ConfigError(f"{name}: num_class_labels must be a positive integer or None, got {labels!r}")
+            if cond_dim is not None:
+                raise ConfigError(
+                    f"{name}: num_class_labels={labels} (class AdaLN) and cond_dim={cond_dim} (cross-attention) "
+                    "exclude each other; set cond_dim=None for a class-conditional model"
+                )
+        grid = self.position_grid
+        if grid is not None:
+            if not isinstance(grid, tuple) or len(grid) != 2 or not all(_is_int(g) and g >= 1 for g in grid):
+                raise ConfigError(f"{name}: position_grid must be None or two positive integers, got {grid!r}")
+            if grid[0] * grid[1] < self.num_tokens or grid[1] < self.width:
+                raise ConfigError(
+                    f"{name}: position_grid={list(grid)} has fewer than the {self.num_tokens} positions of the "
+                    f"{self.height} x {self.width} token grid (or is narrower than it)"
+                )
 
     @property
     def mask_id(self) -> int:
@@ -115,6 +151,18 @@ class DenoiserConfig(ConfigBase):
     @property
     def mlp_hidden(self) -> int:
         return int(self.dim * self.mlp_ratio)
+
+    @property
+    def position_table_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the row and column position tables."""
+        return self.position_grid if self.position_grid is not None else (self.height, self.width)
+
+    @property
+    def condition_kind(self) -> str:
+        """The condition kind: "text" (cross-attention to a sequence), "class" (class AdaLN) or "none"."""
+        if self.cond_dim is not None:
+            return "text"
+        return "class" if self.num_class_labels is not None else "none"
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DenoiserConfig:
@@ -167,11 +215,19 @@ class AdaLayerNorm(nn.Module):
         self.modulation = nn.Linear(dim, 2 * dim)
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
 
+    def scale_shift(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] long -> (scale, shift), each [B, 1, D]."""
+        scale_shift = self.modulation(F.silu(self.timestep_embedding(t)))  # [B, 2D]
+        scale, shift = scale_shift.unsqueeze(1).chunk(2, dim=-1)
+        return scale, shift
+
+    def modulate(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """norm(x) * (1 + scale) + shift with a precomputed (scale, shift) from :meth:`scale_shift`."""
+        return torch.addcmul(shift, self.norm(x), 1 + scale)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x [B, N, D], t [B] long -> [B, N, D]."""
-        scale_shift = self.modulation(F.silu(self.timestep_embedding(t)))  # [B, 2D]
-        scale, shift = scale_shift.unsqueeze(1).chunk(2, dim=-1)  # [B, 1, D] each
-        return torch.addcmul(shift, self.norm(x), 1 + scale)
+        return self.modulate(x, *self.scale_shift(t))
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -215,6 +271,26 @@ class GELU2(nn.Module):
         return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
+class ConvMLP(nn.Module):
+    """The authors' ``conv_mlp``: 3x3 conv -> activation -> 3x3 conv over the h x w token grid.
+
+    [B, N, D] -> [B, N, D] with N = h * w row-major; ``in_conv``/``out_conv`` keep the grid size (padding 1).
+    """
+
+    def __init__(self, dim: int, hidden: int, height: int, width: int, activation: nn.Module) -> None:
+        super().__init__()
+        self.height, self.width = height, width
+        self.in_conv = nn.Conv2d(dim, hidden, 3, padding=1)
+        self.act = activation
+        self.out_conv = nn.Conv2d(hidden, dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        grid = x.transpose(1, 2).reshape(batch, dim, self.height, self.width)
+        out = self.out_conv(self.act(self.in_conv(grid)))
+        return out.flatten(2).transpose(1, 2)
+
+
 class Block(nn.Module):
     """AdaLN -> self-attention, AdaLN -> cross-attention (if conditional), LayerNorm -> MLP; all residual."""
 
@@ -228,12 +304,18 @@ class Block(nn.Module):
         if config.cond_dim is not None:
             self.norm_cross = AdaLayerNorm(dim, config.num_timesteps, eps)
             self.cross_attn = Attention(dim, config.num_heads, config.cond_dim, bias=bias)
-        self.norm_mlp = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, config.mlp_hidden),
-            GELU2() if config.activation == "gelu2" else nn.GELU(),
-            nn.Linear(config.mlp_hidden, dim),
-        )
+        # Class-conditional models modulate the MLP norm by the label (an AdaLN over the label table).
+        self.norm_mlp: nn.LayerNorm | AdaLayerNorm
+        if config.num_class_labels is not None:
+            self.norm_mlp = AdaLayerNorm(dim, config.num_class_labels, eps)
+        else:
+            self.norm_mlp = nn.LayerNorm(dim, eps=eps)
+        activation = GELU2() if config.activation == "gelu2" else nn.GELU()
+        self.mlp: nn.Module
+        if config.mlp_type == "conv":
+            self.mlp = ConvMLP(dim, config.mlp_hidden, config.height, config.width, activation)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim, config.mlp_hidden), activation, nn.Linear(config.mlp_hidden, dim))
 
     def forward(
         self,
@@ -242,7 +324,8 @@ class Block(nn.Module):
         cond_kv: tuple[torch.Tensor, torch.Tensor] | None,
         groups: int = 1,
     ) -> torch.Tensor:
-        """x [B, N, D], t [groups * B] long, cond_kv (k, v) each [groups * B, heads, L, head_dim] or None.
+        """x [B, N, D], t [groups * B] long, cond_kv (k, v) each [groups * B, heads, L, head_dim] or None;
+        for a class-conditional block, (scale, shift) of the MLP norm, each [groups * B, 1, D].
 
         Returns [groups * B, N, D]. With ``groups > 1`` (guidance: the same x_t for every condition group)
         the self-attention runs once on the B rows and the copies are made before the cross-attention.
@@ -253,6 +336,8 @@ class Block(nn.Module):
             x = x.repeat(groups, 1, 1)
         if self.cross_attn is not None:
             x = self.cross_attn(self.norm_cross(x, t), cond_kv).add_(x)
+        if isinstance(self.norm_mlp, AdaLayerNorm):
+            return self.mlp(self.norm_mlp.modulate(x, *cond_kv)).add_(x)
         return self.mlp(self.norm_mlp(x)).add_(x)
 
 
@@ -277,16 +362,21 @@ class Denoiser(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.num_classes + 1, config.dim)
-        self.row_embedding = nn.Embedding(config.height, config.dim)
-        self.col_embedding = nn.Embedding(config.width, config.dim)
+        rows, cols = config.position_table_shape
+        self.row_embedding = nn.Embedding(rows, config.dim)
+        self.col_embedding = nn.Embedding(cols, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm_out = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.num_classes)
 
     def position_embedding(self) -> torch.Tensor:
-        """[N, D]: row embedding + column embedding, row-major over the h x w grid (i = row * w + col)."""
-        rows, cols = self.row_embedding.weight, self.col_embedding.weight  # [h, D], [w, D]
-        return (rows.unsqueeze(1) + cols.unsqueeze(0)).view(-1, self.config.dim)
+        """[N, D]: row embedding + column embedding, row-major over the h x w grid (i = row * w + col).
+
+        With a larger ``position_grid`` (R x C), position i takes row i // C and column i % C of that grid.
+        """
+        rows, cols = self.row_embedding.weight, self.col_embedding.weight  # [R, D], [C, D]
+        table = (rows.unsqueeze(1) + cols.unsqueeze(0)).view(-1, self.config.dim)
+        return table if self.config.position_grid is None else table[: self.config.num_tokens]
 
     def precompute_cond_kv(self, cond: torch.Tensor) -> CondKV:
         """The condition's cross-attention keys/values for every block, computed once per sampling run.
@@ -305,11 +395,23 @@ class Denoiser(nn.Module):
     def _key_values(self, cond: torch.Tensor | None) -> CondKV:
         if cond is None:
             return ()
+        if self.config.num_class_labels is not None:  # labels -> each block's MLP-norm (scale, shift)
+            labels = cond.to(self.token_embedding.weight.device).long()
+            return tuple(block.norm_mlp.scale_shift(labels) for block in self.blocks)
         cond = cond.to(self.token_embedding.weight.dtype)
         return tuple(block.cross_attn.key_value(cond) for block in self.blocks)
 
     def _check_cond(self, cond: torch.Tensor | None, batch: int | None) -> None:
         cfg = self.config
+        if cfg.num_class_labels is not None:
+            want = f"[{'B' if batch is None else batch}] integer labels in [0, {cfg.num_class_labels})"
+            if not isinstance(cond, torch.Tensor) or cond.is_floating_point() or cond.dtype == torch.bool:
+                raise ValueError(f"this class-conditional denoiser needs cond = {want}, got {_describe(cond)}")
+            if cond.ndim != 1 or (batch is not None and cond.shape[0] != batch):
+                raise ValueError(f"cond must be {want}, got shape {tuple(cond.shape)}")
+            if cond.numel() and bool(((cond < 0) | (cond >= cfg.num_class_labels)).any()):
+                raise ValueError(f"cond must be {want}, got values in [{int(cond.min())}, {int(cond.max())}]")
+            return
         if cfg.cond_dim is None:
             if cond is not None:
                 raise ValueError("this denoiser is unconditional (cond_dim=None); pass cond=None")
@@ -325,12 +427,19 @@ class Denoiser(nn.Module):
     def _cond_groups(self, cond_kv: CondKV, batch: int) -> int:
         """Check ``cond_kv`` against x_t's batch B; return G, the number of condition rows per x_t row."""
         cfg = self.config
-        expected = cfg.num_layers if cfg.cond_dim is not None else 0
+        expected = cfg.num_layers if cfg.condition_kind != "none" else 0
         if len(cond_kv) != expected:
             raise ValueError(f"cond_kv has {len(cond_kv)} entries, expected {expected} (one per block)")
         if not expected:
             return 1
         shape = tuple(cond_kv[0][0].shape)
+        if cfg.num_class_labels is not None:
+            if len(shape) != 3 or shape[1:] != (1, cfg.dim) or shape[0] % batch:
+                raise ValueError(
+                    f"cond_kv entries must be [G * {batch}, 1, {cfg.dim}] for x_t of batch {batch}, got {shape}; "
+                    "build them with precompute_cond_kv"
+                )
+            return shape[0] // batch
         if len(shape) != 4 or (shape[1], shape[3]) != (cfg.num_heads, cfg.head_dim) or shape[0] % batch:
             raise ValueError(
                 f"cond_kv keys must be [G * {batch}, {cfg.num_heads}, L, {cfg.head_dim}] for x_t of batch "
@@ -364,7 +473,8 @@ class Denoiser(nn.Module):
         Args:
             x_t: [B, N] long (or int32) tokens in [0, K]; K is [MASK].
             t: [B] integer steps in [0, T), one per sample; an int or 0-d tensor applies to the whole batch.
-            cond: [B, L, cond_dim] condition; None when ``cond_kv`` is given or the model is unconditional.
+            cond: [B, L, cond_dim] condition ([B] long labels for a class-conditional model); None when
+                ``cond_kv`` is given or the model is unconditional.
             cond_kv: keys/values from :meth:`precompute_cond_kv` (instead of ``cond``). They may hold
                 G * B conditions (e.g. [null; text] for guidance): x_t and t are then shared by the G
                 groups, the first self-attention runs once, and the output has G * B rows, group-major.
