@@ -95,6 +95,14 @@ def test_generate_grid_and_numbered_files(model_dirs: Path, tmp_path: Path) -> N
     assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "0002.png"]
 
 
+def test_generate_with_the_purity_sampler(model_dirs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "purity.png"
+    flags = ["--sampler", "purity", "--prior-weight", "1", "--steps", "6", "--spacing", "quadratic"]
+    argv = ["generate", "a red circle", "--model", str(model_dirs / "ours"), *flags, "--output", str(out), "--quiet"]
+    assert main([*argv, "--tokens-per-call", "3", "--temperature", "0.9"]) == 0
+    assert Image.open(out).size == (8, 8)
+
+
 def test_seed_makes_generation_reproducible(model_dirs: Path, tmp_path: Path) -> None:
     paths = [tmp_path / f"{i}.png" for i in range(3)]
     for path, seed in zip(paths, ["5", "5", "6"], strict=True):
@@ -140,11 +148,21 @@ def test_info(model_dirs: Path, capsys) -> None:
         (["generate", "x", "--model", "{missing}"], "not found"),
         (["generate", "x", "--model", "{afile}"], "not a model directory"),
         (["info", "{missing}"], "not found"),
+        (["generate", "x", "--model", "{ours}", "--prior-weight", "-1"], "--prior-weight"),
+        (["generate", "x", "--model", "{ours}", "--prior-weight", "1"], "prior_weight"),
+        (["generate", "x", "--model", "{ours}", "--temperature", "0"], "--temperature"),
+        (["generate", "x", "--model", "{ours}", "--tokens-per-call", "4"], "tokens_per_call"),
+        (["generate", "x", "--model", "{builtin}"], "unknown built-in model"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(model_dirs: Path, tmp_path: Path, capsys, extra, match: str) -> None:
     (tmp_path / "afile.png").write_bytes(b"\x89PNG")
-    paths = {"ours": model_dirs / "ours", "missing": tmp_path / "nope", "afile": tmp_path / "afile.png"}
+    paths = {
+        "ours": model_dirs / "ours",
+        "missing": tmp_path / "nope",
+        "afile": tmp_path / "afile.png",
+        "builtin": "builtin:nope",
+    }
     argv = [a.format(**paths) for a in extra] + (["--quiet"] if extra[0] == "generate" else [])
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

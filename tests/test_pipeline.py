@@ -132,6 +132,35 @@ def test_any_number_of_steps_ends_unmasked(pair, steps: int) -> None:
     assert len(calls) == steps and calls[0] == 99
 
 
+@pytest.mark.parametrize("sampler", ["uniform", "purity"])
+def test_budget_samplers_through_the_pipeline(pair, sampler: str) -> None:
+    _, _, ours = pair
+    weight = 1.0 if sampler == "purity" else None
+    run = dict(num_inference_steps=10, sampler=sampler, prior_weight=weight, output_type="tokens", progress=False)
+    a = ours(PROMPTS, generator=torch.Generator().manual_seed(0), **run).tokens
+    b = ours(PROMPTS, generator=torch.Generator().manual_seed(0), **run).tokens
+    assert torch.equal(a, b) and int(a.max()) < ours.schedule.num_classes
+
+
+def test_call_options_override_model_defaults(pair) -> None:
+    import dataclasses
+
+    _, _, ours = pair
+    saved = ours.defaults
+    try:
+        ours.defaults = dataclasses.replace(saved, sampler="purity", prior_weight=2.0, tokens_per_call=3)
+        assert ours.sampling_options().prior_weight == 2.0
+        # another sampler drops the purity-only settings the call does not give
+        plain = ours.sampling_options(sampler="ancestral")
+        assert (plain.sampler, plain.prior_weight, plain.tokens_per_call) == ("ancestral", 0.0, None)
+        uniform = ours.sampling_options(sampler="uniform")
+        assert (uniform.prior_weight, uniform.tokens_per_call) == (0.0, 3)
+        with pytest.raises(ValueError, match="prior_weight"):
+            ours.sampling_options(sampler="uniform", prior_weight=1.0)
+    finally:
+        ours.defaults = saved
+
+
 @pytest.mark.parametrize(("guidance", "rows_out"), [(1.0, 2), (5.0, 4)])
 def test_guidance_one_costs_one_forward_pass(pair, guidance: float, rows_out: int) -> None:
     """One denoiser call per step; with guidance it returns [null; text] rows for the shared x_t."""
@@ -212,6 +241,11 @@ def test_non_learnable_null_uses_empty_prompt(tmp_path: Path) -> None:
         ({"prompt": "x", "guidance_scale": float("nan")}, "guidance_scale"),
         ({"prompt": "x", "num_images_per_prompt": 0}, "num_images_per_prompt"),
         ({"prompt": "x", "output_type": "jpeg"}, "output_type"),
+        ({"prompt": "x", "sampler": "greedy"}, "sampler"),
+        ({"prompt": "x", "spacing": "log"}, "spacing"),
+        ({"prompt": "x", "temperature": -1.0}, "temperature"),
+        ({"prompt": "x", "prior_weight": 1.0}, "prior_weight"),
+        ({"prompt": "x", "tokens_per_call": 4}, "tokens_per_call"),
     ],
 )
 def test_bad_call_arguments(pair, kwargs, match: str) -> None:
