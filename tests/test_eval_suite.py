@@ -11,7 +11,23 @@ import torch
 from PIL import Image
 
 from vqdiffusion.data.shapes import parse_caption, render
-from vqdiffusion.eval.suite import evaluate_shapes, format_table, write_report
+from vqdiffusion.eval.suite import evaluate_shapes, format_table, tokenizer_psnr, write_report
+
+
+class BlackTokenizer(torch.nn.Module):
+    """A stand-in VQ-VAE that records what it encodes and decodes every token grid to black."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(images.clone())
+        return torch.zeros(images.shape[0], 8, 8, dtype=torch.long)
+
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return -torch.ones(tokens.shape[0], 3, 64, 64)
 
 
 class RenderingPipeline:
@@ -22,6 +38,7 @@ class RenderingPipeline:
     def __init__(self, perfect: bool) -> None:
         self.perfect = perfect
         self.calls: list[dict] = []
+        self.vqvae = BlackTokenizer()
 
     def __call__(self, prompts, generator=None, output_type="pil", progress=True, **kwargs):
         self.calls.append(kwargs)
@@ -43,3 +60,21 @@ def test_perfect_model_scores_one_and_blank_model_zero(tmp_path: Path) -> None:
     assert set(data["sets"]) == {"single_seen", "two_objects", "heldout"}
     assert Image.open(grid_path).size == (8 * 64, 3 * 64)
     assert "| heldout | 10 | 100.0% |" in format_table(perfect)
+    assert set(data["tokenizer_psnr"]) == {"seen_pairs", "heldout_pairs"}
+
+
+def test_tokenizer_psnr_of_fresh_renders() -> None:
+    tokenizer = BlackTokenizer()
+    psnr = tokenizer_psnr(tokenizer, num_images=6, seed=0, batch_size=4)
+    assert set(psnr) == {"seen_pairs", "heldout_pairs"}
+    seen = (torch.cat(tokenizer.seen[:2]) + 1) / 2, (torch.cat(tokenizer.seen[2:]) + 1) / 2  # [0, 1] renders
+    for name, images in zip(("seen_pairs", "heldout_pairs"), seen, strict=True):
+        assert images.shape == (6, 3, 64, 64) and images.amax() > 0.5  # real renders, not black
+        expected = (-10 * np.log10(images.double().square().mean(dim=(1, 2, 3)).numpy())).mean()  # vs black
+        assert abs(psnr[name] - expected) < 1e-4
+    # fresh renders: not the images of a data set made with the same seed
+    from vqdiffusion.data.shapes import prompt_set
+
+    rng = np.random.default_rng(0)
+    same_seed = np.asarray(render(prompt_set("single_seen", 1, 0)[0], rng), dtype=np.float32) / 255
+    assert not np.allclose(same_seed, seen[0][0].permute(1, 2, 0).numpy())

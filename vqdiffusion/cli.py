@@ -242,6 +242,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     json_path, grid_path = write_report(report, args.out)
     print(format_table(report))
     print(f"seconds per image: {report['seconds_per_image']:.3f}")
+    psnr = report["tokenizer_psnr"]
+    print("tokenizer PSNR on fresh renders: " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items()))
     print(json_path)
     print(grid_path)
     return 0
