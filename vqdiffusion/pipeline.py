@@ -58,6 +58,10 @@ class VQDiffusionPipeline:
     (the mask-and-replace process and its posterior), ``text_encoder`` (CLIP text condition) and
     ``null_condition`` (the learned null text for classifier-free guidance; None means the encoding of
     the empty prompt is used, as diffusers does for non-learnable models).
+
+    Class-conditional models (the authors' ImageNet transformer) have no text encoder: their "prompts" are
+    integer class labels, embedded inside the denoiser, and ``null_class_label`` (the last label row, if
+    the model has one) is the unconditional input of guidance.  Unconditional models (FFHQ) have neither.
     """
 
     def __init__(
@@ -66,9 +70,10 @@ class VQDiffusionPipeline:
         vqvae: VQVAE,
         denoiser: Denoiser,
         schedule: MaskReplaceSchedule,
-        text_encoder: CLIPTextCondition,
+        text_encoder: CLIPTextCondition | None = None,
         null_condition: LearnedNullCondition | None = None,
         defaults: PipelineDefaults | None = None,
+        null_class_label: int | None = None,
     ) -> None:
         cfg = denoiser.config
         if schedule.num_classes != cfg.num_classes:
@@ -81,7 +86,8 @@ class VQDiffusionPipeline:
             raise ConfigError(
                 f"VQ-VAE codebook has {vqvae.config.num_embeddings} entries but the denoiser has K={cfg.num_classes}"
             )
-        if text_encoder.hidden_size != cfg.cond_dim:
+        _check_condition_parts(cfg, text_encoder, null_condition, null_class_label)
+        if text_encoder is not None and text_encoder.hidden_size != cfg.cond_dim:
             raise ConfigError(f"text encoder width {text_encoder.hidden_size} != denoiser cond_dim {cfg.cond_dim}")
         if null_condition is not None and tuple(null_condition.embedding.shape) != (
             text_encoder.max_length,
@@ -94,13 +100,16 @@ class VQDiffusionPipeline:
         self.vqvae = vqvae.eval()
         self.denoiser = denoiser.eval()
         self.schedule = schedule
-        self.text_encoder = text_encoder.eval()
+        self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.null_condition = null_condition.eval() if null_condition is not None else None
+        self.null_class_label = null_class_label
         self.defaults = defaults or PipelineDefaults()
 
     # -- device and dtype -------------------------------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
-        out = {"vqvae": self.vqvae, "denoiser": self.denoiser, "text_encoder": self.text_encoder}
+        out = {"vqvae": self.vqvae, "denoiser": self.denoiser}
+        if self.text_encoder is not None:
+            out["text_encoder"] = self.text_encoder
         if self.null_condition is not None:
             out["null_condition"] = self.null_condition
         return out
@@ -125,14 +134,44 @@ class VQDiffusionPipeline:
         return next(self.denoiser.parameters()).dtype
 
     # -- conditions -------------------------------------------------------------------------------------
+    @property
+    def condition_kind(self) -> str:
+        """The condition kind: "text", "class" (prompts are integer labels) or "none" (unconditional)."""
+        return self.denoiser.config.condition_kind
+
+    @property
+    def num_class_labels(self) -> int | None:
+        """Valid class labels of a class-conditional model, [0, n) (the null label excluded)."""
+        labels = self.denoiser.config.num_class_labels
+        if labels is None:
+            return None
+        return labels - (1 if self.null_class_label is not None else 0)
+
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP text condition [B, L, D] (final layer norm output, L2-normalised per position)."""
+    def encode_prompt(self, prompts: list[str] | list[int]) -> torch.Tensor:
+        """CLIP text condition [B, L, D] (final layer norm output, L2-normalised per position); for a
+        class-conditional model, the integer labels as a [B] long tensor."""
+        kind = self.condition_kind
+        if kind == "class":
+            n = self.num_class_labels
+            bad = [p for p in prompts if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n]
+            if bad:
+                raise ValueError(
+                    f"this model is class-conditional: prompts must be class labels in [0, {n}), got {bad[:3]}"
+                )
+            return torch.tensor(list(prompts), dtype=torch.long, device=self.device)
+        if kind == "none":
+            raise ValueError("this model is unconditional: it takes no prompt (sample with cond=None)")
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
     @torch.no_grad()
     def null_embeddings(self, batch_size: int) -> torch.Tensor:
-        """The unconditional input for guidance [B, L, D]: the learned null text, else the empty prompt."""
+        """The unconditional input for guidance [B, L, D]: the learned null text, else the empty prompt;
+        for a class-conditional model, the null label [B] (an error if the model has none)."""
+        if self.condition_kind == "class":
+            if self.null_class_label is None:
+                raise ValueError("this class-conditional model has no null class; use guidance_scale=1")
+            return torch.full((batch_size,), self.null_class_label, dtype=torch.long, device=self.device)
         if self.null_condition is not None:
             return self.null_condition(batch_size).to(self.device, self.dtype)
         return self.text_encoder.encode_unconditional(batch_size).to(self.device, self.dtype)
@@ -263,17 +302,19 @@ class VQDiffusionPipeline:
         for name, module in (("vqvae", self.vqvae), ("denoiser", self.denoiser)):
             module.config.save_json(root / name / "config.json")
             save_safetensors(stored(module.state_dict()), root / name / "model.safetensors")
-        self.text_encoder.save_pretrained(root / "text_encoder", root / "tokenizer")
-        if self.null_condition is not None:
-            null = stored({"embedding": self.null_condition.embedding})
-            save_safetensors(null, root / "null_condition.safetensors")
-        index = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "condition": "text",
-            "null_condition": "learned" if self.null_condition is not None else "empty_prompt",
-            "text_pad_token_id": self.text_encoder.pad_token_id,
-        }
+        index: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        if self.text_encoder is not None:
+            self.text_encoder.save_pretrained(root / "text_encoder", root / "tokenizer")
+            if self.null_condition is not None:
+                null = stored({"embedding": self.null_condition.embedding})
+                save_safetensors(null, root / "null_condition.safetensors")
+            index["condition"] = "text"
+            index["null_condition"] = "learned" if self.null_condition is not None else "empty_prompt"
+            index["text_pad_token_id"] = self.text_encoder.pad_token_id
+        else:
+            index["condition"] = self.condition_kind
+            if self.condition_kind == "class":
+                index["null_class_label"] = self.null_class_label
         # The index is written last: a directory without it is an incomplete save.
         atomic_write_text(root / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
@@ -322,14 +363,23 @@ class VQDiffusionPipeline:
                 f"{root / INDEX_FILE}: format version {index.get('format_version')} is not supported "
                 f"(this vqdiffusion reads version {FORMAT_VERSION})"
             )
-        if index.get("condition") != "text":
-            raise ValueError(f"{root}: condition kind {index.get('condition')!r} is not supported yet")
+        kind = index.get("condition")
+        if kind not in ("text", "class", "none"):
+            raise ValueError(f"{root / INDEX_FILE}: condition kind {kind!r} is not supported (text, class, none)")
         schedule = MaskReplaceSchedule.load_json(root / "schedule.json")
         defaults = PipelineDefaults.load_json(root / "defaults.json") if (root / "defaults.json").exists() else None
         vqvae = VQVAE(VQVAEConfig.load_json(root / "vqvae" / "config.json"))
         load_into(vqvae, load_weights(root / "vqvae" / "model.safetensors"), f"{root}/vqvae")
         denoiser = Denoiser(DenoiserConfig.load_json(root / "denoiser" / "config.json"))
         load_into(denoiser, load_weights(root / "denoiser" / "model.safetensors"), f"{root}/denoiser")
+        if kind != "text":
+            return cls(
+                vqvae=vqvae,
+                denoiser=denoiser,
+                schedule=schedule,
+                defaults=defaults,
+                null_class_label=index.get("null_class_label") if kind == "class" else None,
+            )
         pad = index.get("text_pad_token_id") if text_pad_token_id == "auto" else text_pad_token_id
         text_encoder = CLIPTextCondition.from_pretrained(root / "text_encoder", root / "tokenizer", pad_token_id=pad)
         null_condition = None
@@ -445,6 +495,30 @@ def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Im
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
     return grid
+
+
+def _check_condition_parts(
+    config: DenoiserConfig,
+    text_encoder: CLIPTextCondition | None,
+    null_condition: LearnedNullCondition | None,
+    null_class_label: int | None,
+) -> None:
+    """The components a denoiser's condition kind needs (text: a text encoder; class/none: neither)."""
+    kind = config.condition_kind
+    if kind == "text" and text_encoder is None:
+        raise ConfigError(f"the denoiser is text-conditional (cond_dim={config.cond_dim}); give a text_encoder")
+    if kind != "text" and (text_encoder is not None or null_condition is not None):
+        raise ConfigError(
+            f"the denoiser is {'class-conditional' if kind == 'class' else 'unconditional'}; "
+            "it takes no text encoder or null text"
+        )
+    if null_class_label is not None:
+        last = (config.num_class_labels or 0) - 1
+        if kind != "class" or isinstance(null_class_label, bool) or null_class_label != last:
+            raise ConfigError(
+                f"null_class_label={null_class_label!r} must be the last label row ({last}) of a class-conditional "
+                "denoiser, or None"
+            )
 
 
 def _load_null_condition(path: Path, key: str) -> LearnedNullCondition:
