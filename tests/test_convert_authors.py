@@ -1,0 +1,814 @@
+"""The authors' checkpoints (microsoft/VQ-Diffusion .pth + YAML) -> our pipeline.
+
+No published file can be downloaded here, so tiny synthetic checkpoints are built with the authors' key names,
+layouts and buffers (Solver.save's dict, DALLE / DiffusionTransformer / Text2Image-, Condition2Image- and
+UnCondition2ImageTransformer, OpenAI CLIP, PatchVQGAN and taming VQGANs).  Converted models are checked against
+a direct re-implementation of the authors' forward passes written from those keys (``ref_*`` below).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqdiffusion import VQDiffusionPipeline
+from vqdiffusion.cli import main
+from vqdiffusion.config import ConfigError
+from vqdiffusion.convert.authors import convert_authors_checkpoint, write_authors_conversion
+from vqdiffusion.convert.common import ConversionError
+from vqdiffusion.sampling import SamplingOptions, guided_predictor, sample_tokens
+
+torch.set_num_threads(1)
+
+T = 10  # diffusion steps of the tiny models
+SIDE = 4  # token grid 4 x 4
+DIM, HEADS, LAYERS = 32, 2, 2
+CLIP_WIDTH = 64  # OpenAI's rule: heads = width // 64 = 1
+MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic files in the authors' formats
+# ---------------------------------------------------------------------------------------------------
+def rand(gen: torch.Generator, *shape: int, std: float = 0.3) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen) * std
+
+
+def alpha1_buffers(steps: int, n: int) -> dict[str, torch.Tensor]:
+    """The DiffusionTransformer's schedule buffers, from the alpha1 definition (cumulative linear)."""
+    i = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+    att = 0.99999 + i * (0.000009 - 0.99999)
+    ctt = 0.000009 + i * (0.99999 - 0.000009)
+    at = att / torch.cat([torch.ones(1, dtype=torch.float64), att[:-1]])
+    one_min_ct = (1 - ctt) / torch.cat([torch.ones(1, dtype=torch.float64), 1 - ctt[:-1]])
+    ct = 1 - one_min_ct
+    bt = (1 - at - ct) / n
+    att_, ctt_ = (
+        torch.cat([att, torch.ones(1, dtype=torch.float64)]),
+        torch.cat([ctt, torch.zeros(1, dtype=torch.float64)]),
+    )
+    btt = (1 - att_ - ctt_) / n
+    out = {
+        "log_at": at.log(),
+        "log_bt": bt.log(),
+        "log_ct": ct.log(),
+        "log_cumprod_at": att_.log(),
+        "log_cumprod_bt": btt.log(),
+        "log_cumprod_ct": ctt_.log(),
+        "log_1_min_ct": torch.log(1 - ct + 1e-40),
+        "log_1_min_cumprod_ct": torch.log(1 - ctt_ + 1e-40),
+    }
+    return {k: v.float() for k, v in out.items()}
+
+
+def transformer_state(variant: str, K: int, gen: torch.Generator, *, classes: int = 0, grid: int = SIDE) -> dict:
+    """A DiffusionTransformer state dict (keys relative to it), authors' names and shapes."""
+    D = DIM
+    s = {
+        "transformer.content_emb.emb.weight": rand(gen, K + 1, D),
+        "transformer.content_emb.height_emb.weight": rand(gen, grid, D),
+        "transformer.content_emb.width_emb.weight": rand(gen, grid, D),
+        "transformer.to_logits.0.weight": 1 + rand(gen, D, std=0.1),
+        "transformer.to_logits.0.bias": rand(gen, D, std=0.1),
+        "transformer.to_logits.1.weight": rand(gen, K, D),
+        "transformer.to_logits.1.bias": rand(gen, K, std=0.1),
+    }
+
+    def lin(name: str, out: int, inp: int) -> None:
+        s[f"{name}.weight"], s[f"{name}.bias"] = rand(gen, out, inp, std=1 / math.sqrt(inp)), rand(gen, out, std=0.1)
+
+    def ada(name: str, rows: int) -> None:
+        s[f"{name}.emb.weight"] = rand(gen, rows, D, std=1.0)
+        lin(f"{name}.linear", 2 * D, D)
+
+    for i in range(LAYERS):
+        p = f"transformer.blocks.{i}"
+        ada(f"{p}.ln1", T)
+        attns = ["attn1", "attn2"] if variant == "text" else ["attn"]
+        for a in attns:
+            for proj in ("key", "query", "value", "proj"):
+                lin(f"{p}.{a}.{proj}", D, CLIP_WIDTH if a == "attn2" and proj in ("key", "value") else D)
+        if variant == "text":
+            ada(f"{p}.ln1_1", T)
+            s[f"{p}.attn2.mask"] = torch.tril(torch.ones(SIDE * SIDE, SIDE * SIDE)).view(1, 1, SIDE**2, SIDE**2)
+        if variant == "class":
+            ada(f"{p}.ln2", classes)
+        else:
+            s[f"{p}.ln2.weight"], s[f"{p}.ln2.bias"] = 1 + rand(gen, D, std=0.1), rand(gen, D, std=0.1)
+        if variant == "text":
+            lin(f"{p}.mlp.0", 4 * D, D)
+            lin(f"{p}.mlp.2", D, 4 * D)
+        else:
+            s[f"{p}.mlp.conv1.weight"], s[f"{p}.mlp.conv1.bias"] = rand(gen, 4 * D, D, 3, 3, std=0.05), rand(gen, 4 * D)
+            s[f"{p}.mlp.conv2.weight"], s[f"{p}.mlp.conv2.bias"] = rand(gen, D, 4 * D, 3, 3, std=0.03), rand(gen, D)
+    s.update(alpha1_buffers(T, K))
+    s["Lt_history"], s["Lt_count"] = torch.rand(T, generator=gen), torch.full((T,), 20.0)
+    return s
+
+
+def clip_state(vocab: int, gen: torch.Generator, layers: int = 1) -> dict:
+    """OpenAI CLIP's text tower (model.py names) as stored under ``condition_emb.``."""
+    W = CLIP_WIDTH
+    s = {
+        "token_embedding.weight": rand(gen, vocab, W, std=0.5),
+        "positional_embedding": rand(gen, 77, W, std=0.1),
+        "ln_final.weight": 1 + rand(gen, W, std=0.1),
+        "ln_final.bias": rand(gen, W, std=0.1),
+        "text_projection": rand(gen, W, W),
+    }
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}"
+        s[f"{p}.attn.in_proj_weight"], s[f"{p}.attn.in_proj_bias"] = rand(gen, 3 * W, W, std=0.15), rand(gen, 3 * W)
+        s[f"{p}.attn.out_proj.weight"], s[f"{p}.attn.out_proj.bias"] = rand(gen, W, W, std=0.15), rand(gen, W)
+        for ln in ("ln_1", "ln_2"):
+            s[f"{p}.{ln}.weight"], s[f"{p}.{ln}.bias"] = 1 + rand(gen, W, std=0.1), rand(gen, W, std=0.1)
+        s[f"{p}.mlp.c_fc.weight"], s[f"{p}.mlp.c_fc.bias"] = rand(gen, 4 * W, W, std=0.15), rand(gen, 4 * W)
+        s[f"{p}.mlp.c_proj.weight"], s[f"{p}.mlp.c_proj.bias"] = rand(gen, W, 4 * W, std=0.08), rand(gen, W)
+    return s
+
+
+def taming_state(n_embed: int, gen: torch.Generator, *, quantizer: str = "ema") -> dict:
+    """A taming / PatchVQGAN encoder-decoder (ch 32, ch_mult (1, 2), 1 res block, attention at the 4x4 level)."""
+    s: dict[str, torch.Tensor] = {}
+
+    def conv(name: str, out: int, inp: int, k: int) -> None:
+        s[f"{name}.weight"], s[f"{name}.bias"] = (
+            rand(gen, out, inp, k, k, std=0.5 / math.sqrt(inp * k * k)),
+            rand(gen, out, std=0.05),
+        )
+
+    def norm(name: str, c: int) -> None:
+        s[f"{name}.weight"], s[f"{name}.bias"] = 1 + rand(gen, c, std=0.1), rand(gen, c, std=0.1)
+
+    def res(name: str, cin: int, cout: int) -> None:
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cout, cin, 3)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cout, cin, 1)
+
+    def attn(name: str, c: int) -> None:
+        norm(f"{name}.norm", c)
+        for p in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{p}", c, c, 1)
+
+    conv("encoder.conv_in", 32, 3, 3)
+    res("encoder.down.0.block.0", 32, 32)
+    conv("encoder.down.0.downsample.conv", 32, 32, 3)
+    res("encoder.down.1.block.0", 32, 64)
+    attn("encoder.down.1.attn.0", 64)
+    for part in ("encoder", "decoder"):
+        res(f"{part}.mid.block_1", 64, 64)
+        attn(f"{part}.mid.attn_1", 64)
+        res(f"{part}.mid.block_2", 64, 64)
+    norm("encoder.norm_out", 64)
+    conv("encoder.conv_out", 32, 64, 3)
+    conv("quant_conv", 16, 32, 1)
+    conv("post_quant_conv", 32, 16, 1)
+    conv("decoder.conv_in", 64, 32, 3)
+    for j in range(2):
+        res(f"decoder.up.1.block.{j}", 64, 64)
+        attn(f"decoder.up.1.attn.{j}", 64)
+    conv("decoder.up.1.upsample.conv", 64, 64, 3)
+    res("decoder.up.0.block.0", 64, 32)
+    res("decoder.up.0.block.1", 32, 32)
+    norm("decoder.norm_out", 32)
+    conv("decoder.conv_out", 3, 32, 3)
+    codebook = rand(gen, n_embed, 16, std=1.0)
+    if quantizer == "ema":
+        s["quantize.embedding"] = codebook
+        s["quantize.cluster_size"], s["quantize.embedding_avg"] = torch.rand(n_embed, generator=gen), codebook.clone()
+    elif quantizer == "vq":
+        s["quantize.embedding.weight"] = codebook
+    else:  # gumbel
+        s["quantize.embed.weight"] = codebook
+        conv("quantize.proj", n_embed, 32, 1)
+    return s
+
+
+def write_bpe(path: Path) -> Path:
+    """A tiny bpe_simple_vocab_16e6.txt.gz: a header line, then merges."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(['"bpe_simple_vocab_16e6.txt#version: 0.2', *MERGES]) + "\n")
+    return path
+
+
+BPE_VOCAB = 512 + len(MERGES) + 2
+
+
+def write_yaml(path: Path, variant: str, K: int, *, codec: str, classes: int = 1000, grid: int = SIDE, **extra) -> Path:
+    """An authors' YAML (the ``!!python/tuple`` tag included), with ``extra`` overriding transformer params."""
+    target = {
+        "text": "Text2ImageTransformer",
+        "class": "Condition2ImageTransformer",
+        "none": "UnCondition2ImageTransformer",
+    }
+    tparams = {
+        "attn_type": {"text": "selfcross", "class": "selfcondition", "none": "self"}[variant],
+        "n_layer": LAYERS,
+        "content_seq_len": SIDE * SIDE,
+        "content_spatial_size": [SIDE, SIDE],
+        "n_embd": DIM,
+        "n_head": HEADS,
+        "attn_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "block_activate": "GELU2",
+        "timestep_type": "adalayernorm",
+        "mlp_hidden_times": 4,
+    }
+    if variant == "text":
+        tparams.update(condition_seq_len=77, condition_dim=CLIP_WIDTH)
+    else:
+        tparams["mlp_type"] = "conv_mlp"
+    if variant == "class":
+        tparams.update(class_type="adalayernorm", class_number=classes)
+    tparams.update(extra)
+    import yaml
+
+    diffusion = {
+        "diffusion_step": T,
+        "alpha_init_type": "alpha1",
+        "auxiliary_loss_weight": 5.0e-4,
+        "adaptive_auxiliary_loss": True,
+        "mask_weight": [1, 1],
+        "learnable_cf": variant == "text",
+        "transformer_config": {
+            "target": f"image_synthesis.modeling.transformers.transformer_utils.{target[variant]}",
+            "params": tparams,
+        },
+        "content_emb_config": {
+            "target": "image_synthesis.modeling.embeddings.dalle_mask_image_embedding.DalleMaskImageEmbedding",
+            "params": {"num_embed": K, "spatial_size": "@TUPLE@", "embed_dim": DIM, "trainable": True},
+        },
+    }
+    if variant == "text":
+        diffusion["condition_emb_config"] = {
+            "target": "image_synthesis.modeling.embeddings.clip_text_embedding.CLIPTextEmbedding",
+            "params": {
+                "clip_name": "ViT-B/32",
+                "num_embed": 49408,
+                "normalize": True,
+                "pick_last_embedding": False,
+                "keep_seq_len_dim": False,
+                "additional_last_embedding": False,
+                "embed_dim": 512,
+            },
+        }
+    model = {
+        "content_info": {"key": "image"},
+        "content_codec_config": {
+            "target": f"image_synthesis.modeling.codecs.image_codec.{codec}",
+            "params": {
+                "trainable": False,
+                "token_shape": [SIDE, SIDE],
+                "quantize_number": K if "Taming" in codec else 0,
+            },
+        },
+        "diffusion_config": {
+            "target": "image_synthesis.modeling.transformers.diffusion_transformer.DiffusionTransformer",
+            "params": diffusion,
+        },
+    }
+    if variant == "text":
+        model["condition_codec_config"] = {"params": {"pad_value": 0, "context_length": 77}}
+    text = yaml.safe_dump({"model": {"target": "x", "params": model}}, sort_keys=False)
+    text = text.replace("'@TUPLE@'", f"!!python/tuple [{grid}, {grid}]")
+    path.write_text(text)
+    return path
+
+
+def save_checkpoint(path: Path, transformer: dict, ema: dict | None, codec: dict | None = None, **extra) -> Path:
+    model = {f"transformer.{k}": v for k, v in transformer.items()}
+    if codec:
+        model.update(codec)
+    ckpt = {"last_epoch": 3, "last_iter": 999, "model": model, **extra}
+    if ema is not None:
+        ckpt["ema"] = ema
+    ckpt.setdefault(
+        "optimizer_and_scheduler",
+        {"transformer": {"optimizer": {"module": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.96)}]}}}},
+    )
+    torch.save(ckpt, path)
+    return path
+
+
+def ema_of(state: dict, gen: torch.Generator) -> dict:
+    """An EMA copy that differs from the raw weights (float parameters perturbed, buffers kept)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("transformer.") and not k.endswith(".mask"):
+            out[k] = v + 0.05 * torch.randn(v.shape, generator=gen)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Independent re-implementations of the authors' forward passes (from their keys)
+# ---------------------------------------------------------------------------------------------------
+def ref_logits(sd: dict, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, variant: str) -> torch.Tensor:
+    """Text2Image / Condition2Image / UnCondition2ImageTransformer: x [B, N] -> log p(x0) [B, K, N]."""
+    B, N = x.shape
+    D = DIM
+
+    def lin(v, name):
+        return v @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+
+    def ada(v, name, idx):
+        table = sd[f"{name}.emb.weight"]
+        e = table.mean(0, keepdim=True).repeat(B, 1) if idx[0] >= table.shape[0] else table[idx]
+        scale, shift = lin(F.silu(e), f"{name}.linear").unsqueeze(1).chunk(2, dim=2)
+        return F.layer_norm(v, (D,)) * (1 + scale) + shift
+
+    def attention(q_in, kv_in, name):
+        hd = D // HEADS
+
+        def heads(v):
+            return v.view(B, v.shape[1], HEADS, hd).transpose(1, 2)
+
+        q, k, v = (
+            heads(lin(q_in, f"{name}.query")),
+            heads(lin(kv_in, f"{name}.key")),
+            heads(lin(kv_in, f"{name}.value")),
+        )
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hd), dim=-1)
+        return lin((att @ v).transpose(1, 2).reshape(B, N, D), f"{name}.proj")
+
+    def gelu2(v):
+        return v * torch.sigmoid(1.702 * v)
+
+    emb = sd["transformer.content_emb.emb.weight"][x]
+    H, W = sd["transformer.content_emb.height_emb.weight"], sd["transformer.content_emb.width_emb.weight"]
+    pos = (H[:, None, :] + W[None, :, :]).reshape(-1, D)
+    h = emb + pos[:N]
+    for i in range(LAYERS):
+        p = f"transformer.blocks.{i}"
+        if variant == "text":
+            h = h + attention(ada(h, f"{p}.ln1", t), ada(h, f"{p}.ln1", t), f"{p}.attn1")
+            h = h + attention(ada(h, f"{p}.ln1_1", t), cond, f"{p}.attn2")
+        else:
+            a = ada(h, f"{p}.ln1", t)
+            h = h + attention(a, a, f"{p}.attn")
+        if variant == "class":
+            m = ada(h, f"{p}.ln2", cond)
+        else:
+            m = F.layer_norm(h, (D,), sd[f"{p}.ln2.weight"], sd[f"{p}.ln2.bias"])
+        if variant == "text":
+            h = h + lin(gelu2(lin(m, f"{p}.mlp.0")), f"{p}.mlp.2")
+        else:
+            side = int(math.sqrt(N))
+            g = m.transpose(1, 2).reshape(B, D, side, side)
+            g = F.conv2d(g, sd[f"{p}.mlp.conv1.weight"], sd[f"{p}.mlp.conv1.bias"], padding=1)
+            g = F.conv2d(gelu2(g), sd[f"{p}.mlp.conv2.weight"], sd[f"{p}.mlp.conv2.bias"], padding=1)
+            h = h + g.reshape(B, D, N).transpose(1, 2)
+    h = F.layer_norm(h, (D,), sd["transformer.to_logits.0.weight"], sd["transformer.to_logits.0.bias"])
+    logits = lin(h, "transformer.to_logits.1")
+    return torch.log_softmax(logits.double(), dim=-1).float().transpose(1, 2)
+
+
+def ref_clip(sd: dict, ids: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP text tower (causal, QuickGELU), final LN at every position, L2-normalised."""
+    W = CLIP_WIDTH
+    heads = W // 64
+    x = sd["token_embedding.weight"][ids] + sd["positional_embedding"]
+    L = ids.shape[1]
+    causal = torch.full((L, L), float("-inf")).triu(1)
+    i = 0
+    while f"transformer.resblocks.{i}.ln_1.weight" in sd:
+        p = f"transformer.resblocks.{i}"
+        y = F.layer_norm(x, (W,), sd[f"{p}.ln_1.weight"], sd[f"{p}.ln_1.bias"])
+        q, k, v = (y @ sd[f"{p}.attn.in_proj_weight"].T + sd[f"{p}.attn.in_proj_bias"]).chunk(3, dim=-1)
+        split = [z.view(z.shape[0], L, heads, W // heads).transpose(1, 2) for z in (q, k, v)]
+        att = torch.softmax(split[0] @ split[1].transpose(-2, -1) / math.sqrt(W // heads) + causal, dim=-1)
+        y = (att @ split[2]).transpose(1, 2).reshape(x.shape)
+        x = x + y @ sd[f"{p}.attn.out_proj.weight"].T + sd[f"{p}.attn.out_proj.bias"]
+        y = F.layer_norm(x, (W,), sd[f"{p}.ln_2.weight"], sd[f"{p}.ln_2.bias"])
+        y = y @ sd[f"{p}.mlp.c_fc.weight"].T + sd[f"{p}.mlp.c_fc.bias"]
+        y = y * torch.sigmoid(1.702 * y)
+        x = x + y @ sd[f"{p}.mlp.c_proj.weight"].T + sd[f"{p}.mlp.c_proj.bias"]
+        i += 1
+    x = F.layer_norm(x, (W,), sd["ln_final.weight"], sd["ln_final.bias"])
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _ref_res(sd, p, x):
+    h = F.conv2d(
+        F.silu(F.group_norm(x, 32, sd[f"{p}.norm1.weight"], sd[f"{p}.norm1.bias"], 1e-6)),
+        sd[f"{p}.conv1.weight"],
+        sd[f"{p}.conv1.bias"],
+        padding=1,
+    )
+    h = F.conv2d(
+        F.silu(F.group_norm(h, 32, sd[f"{p}.norm2.weight"], sd[f"{p}.norm2.bias"], 1e-6)),
+        sd[f"{p}.conv2.weight"],
+        sd[f"{p}.conv2.bias"],
+        padding=1,
+    )
+    if f"{p}.nin_shortcut.weight" in sd:
+        x = F.conv2d(x, sd[f"{p}.nin_shortcut.weight"], sd[f"{p}.nin_shortcut.bias"])
+    return x + h
+
+
+def _ref_attn(sd, p, x):
+    b, c, hh, ww = x.shape
+    h = F.group_norm(x, 32, sd[f"{p}.norm.weight"], sd[f"{p}.norm.bias"], 1e-6)
+    q, k, v = (F.conv2d(h, sd[f"{p}.{n}.weight"], sd[f"{p}.{n}.bias"]).reshape(b, c, -1) for n in "qkv")
+    w_ = torch.softmax(torch.bmm(q.permute(0, 2, 1), k) * c**-0.5, dim=2)
+    h = torch.bmm(v, w_.permute(0, 2, 1)).reshape(b, c, hh, ww)
+    return x + F.conv2d(h, sd[f"{p}.proj_out.weight"], sd[f"{p}.proj_out.bias"])
+
+
+def ref_decode(sd: dict, z: torch.Tensor) -> torch.Tensor:
+    """taming's Decoder(post_quant_conv(z)), clamped and mapped to [0, 1] like the authors' codec."""
+    h = F.conv2d(z, sd["post_quant_conv.weight"], sd["post_quant_conv.bias"])
+    h = F.conv2d(h, sd["decoder.conv_in.weight"], sd["decoder.conv_in.bias"], padding=1)
+    h = _ref_res(sd, "decoder.mid.block_2", _ref_attn(sd, "decoder.mid.attn_1", _ref_res(sd, "decoder.mid.block_1", h)))
+    for level in (1, 0):
+        for j in range(2):
+            h = _ref_res(sd, f"decoder.up.{level}.block.{j}", h)
+            if f"decoder.up.{level}.attn.{j}.q.weight" in sd:
+                h = _ref_attn(sd, f"decoder.up.{level}.attn.{j}", h)
+        if level == 1:
+            h = F.conv2d(
+                F.interpolate(h, scale_factor=2.0, mode="nearest"),
+                sd["decoder.up.1.upsample.conv.weight"],
+                sd["decoder.up.1.upsample.conv.bias"],
+                padding=1,
+            )
+    h = F.silu(F.group_norm(h, 32, sd["decoder.norm_out.weight"], sd["decoder.norm_out.bias"], 1e-6))
+    h = F.conv2d(h, sd["decoder.conv_out.weight"], sd["decoder.conv_out.bias"], padding=1)
+    return (h.clamp(-1, 1) + 1) / 2
+
+
+def ref_encode(sd: dict, images01: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """PatchVQGAN encoder + nearest code (euclidean) on images in [0, 1]: [B, h * w] indices."""
+    h = F.conv2d(2 * images01 - 1, sd["encoder.conv_in.weight"], sd["encoder.conv_in.bias"], padding=1)
+    h = _ref_res(sd, "encoder.down.0.block.0", h)
+    h = F.conv2d(
+        F.pad(h, (0, 1, 0, 1)),
+        sd["encoder.down.0.downsample.conv.weight"],
+        sd["encoder.down.0.downsample.conv.bias"],
+        stride=2,
+    )
+    h = _ref_attn(sd, "encoder.down.1.attn.0", _ref_res(sd, "encoder.down.1.block.0", h))
+    h = _ref_res(sd, "encoder.mid.block_2", _ref_attn(sd, "encoder.mid.attn_1", _ref_res(sd, "encoder.mid.block_1", h)))
+    h = F.silu(F.group_norm(h, 32, sd["encoder.norm_out.weight"], sd["encoder.norm_out.bias"], 1e-6))
+    h = F.conv2d(h, sd["encoder.conv_out.weight"], sd["encoder.conv_out.bias"], padding=1)
+    z = F.conv2d(h, sd["quant_conv.weight"], sd["quant_conv.bias"]).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    d = (z**2).sum(1, keepdim=True) + (codebook**2).sum(1) - 2 * z @ codebook.T
+    return d.argmin(1).view(images01.shape[0], -1)
+
+
+def codec_copy(vq: dict) -> dict:
+    """The VQ-VAE as DALLE stores it: content_codec.enc.{encoder,quant_conv,quantize} and .dec.{...}."""
+    out = {}
+    for k, v in vq.items():
+        part = k.split(".")[0]
+        if part in ("encoder", "quant_conv"):
+            out[f"content_codec.enc.{k}"] = v
+        elif part in ("decoder", "post_quant_conv"):
+            out[f"content_codec.dec.{k}"] = v
+        else:  # quantize: one module, saved under both
+            out[f"content_codec.enc.{k}"] = v
+            out[f"content_codec.dec.{k}"] = v.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("authors_text")
+    gen = torch.Generator().manual_seed(0)
+    K = 12
+    raw = transformer_state("text", K, gen)
+    raw.update({f"condition_emb.{k}": v for k, v in clip_state(BPE_VOCAB, gen).items()})
+    raw["empty_text_embed"] = torch.randn(77, CLIP_WIDTH, generator=gen, dtype=torch.float64)
+    vq = taming_state(K, gen, quantizer="ema")
+    ema = ema_of(raw, gen)
+    files = {
+        "ckpt": save_checkpoint(root / "ithq_learnable.pth", raw, ema, codec_copy(vq)),
+        "yaml": write_yaml(root / "ithq.yaml", "text", K, codec="ema_vqvae.PatchVQVAE"),
+        "bpe": write_bpe(root / "bpe_simple_vocab_16e6.txt.gz"),
+        "root": root,
+    }
+    return files, raw, ema, vq
+
+
+def _x_t(K: int, B: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, K + 1, (B, SIDE * SIDE), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text-conditional
+# ---------------------------------------------------------------------------------------------------
+def test_text_checkpoint_matches_the_authors_computation(text_files, tmp_path) -> None:
+    files, raw, ema, vq = text_files
+    conv = convert_authors_checkpoint(files["ckpt"], files["yaml"], tokenizer=files["bpe"])
+    pipe = conv.pipeline
+    assert conv.record["weights"] == "ema"
+    # the CLIP condition: ids from the BPE, then the OpenAI tower
+    ids = pipe.text_encoder.tokenize(["a red cat", "dog"])
+    a_word = 256 + ord("a") - ord("!")  # byte symbol "a" with </w>
+    assert ids[0, :5].tolist() == [BPE_VOCAB - 2, a_word, 512 + 5, 512 + 1, BPE_VOCAB - 1]  # red, cat: merged
+    assert ids[1, :3].tolist() == [BPE_VOCAB - 2, 512 + 3, BPE_VOCAB - 1] and ids[1, 3:].eq(0).all()
+    clip = {k[len("condition_emb.") :]: v for k, v in ema.items() if k.startswith("condition_emb.")}
+    cond = pipe.text_encoder.encode_ids(ids)
+    torch.testing.assert_close(cond, ref_clip(clip, ids), rtol=0, atol=2e-5)
+    # the denoiser on the EMA weights
+    x_t, t = _x_t(12), torch.tensor([0, 4, T - 1])
+    cond3 = torch.cat([cond, cond[:1]])
+    with torch.no_grad():
+        ours = pipe.denoiser(x_t, t, cond3)
+    torch.testing.assert_close(ours, ref_logits(ema, x_t, t, cond3, "text"), rtol=0, atol=2e-4)
+    # learned null text, schedule, defaults, decoding and encoding
+    torch.testing.assert_close(pipe.null_embeddings(2)[0], raw["empty_text_embed"].float())
+    assert pipe.schedule.num_timesteps == T and pipe.schedule.num_classes == 12
+    assert (pipe.defaults.guidance_scale, pipe.defaults.truncation_rate) == (5.0, 1.0)
+    tokens = torch.randint(0, 12, (2, SIDE, SIDE), generator=torch.Generator().manual_seed(2))
+    z = vq["quantize.embedding"][tokens].permute(0, 3, 1, 2)
+    torch.testing.assert_close(pipe.decode(tokens), ref_decode(vq, z), rtol=0, atol=1e-5)
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(pipe.vqvae.encode(images * 2 - 1).flatten(1), ref_encode(vq, images, vq["quantize.embedding"]))
+    # the record: training settings and every ignored key with a reason
+    assert conv.record["training"]["aux_weight"] == 5e-4 and conv.record["training"]["mask_weight"] == [1.0, 1.0]
+    reasons = conv.record["ignored"]["checkpoint"]
+    assert {
+        "optimizer and learning-rate scheduler state",
+        "step counter",
+        "raw weights (the EMA weights are used)",
+    } <= set(reasons)
+    assert reasons["causal mask buffer of the cross-attention (never used)"]["count"] == LAYERS
+    # our layout round trip
+    write_authors_conversion(conv, tmp_path / "ours")
+    back = VQDiffusionPipeline.from_pretrained(tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(back.denoiser(x_t, t, cond3), ours, rtol=0, atol=0)
+    assert back.text_encoder.pad_token_id == 0
+    assert json.loads((tmp_path / "ours" / "authors_source.json").read_text())["variant"] == "text"
+
+
+def test_raw_weights_on_request(text_files) -> None:
+    files, raw, ema, _ = text_files
+    conv = convert_authors_checkpoint(files["ckpt"], files["yaml"], tokenizer=files["bpe"], use_ema=False)
+    assert conv.record["weights"] == "raw"
+    x_t, t = _x_t(12), torch.tensor([1, 2, 3])
+    cond = torch.randn(3, 77, CLIP_WIDTH, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = conv.pipeline.denoiser(x_t, t, cond)
+    torch.testing.assert_close(out, ref_logits(raw, x_t, t, cond, "text"), rtol=0, atol=2e-4)
+
+
+def test_text_export_to_diffusers_round_trip_and_step_by_step(text_files, tmp_path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    files, _, _, _ = text_files
+    conv = convert_authors_checkpoint(files["ckpt"], files["yaml"], tokenizer=files["bpe"])
+    write_authors_conversion(conv, tmp_path / "ours")
+    ours = VQDiffusionPipeline.from_pretrained(tmp_path / "ours")
+    write_authors_conversion(conv, tmp_path / "diff", to="diffusers")
+    back = VQDiffusionPipeline.from_pretrained(tmp_path / "diff")
+    for name, module in ours.modules().items():
+        theirs = back.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, theirs[key]), (name, key)
+    ref = diffusers.VQDiffusionPipeline.from_pretrained(str(tmp_path / "diff"))
+    cond = torch.cat([ours.null_embeddings(2), ours.encode_prompt(["a red cat", "dog"])])
+    torch.testing.assert_close(
+        ref.learned_classifier_free_sampling_embeddings.embeddings, ours.null_condition.embedding
+    )
+    x_t = torch.cat([_x_t(12, 2)] * 2)
+    for step in (T - 1, 3, 0):
+        with torch.no_grad():
+            theirs = ref.transformer(x_t, encoder_hidden_states=cond, timestep=torch.tensor(step)).sample
+            mine = ours.denoiser(x_t, step, cond)
+            post_ref = torch.softmax(ref.scheduler.q_posterior(theirs, x_t, torch.tensor(step)), 1)
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=2e-5)
+        torch.testing.assert_close(
+            ours.schedule.posterior_log_probs(mine, x_t, step).exp(), post_ref, rtol=0, atol=2e-5
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Class-conditional (ImageNet) with a separate, remapped taming VQGAN
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [5, 4], ids=["learnable_null", "pretrained_mean_null"])
+def test_class_checkpoint_matches_the_authors_computation(tmp_path, rows: int) -> None:
+    gen = torch.Generator().manual_seed(10 + rows)
+    K, full, classes = 12, 20, 4
+    raw = transformer_state("class", K, gen, classes=rows, grid=8)  # content_emb spatial 8 x 8 > the 4 x 4 grid
+    ckpt = save_checkpoint(tmp_path / "imagenet.pth", raw, ema_of(raw, gen))
+    yaml_path = write_yaml(
+        tmp_path / "imagenet.yaml", "class", K, codec="taming_gumbel_vqvae.TamingVQVAE", classes=classes, grid=8
+    )
+    vq = taming_state(full, gen, quantizer="vq")
+    vq_file = {"state_dict": {**vq, "loss.discriminator.main.0.weight": torch.zeros(2, 3, 4, 4)}, "global_step": 7}
+    torch.save(vq_file, tmp_path / "vqgan_imagenet_f16_16384.pth")
+    full_to_used = torch.tensor(
+        [0, 0, 1, 2, 0, 3, 4, 5, 0, 6, 7, 8, 0, 9, 10, 11, 0, 0, 3, 1]
+    )  # first codes: 0 2 3 5 ...
+    torch.save(full_to_used, tmp_path / "taming_vqvae_12.pt")
+    conv = convert_authors_checkpoint(
+        ckpt, yaml_path, vqvae=tmp_path / "vqgan_imagenet_f16_16384.pth", codes_map=tmp_path / "taming_vqvae_12.pt"
+    )
+    pipe = conv.pipeline
+    ema = torch.load(ckpt, weights_only=True)["ema"]
+    assert pipe.condition_kind == "class" and pipe.num_class_labels == classes and pipe.null_class_label == classes
+    x_t, t = _x_t(K, 4), torch.tensor([0, 5, 9, 2])
+    labels = torch.tensor([0, 3, 1, classes])  # the last one is the null class
+    with torch.no_grad():
+        ours = pipe.denoiser(x_t, t, labels)
+    want = torch.cat([ref_logits(ema, x_t[i : i + 1], t[i : i + 1], labels[i : i + 1], "class") for i in range(4)])
+    torch.testing.assert_close(ours, want, rtol=0, atol=2e-4)
+    assert conv.record["null"] == ("learned class" if rows == classes + 1 else "mean of the class rows")
+    # decoding goes through the first full code of each token
+    tokens = torch.randint(0, K, (2, SIDE, SIDE), generator=torch.Generator().manual_seed(5))
+    first = torch.tensor([0, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15])
+    z = vq["quantize.embedding.weight"][first[tokens]].permute(0, 3, 1, 2)
+    torch.testing.assert_close(pipe.decode(tokens), ref_decode(vq, z), rtol=0, atol=1e-5)
+    assert "training loss (discriminator / perceptual network)" in conv.record["ignored"]["vqvae"]
+    # sampling with guidance through the pipeline; our layout round trip; no diffusers export
+    out = pipe(
+        [1, 2],
+        num_inference_steps=3,
+        guidance_scale=1.5,
+        output_type="tokens",
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.tokens.shape == (2, SIDE, SIDE) and int(out.tokens.max()) < K
+    write_authors_conversion(conv, tmp_path / "ours")
+    back = VQDiffusionPipeline.from_pretrained(tmp_path / "ours")
+    assert back.null_class_label == classes
+    with torch.no_grad():
+        torch.testing.assert_close(back.denoiser(x_t, t, labels), ours, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="class-conditional"):
+        write_authors_conversion(conv, tmp_path / "diff", to="diffusers")
+    with pytest.raises(ValueError, match="class labels"):
+        pipe([classes], num_inference_steps=1, output_type="tokens", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unconditional (FFHQ) with taming's Net2NetTransformer file; Gumbel VQ
+# ---------------------------------------------------------------------------------------------------
+def test_unconditional_checkpoint_with_ffhq_vqgan_file(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(20)
+    K = 16
+    raw = transformer_state("none", K, gen, grid=8)
+    ckpt = save_checkpoint(tmp_path / "ffhq.pth", raw, ema_of(raw, gen))
+    yaml_path = write_yaml(tmp_path / "ffhq.yaml", "none", K, codec="taming_gumbel_vqvae.TamingFFHQVQVAE", grid=8)
+    text = yaml_path.read_text().replace(f"quantize_number: {K}", "quantize_number: 0")
+    yaml_path.write_text(text)
+    vq = taming_state(K, gen, quantizer="vq")
+    net2net = {f"first_stage_model.{k}": v for k, v in vq.items()}
+    net2net["transformer.tok_emb.weight"] = torch.zeros(K, 8)
+    torch.save({"state_dict": net2net}, tmp_path / "vqgan_ffhq_f16_1024.pth")
+    conv = convert_authors_checkpoint(ckpt, yaml_path, vqvae=tmp_path / "vqgan_ffhq_f16_1024.pth")
+    pipe = conv.pipeline
+    ema = torch.load(ckpt, weights_only=True)["ema"]
+    x_t, t = _x_t(K, 2), torch.tensor([T - 1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.denoiser(x_t, t), ref_logits(ema, x_t, t, None, "none"), rtol=0, atol=2e-4)
+    tokens = sample_tokens(
+        guided_predictor(pipe.denoiser, None, None, 1.0),
+        pipe.schedule,
+        2,
+        SIDE * SIDE,
+        SamplingOptions(num_inference_steps=3, guidance_scale=1.0),
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    images = pipe.decode(tokens.view(2, SIDE, SIDE))
+    assert images.shape == (2, 3, 8, 8)
+    write_authors_conversion(conv, tmp_path / "ours")
+    assert VQDiffusionPipeline.from_pretrained(tmp_path / "ours").condition_kind == "none"
+    with pytest.raises(ConfigError, match="unconditional"):
+        write_authors_conversion(conv, tmp_path / "diff", to="diffusers")
+
+
+def test_gumbel_vqgan_decodes_exactly(tmp_path, text_files) -> None:
+    files, raw, ema, _ = text_files
+    gen = torch.Generator().manual_seed(30)
+    full = 20
+    vq = taming_state(full, gen, quantizer="gumbel")
+    torch.save({"state_dict": vq}, tmp_path / "taming_f8_8192_openimages_last.pth")
+    torch.save(torch.arange(full) % 12, tmp_path / "taming_vqvae_12.pt")
+    yaml_path = write_yaml(tmp_path / "config_text.yaml", "text", 12, codec="taming_gumbel_vqvae.TamingGumbelVQVAE")
+    conv = convert_authors_checkpoint(
+        files["ckpt"],
+        yaml_path,
+        vqvae=tmp_path / "taming_f8_8192_openimages_last.pth",
+        codes_map=tmp_path / "taming_vqvae_12.pt",
+        tokenizer=files["bpe"],
+    )
+    tokens = torch.randint(0, 12, (1, SIDE, SIDE), generator=torch.Generator().manual_seed(6))
+    z = vq["quantize.embed.weight"][tokens].permute(0, 3, 1, 2)  # tokens 0..11 -> first full codes 0..11
+    torch.testing.assert_close(conv.pipeline.decode(tokens), ref_decode(vq, z), rtol=0, atol=1e-5)
+    assert any("Gumbel" in reason for reason in conv.record["ignored"]["vqvae"])
+    assert conv.record["ignored"]["checkpoint"]["tokenizer copy in the checkpoint (replaced by --vqvae)"]["count"] > 0
+    assert (conv.pipeline.defaults.guidance_scale, conv.pipeline.defaults.truncation_rate) == (3.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors and safety
+# ---------------------------------------------------------------------------------------------------
+def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:
+    ckpt = torch.load(src, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, dst)
+    return dst
+
+
+def test_mismatches_stop_with_the_key_and_shapes(text_files, tmp_path) -> None:
+    files, _, _, _ = text_files
+    bpe, yaml_path = files["bpe"], files["yaml"]
+
+    def extra(ck):
+        ck["ema"]["transformer.blocks.0.attn1.rotary"] = torch.zeros(3)
+
+    with pytest.raises(ConversionError, match=r"transformer\.blocks\.0\.attn1\.rotary"):
+        convert_authors_checkpoint(_edit_checkpoint(files["ckpt"], tmp_path / "a.pth", extra), yaml_path, tokenizer=bpe)
+
+    def missing(ck):
+        del ck["ema"]["transformer.blocks.1.ln2.bias"]
+
+    with pytest.raises(ConversionError, match=r"missing.*transformer\.blocks\.1\.ln2\.bias"):
+        convert_authors_checkpoint(
+            _edit_checkpoint(files["ckpt"], tmp_path / "b.pth", missing), yaml_path, tokenizer=bpe
+        )
+
+    def shape(ck):
+        ck["ema"]["transformer.blocks.0.mlp.0.weight"] = torch.zeros(4 * DIM, DIM + 1)
+
+    with pytest.raises(ConversionError, match=r"mlp\.0\.weight.*\(128, 33\) vs expected \(128, 32\)"):
+        convert_authors_checkpoint(_edit_checkpoint(files["ckpt"], tmp_path / "c.pth", shape), yaml_path, tokenizer=bpe)
+
+    def top(ck):
+        ck["amp_scaler"] = {"scale": torch.tensor(1.0)}
+
+    with pytest.raises(ConversionError, match="amp_scaler"):
+        convert_authors_checkpoint(_edit_checkpoint(files["ckpt"], tmp_path / "d.pth", top), yaml_path, tokenizer=bpe)
+    # a config that does not match the checkpoint: more layers, other T
+    three = write_yaml(tmp_path / "three.yaml", "text", 12, codec="ema_vqvae.PatchVQVAE", n_layer=3)
+    with pytest.raises(ConversionError, match=r"transformer\.blocks\.2\."):
+        convert_authors_checkpoint(files["ckpt"], three, tokenizer=bpe)
+    steps = tmp_path / "steps.yaml"
+    steps.write_text(yaml_path.read_text().replace(f"diffusion_step: {T}", "diffusion_step: 12"))
+    with pytest.raises(ConversionError, match=r"log_cumprod_at has shape \(11,\).*T=12"):
+        convert_authors_checkpoint(files["ckpt"], steps, tokenizer=bpe)
+    with pytest.raises(ValueError, match="--tokenizer"):
+        convert_authors_checkpoint(files["ckpt"], yaml_path)
+
+
+class _Opaque:
+    """A non-tensor object in a checkpoint (like an optimizer wrapper); unpickling it must run nothing."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_mark_ran, ())
+
+
+def _mark_ran():
+    _Opaque.ran = True
+    return None
+
+
+def test_non_tensor_objects_are_never_executed(text_files, tmp_path, caplog) -> None:
+    files, _, _, _ = text_files
+
+    def add(ck):
+        ck["clip_grad_norm"] = _Opaque()
+
+    path = _edit_checkpoint(files["ckpt"], tmp_path / "objects.pth", add)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    conv = convert_authors_checkpoint(path, files["yaml"], tokenizer=files["bpe"])
+    assert not _Opaque.ran
+    assert "placeholders" in caplog.text and "_mark_ran" in caplog.text
+    assert conv.record["ignored"]["checkpoint"]["gradient-clipping state"]["count"] == 1
+
+
+def test_cli_converts_an_authors_checkpoint(text_files, tmp_path, capsys) -> None:
+    files, _, _, _ = text_files
+    out = tmp_path / "converted"
+    assert (
+        main(
+            ["convert", str(files["ckpt"]), str(out), "--config", str(files["yaml"]), "--tokenizer", str(files["bpe"])]
+        )
+        == 0
+    )
+    assert (out / "vqdiffusion.json").is_file() and (out / "authors_source.json").is_file()
+    capsys.readouterr()
+    assert main(["convert", str(files["ckpt"]), str(tmp_path / "other")]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["convert", str(out), str(tmp_path / "again"), "--no-ema"]) == 2
+    assert "only apply to an authors' checkpoint" in capsys.readouterr().err
