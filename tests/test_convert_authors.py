@@ -648,6 +648,7 @@ def test_class_checkpoint_matches_the_authors_computation(tmp_path, rows: int) -
     write_authors_conversion(conv, tmp_path / "ours")
     back = VQDiffusionPipeline.from_pretrained(tmp_path / "ours")
     assert back.null_class_label == classes
+    assert main(["info", str(tmp_path / "ours")]) == 0
     with torch.no_grad():
         torch.testing.assert_close(back.denoiser(x_t, t, labels), ours, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="class-conditional"):

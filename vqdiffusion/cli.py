@@ -209,12 +209,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         "schedule": pipe.schedule.to_dict(),
         "denoiser": pipe.denoiser.config.to_dict(),
         "vqvae": pipe.vqvae.config.to_dict(),
-        "text_encoder": {
+        "condition": pipe.condition_kind,
+        "text_encoder": None
+        if pipe.text_encoder is None
+        else {
             "hidden_size": pipe.text_encoder.hidden_size,
             "max_length": pipe.text_encoder.max_length,
             "pad_token_id": pipe.text_encoder.pad_token_id,
         },
-        "null_condition": "learned" if pipe.null_condition is not None else "empty prompt",
+        "null_condition": (
+            ("learned" if pipe.null_condition is not None else "empty prompt")
+            if pipe.condition_kind == "text"
+            else pipe.null_class_label
+        ),
         "defaults": pipe.defaults.to_dict(),
         "parameters": {**counts, "total": sum(counts.values())},
     }
