@@ -690,7 +690,16 @@ def test_unconditional_checkpoint_with_ffhq_vqgan_file(tmp_path) -> None:
     images = pipe.decode(tokens.view(2, SIDE, SIDE))
     assert images.shape == (2, 3, 8, 8)
     write_authors_conversion(conv, tmp_path / "ours")
-    assert VQDiffusionPipeline.from_pretrained(tmp_path / "ours").condition_kind == "none"
+    loaded = VQDiffusionPipeline.from_pretrained(tmp_path / "ours")
+    assert loaded.condition_kind == "none"
+    # the pipeline call: prompt None, same tokens as the loop above with the same generator
+    out = loaded(None, num_inference_steps=3, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+                 output_type="pt", progress=False)  # fmt: skip
+    assert torch.equal(out.tokens.view(2, -1), tokens) and out.images.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="unconditional"):
+        loaded("a face", num_inference_steps=3, progress=False)
+    with pytest.raises(ValueError, match="guidance"):
+        loaded(None, num_inference_steps=3, guidance_scale=3.0, progress=False)
     with pytest.raises(ConfigError, match="unconditional"):
         write_authors_conversion(conv, tmp_path / "diff", to="diffusers")
 

@@ -180,7 +180,7 @@ class VQDiffusionPipeline:
     @torch.inference_mode()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | list[int] | None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         truncation_rate: float | None = None,
@@ -195,7 +195,8 @@ class VQDiffusionPipeline:
         temperature: float | None = None,
         tokens_per_call: int | None = None,
     ) -> PipelineOutput:
-        """Generate images for ``prompt`` (one string or a list).
+        """Generate images for ``prompt``: one string or a list (text models), a list of class labels
+        (class-conditional models), or None (unconditional models: ``num_images_per_prompt`` images).
 
         Every sampling knob left at None takes the model's default (``self.defaults``); see
         :class:`~vqdiffusion.sampling.SamplingOptions` for their meaning.
@@ -215,8 +216,15 @@ class VQDiffusionPipeline:
                 "tokens" (no decoding).
             progress: show a progress bar.
         """
+        unconditional = self.condition_kind == "none"
+        if unconditional:
+            if prompt is not None:
+                raise ValueError("this model is unconditional: pass prompt=None and num_images_per_prompt")
+            if guidance_scale not in (None, 1.0):
+                raise ValueError(f"an unconditional model has no guidance; got guidance_scale={guidance_scale}")
+            guidance_scale = 1.0
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts:
+        if not unconditional and (not isinstance(prompts, list) or not prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
         if (
             isinstance(num_images_per_prompt, bool)
@@ -238,8 +246,11 @@ class VQDiffusionPipeline:
         }
         options = self.sampling_options(**given)
 
-        cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
-        batch = cond.shape[0]
+        if unconditional:
+            cond, batch = None, num_images_per_prompt
+        else:
+            cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
+            batch = cond.shape[0]
         null_cond = self.null_embeddings(batch) if options.uses_guidance else None
         predict = guided_predictor(self.denoiser, cond, null_cond, options.guidance_scale)
         cfg = self.denoiser.config
