@@ -94,7 +94,7 @@ def settings(base: dict[str, Any], purity_weight: float) -> list[dict[str, Any]]
 
 def format_row(r: dict[str, Any]) -> str:
     sampler = r["sampler"] + (f" r={r['prior_weight']:g}" if r["sampler"] == "purity" else "")
-    chain = f"diffusers {r['diffusers_steps']}..0" if "diffusers_steps" in r else r.get("spacing", "uniform")
+    chain = f"diffusers {r['diffusers_steps'] - 1}..0" if "diffusers_steps" in r else r.get("spacing", "uniform")
     cells = [r["label"], str(r["num_inference_steps"]), chain, sampler, f"{r['guidance_scale']:g}"]
     cells += [f"{r['truncation_rate']:g}"] + [f"{r[name]:.1%}" for name in (*PROMPT_SETS, "mean")]
     return "| " + " | ".join(cells + [f"{r['seconds_per_image']:.3f}"]) + " |"
@@ -120,6 +120,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=name)
     ax.set_xscale("log")
     ax.set_xticks([5, 10, 25, 50, 100], labels=["5", "10", "25", "50", "100"])
+    ax.set_ylim(0, 100)
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("fully correct, mean of 3 prompt sets (%)")
     ax.grid(alpha=0.3)
@@ -140,7 +141,15 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated row labels to run (default all)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--plot", default=None, help="write a PNG plot of fully-correct rate vs steps")
+    parser.add_argument("--from-json", default=None, help="print and plot the rows of an earlier --json run")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        for result in results:
+            print(format_row(result))
+        if args.plot:
+            plot(results, Path(args.plot))
+        return
 
     torch.manual_seed(0)
     pipe = VQDiffusionPipeline.from_pretrained(args.model)
