@@ -166,8 +166,9 @@ def sample_tokens(
         steps = spaced_timesteps(schedule.num_timesteps, options.num_inference_steps, options.spacing)
     else:
         steps = [int(t) for t in timesteps]
-        unmask_budget(schedule, steps, num_tokens)  # validates the indices
-    budgets = unmask_budget(schedule, steps, num_tokens) if options.sampler != "ancestral" else None
+    budgets = unmask_budget(schedule, steps, num_tokens)  # also validates explicit indices
+    if options.sampler == "ancestral":
+        budgets = None
 
     def log_p_x0_at(x_t: torch.Tensor, t: int) -> torch.Tensor:
         log_p = temper_log_probs(predict(x_t, t), options.temperature)
