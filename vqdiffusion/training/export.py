@@ -139,8 +139,7 @@ def export_pipeline(
     """
     pipe = pipeline_from_checkpoint(checkpoint, ema=ema, vqvae_dir=vqvae_dir)
     if defaults:
-        pipe.defaults = PipelineDefaults.from_dict({**pipe.defaults.to_dict(), **defaults})
-        pipe.defaults.validate(pipe.schedule.num_timesteps)
+        pipe.defaults = pipe.sampling_options(**defaults)  # validated for this model
     out = Path(out_dir)
     pipe.save_pretrained(out, weights_dtype=weights_dtype)
     return out
