@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,19 +13,49 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write ``tensors`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], object], *, fsync: bool = True) -> Path:
+    """Create ``path`` atomically through ``write(tmp)``, a writer that takes a path (safetensors ``save_file``,
+    PIL ``Image.save``, ...).
+
+    ``tmp`` is a fresh file in the same folder whose name ends with ``path``'s extension (writers that pick
+    the format from it keep working); once ``write`` returns it is flushed to disk (``fsync``) and renamed
+    over ``path`` with :func:`os.replace`, so readers and crashes see the old file or the new one, never a
+    partial one.  On any error the temporary file is removed and the old ``path`` is left untouched.
+    Missing parent folders are created.  Returns ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        write(Path(tmp))
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write_with`)."""
+    return atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_with`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, *, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` (moved to the CPU, made contiguous) to a safetensors file ``path`` atomically."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write_with(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

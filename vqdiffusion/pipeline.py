@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, atomic_write_text, read_json_object
+from .config import ConfigError, read_json_object
 from .convert.diffusers_denoiser import denoiser_config_from_diffusers, denoiser_state_dict_from_diffusers
 from .convert.diffusers_vqvae import vqvae_config_from_diffusers, vqvae_state_dict_from_diffusers
 from .diffusion import Generator, MaskReplaceSchedule
-from .io import find_weights, load_into, load_weights, save_safetensors
+from .io import atomic_write_text, find_weights, load_into, load_weights, save_safetensors
 from .models.conditions import CLIPTextCondition, LearnedNullCondition
 from .models.denoiser import Denoiser, DenoiserConfig
 from .models.vqvae import VQVAE, VQVAEConfig

@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, atomic_write_text
+from ..config import ConfigError
 from ..diffusion import MaskReplaceSchedule
+from ..io import atomic_write_text
 from ..models.conditions import CLIPTextCondition, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
 from .authors_files import StateDict, config_section, load_authors_checkpoint, read_authors_yaml, tensor_dict

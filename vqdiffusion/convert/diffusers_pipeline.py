@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError, atomic_write_text
-from ..io import save_safetensors
+from ..config import ConfigError
+from ..io import atomic_write_text, save_safetensors
 from .diffusers_denoiser import denoiser_config_to_diffusers, denoiser_state_dict_to_diffusers
 from .diffusers_vqvae import vqvae_config_to_diffusers, vqvae_state_dict_to_diffusers
 

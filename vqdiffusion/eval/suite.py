@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import atomic_write_text
 from ..data.shapes import PROMPT_SETS, canonical_caption, prompt_set, render
+from ..io import atomic_write_text
 from .shapes import evaluate
 
 # Renders for the tokenizer check use a seed offset, so they are not the training images of a data set
