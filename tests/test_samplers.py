@@ -290,3 +290,34 @@ def test_explicit_timesteps_run_the_one_step_posterior() -> None:
 def test_option_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SamplingOptions(**kwargs).validate(100)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": True}, "num_inference_steps"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"truncation_rate": 0.0}, "truncation_rate"),
+        ({"spacing": "cosine"}, "spacing"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"sampler": "greedy"}, "sampler"),
+        ({"prior_weight": 1.0}, "prior_weight"),
+        ({"sampler": "purity", "prior_weight": float("nan")}, "prior_weight"),
+        ({"tokens_per_call": 2}, "tokens_per_call"),
+        ({"sampler": "uniform", "tokens_per_call": 1.5}, "tokens_per_call"),
+    ],
+)
+def test_options_validate_their_fields_on_construction(kwargs: dict, field: str) -> None:
+    """No model needed: the error comes from the constructor and starts with "<field> must"."""
+    with pytest.raises(ValueError) as info:
+        SamplingOptions(**kwargs)
+    assert str(info.value).startswith(f"{field} must ")
+
+
+def test_step_count_upper_bound_needs_the_model() -> None:
+    options = SamplingOptions(num_inference_steps=101)  # fine without a model
+    options.validate(101)
+    with pytest.raises(ValueError, match=r"^num_inference_steps must be an integer in \[1, 100\]"):
+        options.validate(100)

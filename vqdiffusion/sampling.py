@@ -19,6 +19,7 @@ from .diffusion import (
     SPACINGS,
     Generator,
     MaskReplaceSchedule,
+    guided_log_probs,
     posterior_log_probs,
     prior_unmask_step,
     sample_categorical,
@@ -29,6 +30,12 @@ from .diffusion import (
 )
 
 SAMPLERS = ("ancestral", *PRIOR_RULES)
+# The guidance scale of a model that does not say (SamplingOptions' default; the diffusers reader's for a
+# learned null text, which diffusers' own pipeline also defaults to).
+DEFAULT_GUIDANCE_SCALE = 5.0
+# The classifier-free guidance scale of a model with a learned null condition when nothing else is said
+# (diffusers' default for the published ITHQ model).
+DEFAULT_GUIDANCE_SCALE = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +57,7 @@ class SamplingOptions(ConfigBase):
     """
 
     num_inference_steps: int = 100
-    guidance_scale: float = 5.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     truncation_rate: float = 1.0
     spacing: str = "uniform"
     temperature: float = 1.0
@@ -58,10 +65,14 @@ class SamplingOptions(ConfigBase):
     prior_weight: float = 0.0
     tokens_per_call: int | None = None
 
-    def validate(self, num_timesteps: int) -> None:
+    def __post_init__(self) -> None:
+        """The checks that do not depend on the model (see :meth:`validate` for the step count's upper bound).
+
+        Every message starts with ``"<field> must ..."``, so a caller can name its own spelling of the field.
+        """
         steps = self.num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {num_timesteps}], got {steps!r}")
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
         scale = self.guidance_scale
         if not _is_number(scale) or not math.isfinite(scale) or scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {scale!r}")
@@ -78,13 +89,25 @@ class SamplingOptions(ConfigBase):
         if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"prior_weight must be a finite number >= 0, got {weight!r}")
         if weight != 0 and self.sampler != "purity":
-            raise ValueError(f"prior_weight={weight} only applies to sampler='purity' (got sampler={self.sampler!r})")
+            raise ValueError(
+                f"prior_weight must be 0 unless sampler='purity' (it is r of the purity sampler); "
+                f"got prior_weight={weight} with sampler={self.sampler!r}"
+            )
         per_call = self.tokens_per_call
         if per_call is not None:
-            if isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1:
+            if not _is_int(per_call) or per_call < 1:
                 raise ValueError(f"tokens_per_call must be a positive integer or None, got {per_call!r}")
             if self.sampler == "ancestral":
-                raise ValueError("tokens_per_call needs a budget sampler ('uniform' or 'purity'), not 'ancestral'")
+                raise ValueError(
+                    "tokens_per_call must be None with sampler='ancestral' (it needs a budget sampler, "
+                    f"'uniform' or 'purity'); got tokens_per_call={per_call}"
+                )
+
+    def validate(self, num_timesteps: int) -> None:
+        """The checks that need the model's T (the fields themselves were checked on construction)."""
+        steps = self.num_inference_steps
+        if not steps <= num_timesteps:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {num_timesteps}], got {steps!r}")
 
     @property
     def uses_guidance(self) -> bool:
@@ -93,6 +116,10 @@ class SamplingOptions(ConfigBase):
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # (x_t [B, N] long, t int) -> log p(x0 | x_t) [B, K, N], guidance already combined
@@ -108,8 +135,9 @@ def guided_predictor(
     """A closure x_t, t -> log p(x0 | x_t) with the condition's cross-attention keys/values computed once.
 
     With guidance the conditional and null inputs run as one batch of 2B and are combined as
-    log_softmax((1 - s) * logits_u + s * logits_c); per-position constants cancel in the softmax, so the
-    raw logits can be used directly (Improved VQ-Diffusion sec. 3.1).
+    :func:`~vqdiffusion.diffusion.guided_log_probs` (log_softmax((1 - s) * logits_u + s * logits_c));
+    per-position constants cancel in the softmax, so the raw logits can be used directly (Improved
+    VQ-Diffusion sec. 3.1).
     """
     if guidance_scale != 1.0 and null_cond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a null condition; pass null_cond or use 1.0")
@@ -128,7 +156,7 @@ def guided_predictor(
         # x_t is shared by the two condition groups (the first self-attention runs once): [2B, K, N]
         logits = denoiser(x_t, t, cond_kv=both_kv, validate=False, return_logits=True)
         logits_u, logits_c = logits.chunk(2)  # [B, K, N] each
-        return torch.log_softmax(torch.lerp(logits_u, logits_c, scale), dim=1)
+        return guided_log_probs(logits_u, logits_c, scale)
 
     return predict_guided
 
