@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from vqdiffusion.cli.tokenize import add_tokenize_parser, run_tokenize
 from vqdiffusion.data.folders import image_to_tensor, load_image
 from vqdiffusion.io import load_into, load_weights
-from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig
-from vqdiffusion.training.tokenize import TokenDataset, add_tokenize_parser, run_tokenize, tokenize_dataset
-from vqdiffusion.training.vqvae import export_vqvae
+from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig, save_vqvae
+from vqdiffusion.training.tokenize import TokenDataset, tokenize_dataset
 
 CAPTIONS = (
     "a red square",
@@ -39,7 +39,7 @@ def make_vqvae_dir(root: Path, seed: int = 0) -> Path:
         z = model.encode_latents(torch.rand(4, 3, 8, 8) * 2 - 1)  # [4, D, 4, 4]
         z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         model.codebook.weight.copy_(z[torch.randperm(z.shape[0])[:16]])
-    return export_vqvae(model, root)
+    return save_vqvae(model, root)
 
 
 def make_caption_folder(root: Path, size: int = 8, count: int = 8, seed: int = 0) -> Path:

@@ -23,14 +23,21 @@ Shapes: images ``[B, C_in, H, W]`` in ``[-1, 1]``; latents ``[B, embed_dim, h, w
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigBase, ConfigError, check_positive
+from ..io import load_into, load_weights, save_safetensors
 
-__all__ = ["Codebook", "VQVAE", "VQVAEConfig", "VQVAEOutput"]
+__all__ = ["CONFIG_FILE", "Codebook", "VQVAE", "VQVAEConfig", "VQVAEOutput", "WEIGHTS_FILE", "load_vqvae", "save_vqvae"]
+
+# The VQ-VAE folder (a pipeline's ``vqvae/``, the tokenizer trainer's export): config + weights.
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 
 # Number of distance-matrix entries (rows x K) computed at once when looking up nearest codes; bounds the
 # temporary memory of `Codebook.nearest` to about 64 MiB in float32 whatever the batch size.
@@ -546,3 +553,47 @@ class VQVAE(nn.Module):
             commitment_loss=commitment,
             codebook_loss=codebook,
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The VQ-VAE folder: config.json + model.safetensors
+# ---------------------------------------------------------------------------------------------------------
+def save_vqvae(model: VQVAE, directory: str | os.PathLike, *, weights_dtype: torch.dtype | None = None) -> Path:
+    """Write ``directory/model.safetensors`` and then ``directory/config.json`` (each atomically); returns
+    the folder.  ``weights_dtype`` stores the floating point weights in that dtype (e.g. float16)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if weights_dtype is not None:
+        state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_safetensors(state, directory / WEIGHTS_FILE)
+    model.config.save_json(directory / CONFIG_FILE)
+    return directory
+
+
+def load_vqvae(directory: str | os.PathLike) -> VQVAE:
+    """Load a VQ-VAE folder (``config.json`` + ``model.safetensors``, see :func:`save_vqvae`), or a folder with
+    such a ``vqvae/`` subfolder (a pipeline or a tokenizer training run).
+
+    Raises FileNotFoundError for a missing folder or file, ConfigError for a malformed config and ValueError
+    for weights that are corrupt or do not match the config; each names the file.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"VQ-VAE folder not found: {directory}")
+    if not (directory / CONFIG_FILE).is_file() and (directory / "vqvae" / CONFIG_FILE).is_file():
+        directory = directory / "vqvae"
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a VQ-VAE folder: {CONFIG_FILE} is missing (expected {CONFIG_FILE} + {WEIGHTS_FILE}, "
+            "or a vqvae/ subfolder holding them)"
+        )
+    try:
+        config = VQVAEConfig.load_json(config_path)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if str(config_path) in message else f"{config_path}: {message}") from None
+    model = VQVAE(config)
+    load_into(model, load_weights(directory / WEIGHTS_FILE), str(directory))
+    return model
