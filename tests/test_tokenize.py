@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 
 from vqdiffusion.cli.tokenize import add_tokenize_parser, run_tokenize
 from vqdiffusion.data.folders import image_to_tensor, load_image
+from vqdiffusion.data.tokens import TokenDataset
 from vqdiffusion.io import load_into, load_weights
 from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig, save_vqvae
-from vqdiffusion.training.tokenize import TokenDataset, tokenize_dataset
+from vqdiffusion.training.tokenize import tokenize_dataset
 
 CAPTIONS = (
     "a red square",
