@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vqdiffusion.training.common import StepBatchSampler
-from vqdiffusion.training.denoiser import DenoiserTrainConfig, DenoiserTrainer, StepBatches
-from vqdiffusion.training.tokenize import TokenDataset
+from vqdiffusion.data.tokens import TokenDataset
+from vqdiffusion.training.batching import StepBatchSampler
+from vqdiffusion.training.denoiser_config import DenoiserTrainConfig
+from vqdiffusion.training.denoiser_trainer import DenoiserTrainer, StepBatches
 
 
 def write_random_tokens(folder: Path, count: int, k: int, side: int) -> Path:

@@ -15,9 +15,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from vqdiffusion.config import ConfigError
 from vqdiffusion.models.conditions import (
-    ClassCondition,
     CLIPTextCondition,
     ConditionConfig,
+    ConditionKind,
     EmptyPromptNullCondition,
     LearnedNullCondition,
 )
@@ -281,32 +281,13 @@ def test_empty_prompt_null_follows_padding(text: CLIPTextCondition, authors_text
 
 
 # -- class labels --------------------------------------------------------------------------------------
-def test_class_condition() -> None:
-    classes = ClassCondition(10, 8)
-    assert classes.embedding.num_embeddings == 11 and classes.null_label == 10 and classes.dim == 8
-    out = classes.encode(torch.tensor([0, 9, 3]))
-    assert out.shape == (3, 1, 8)
-    assert torch.equal(out[:, 0], classes.embedding.weight[[0, 9, 3]])
-    assert torch.equal(classes(torch.tensor([3], dtype=torch.int32)), out[2:])
-    assert torch.equal(classes.null(2), classes.embedding.weight[10].expand(2, 1, 8))
-    for bad in (
-        torch.tensor([10]),
-        torch.tensor([-1]),
-        torch.tensor([[1]]),
-        torch.tensor([1.0]),
-        [1],
-        torch.tensor([]),
-    ):
-        with pytest.raises(ValueError, match="label"):
-            classes.encode(bad)
-    plain = ClassCondition(10, 8, learnable_null=False)
-    assert plain.embedding.num_embeddings == 10 and plain.null_label is None
-    with pytest.raises(ValueError, match="null class"):
-        plain.null(1)
-    with pytest.raises(ValueError, match="num_classes"):
-        ClassCondition(0, 8)
-    built = ClassCondition.from_config(ConditionConfig(kind="class", dim=4, seq_len=1, num_classes=5, null="none"))
-    assert built.embedding.weight.shape == (5, 4) and not built.learnable_null
+def test_class_condition_label_table() -> None:
+    learned = ConditionConfig(kind="class", dim=None, seq_len=None, num_labels=1000)
+    assert learned.label_rows == 1001 and learned.null_label == 1000  # the published ImageNet layout
+    plain = ConditionConfig(kind="class", dim=None, seq_len=None, num_labels=5, null="none")
+    assert plain.label_rows == 5 and plain.null_label is None
+    assert ConditionConfig().label_rows is None and ConditionConfig().null_label is None
+    assert ConditionKind.CLASS == "class" and ConditionKind("none") is ConditionKind.NONE
 
 
 # -- config --------------------------------------------------------------------------------------------
@@ -314,7 +295,7 @@ def test_condition_config_round_trip(tmp_path: Path) -> None:
     for config in (
         ConditionConfig(),
         ConditionConfig(pad_token_id=0, null="empty_prompt"),
-        ConditionConfig(kind="class", dim=512, seq_len=1, num_classes=1000),
+        ConditionConfig(kind="class", dim=None, seq_len=None, num_labels=1000),
         ConditionConfig(kind="none", dim=None, seq_len=None, null="none"),
     ):
         config.save_json(tmp_path / "c.json")
@@ -330,12 +311,13 @@ def test_condition_config_round_trip(tmp_path: Path) -> None:
         {"dim": 0},
         {"seq_len": None},
         {"dim": 1.5},
-        {"num_classes": 10},
+        {"num_labels": 10},
         {"pad_token_id": -1},
-        {"kind": "class", "seq_len": 1},
-        {"kind": "class", "seq_len": 77, "num_classes": 10},
-        {"kind": "class", "seq_len": 1, "num_classes": 10, "null": "empty_prompt"},
-        {"kind": "class", "seq_len": 1, "num_classes": 10, "pad_token_id": 0},
+        {"kind": "class", "dim": None, "seq_len": None},
+        {"kind": "class", "dim": None, "seq_len": None, "num_labels": 0},
+        {"kind": "class", "seq_len": None, "num_labels": 10},
+        {"kind": "class", "dim": None, "seq_len": None, "num_labels": 10, "null": "empty_prompt"},
+        {"kind": "class", "dim": None, "seq_len": None, "num_labels": 10, "pad_token_id": 0},
         {"kind": "none", "dim": None, "seq_len": None},
         {"kind": "none", "seq_len": None, "null": "none"},
     ],

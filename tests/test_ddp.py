@@ -11,8 +11,9 @@ import torch
 import torch.multiprocessing as mp
 from test_tokenize import make_token_dir
 
-from vqdiffusion.training.common import load_checkpoint
-from vqdiffusion.training.denoiser import DenoiserTrainConfig, train_denoiser
+from vqdiffusion.training.checkpoint import load_checkpoint
+from vqdiffusion.training.denoiser import train_denoiser
+from vqdiffusion.training.denoiser_config import DenoiserTrainConfig
 
 STEPS = 4
 
@@ -98,8 +99,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 @pytest.mark.parametrize("world_size", [3])
 def test_global_batch_must_divide(tmp_path, world_size):
     from vqdiffusion.config import ConfigError
-    from vqdiffusion.training.denoiser import DenoiserTrainer
-    from vqdiffusion.training.tokenize import TokenDataset
+    from vqdiffusion.data.tokens import TokenDataset
+    from vqdiffusion.training.denoiser_trainer import DenoiserTrainer
 
     token_dir = make_token_dir(tmp_path)[0]
     with pytest.raises(ConfigError, match="not divisible by world size 3"):

@@ -18,22 +18,20 @@ import torch
 from PIL import Image
 from test_tokenize import make_caption_folder, make_token_dir, make_vqvae_dir
 
+from vqdiffusion.cli.export import add_export_parser, run_export
+from vqdiffusion.cli.train import add_train_parser, run_train
 from vqdiffusion.config import ConfigError
+from vqdiffusion.data.tokens import TokenDataset
 from vqdiffusion.diffusion import diffusion_loss, q_sample
 from vqdiffusion.models.conditions import CLIPTextCondition
 from vqdiffusion.pipeline import VQDiffusionPipeline
-from vqdiffusion.training.common import StepBatchSampler, find_latest_checkpoint, load_checkpoint
-from vqdiffusion.training.denoiser import (
-    CaptionIds,
-    DenoiserTrainConfig,
-    DenoiserTrainer,
-    StepBatches,
-    add_train_parser,
-    run_train,
-    train_denoiser,
-)
-from vqdiffusion.training.export import add_export_parser, export_pipeline, run_export
-from vqdiffusion.training.tokenize import TokenDataset, tokenize_dataset
+from vqdiffusion.training.batching import StepBatchSampler
+from vqdiffusion.training.checkpoint import find_latest_checkpoint, load_checkpoint
+from vqdiffusion.training.denoiser import train_denoiser
+from vqdiffusion.training.denoiser_config import DenoiserTrainConfig
+from vqdiffusion.training.denoiser_trainer import DenoiserTrainer, StepBatches
+from vqdiffusion.training.export import export_pipeline
+from vqdiffusion.training.tokenize import tokenize_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # Flags of a tiny jointly trained model (CLI spelling), shared by the subprocess runs.
@@ -134,7 +132,7 @@ def test_overfits_a_handful_of_grids(token_dir, tmp_path):
     assert {"model.denoiser", "model.text", "model.null", "ema.denoiser", "ema.text", "ema.null"} <= prefixes
     assert {"sampler.count", "sampler.loss_sq", "rng.torch_cpu"} <= set(tensors)
     assert any(k.startswith("optimizer.") for k in tensors)
-    assert meta["step"] == 150 and meta["config"] == config.to_dict() and meta["condition"] == "captions"
+    assert meta["step"] == 150 and meta["config"] == config.to_dict() and meta["condition"] == "text"
     assert meta["denoiser_config"]["num_classes"] == 16 and meta["denoiser_config"]["height"] == 4
     assert int(tensors["sampler.count"].sum()) == 150 * 8
     with pytest.raises(ValueError, match="already holds checkpoints"):
@@ -143,7 +141,7 @@ def test_overfits_a_handful_of_grids(token_dir, tmp_path):
 
 def _train_cli(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "vqdiffusion.training.denoiser", *args]
+    command = [sys.executable, "-m", "vqdiffusion.cli", "train", *args]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -305,8 +303,11 @@ def test_frozen_pretrained_text_encoder(token_dir, tmp_path, tiny_clip_dirs):
     reference = CLIPTextCondition.from_pretrained(text_dir, tok_dir, pad_token_id=0)
     captions = trainer.data.captions[:3] + ["a caption far longer than seventy-seven characters " * 3]
     assert torch.equal(trainer.caption_ids(captions), reference.tokenize(captions))
-    plain = CaptionIds(reference.tokenizer, 77, None)
-    assert torch.equal(plain(captions), CLIPTextCondition(reference.text_model, reference.tokenizer).tokenize(captions))
+    # independently: transformers' own padding and truncation (which keeps EOS), then pad id 0 after EOS
+    ids = reference.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids = ids.input_ids
+    first_eos = (ids == reference.tokenizer.eos_token_id).int().argmax(dim=1, keepdim=True)
+    assert torch.equal(trainer.caption_ids(captions), ids.masked_fill(torch.arange(77)[None] > first_eos, 0))
     assert trainer.denoiser.config.cond_dim == reference.hidden_size
     frozen = {n: p.detach().clone() for n, p in trainer.frozen_text.named_parameters()}
     trainer.train_step(batch_of(trainer, 0))
@@ -319,7 +320,8 @@ def test_frozen_pretrained_text_encoder(token_dir, tmp_path, tiny_clip_dirs):
     torch.testing.assert_close(pipe.encode_prompt(["a red cat"]), reference.encode(["a red cat"]))
 
 
-def test_class_and_unconditional_data(tmp_path):
+def test_class_and_unconditional_models_train_export_and_sample(tmp_path):
+    """End to end, as for text: train, export, load with the pipeline, sample (labels with guidance)."""
     vqvae_dir = make_vqvae_dir(tmp_path / "vqvae")
     for name in ("a", "b", "c"):
         make_caption_folder(tmp_path / "classes" / name, count=2, seed=ord(name))
@@ -328,19 +330,29 @@ def test_class_and_unconditional_data(tmp_path):
             tmp_path / "classes", vqvae_dir, tmp_path / kind, kind=kind, image_size=8, device="cpu", progress=False
         )
         config = make_config(tokens, tmp_path / f"run_{kind}", text_model="pretrained", batch_size=4, steps=3)
-        assert train_denoiser(config) == tmp_path / f"run_{kind}"
+        exported = train_denoiser(config)
+        assert exported == tmp_path / f"run_{kind}" / "model"
         ckpt = tmp_path / f"run_{kind}" / "checkpoints" / "step_00000003.safetensors"
         tensors, meta = load_checkpoint(ckpt)
-        assert meta["condition"] == kind
+        pipe = VQDiffusionPipeline.from_pretrained(exported)
         if kind == "classes":
-            assert tensors["model.class_embedding.embedding.weight"].shape == (4, 32)  # 3 classes + null
-            assert meta["class_names"] == ["a", "b", "c"]
+            assert meta["condition"] == "class" and meta["class_names"] == ["a", "b", "c"]
+            # the label AdaLN table of every block: 3 classes + the learned null row
+            assert tensors["model.denoiser.blocks.0.norm_mlp.timestep_embedding.weight"].shape[0] == 4
+            assert pipe.condition_kind == "class" and pipe.null_class_label == 3 and pipe.num_class_labels == 3
+            out = pipe([0, 2], guidance_scale=3.0, num_inference_steps=5, output_type="tokens", progress=False)
+            with pytest.raises(ValueError, match="class labels"):
+                pipe([3], progress=False)
         else:
-            assert meta["denoiser_config"]["cond_dim"] is None and not meta["null_condition"]
+            assert meta["condition"] == "none" and not meta["null_condition"]
+            assert pipe.condition_kind == "none"
+            out = pipe(None, num_images_per_prompt=2, num_inference_steps=5, output_type="tokens", progress=False)
+        assert out.tokens.shape == (2, 4, 4)
+        # the trainer samples through the same pipeline, from its EMA weights
         trainer = DenoiserTrainer.from_checkpoint(ckpt)
-        assert trainer.sample(trainer.condition_inputs([0, 1]), 2, seed=0).shape == (2, 4, 4)
-        with pytest.raises(ValueError, match="only text-conditioned"):
-            export_pipeline(ckpt, tmp_path / "x")
+        again = trainer.pipeline(pipe.vqvae)
+        for name, param in again.denoiser.state_dict().items():
+            torch.testing.assert_close(param, pipe.denoiser.state_dict()[name])
 
 
 def test_config_validation(token_dir, tmp_path):

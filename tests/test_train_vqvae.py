@@ -14,34 +14,30 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from vqdiffusion.cli.train_vqvae import add_train_vqvae_parser, run_train_vqvae
 from vqdiffusion.config import ConfigError
 from vqdiffusion.data.folders import ImageFolder
 from vqdiffusion.io import load_into, load_weights
-from vqdiffusion.models.vqvae import VQVAE, Codebook, VQVAEConfig
-from vqdiffusion.training.common import (
-    EMA,
-    CSVLogger,
-    StepBatchSampler,
+from vqdiffusion.models.vqvae import VQVAE, Codebook, VQVAEConfig, load_vqvae
+from vqdiffusion.training.batching import StepBatchSampler
+from vqdiffusion.training.checkpoint import (
     capture_rng_state,
     flatten_state,
     load_checkpoint,
     load_optimizer,
-    lr_at,
     optimizer_to_tensors,
     restore_rng_state,
     save_checkpoint,
     unflatten_state,
 )
-from vqdiffusion.training.vqvae import (
-    EMACodebook,
-    VGGPerceptualLoss,
-    VQVAETrainConfig,
-    VQVAETrainer,
-    add_train_vqvae_parser,
-    load_vqvae,
-    run_train_vqvae,
-    train_vqvae,
-)
+from vqdiffusion.training.codebook import EMACodebook
+from vqdiffusion.training.ema import EMA
+from vqdiffusion.training.losses import VGGPerceptualLoss
+from vqdiffusion.training.lr_schedule import lr_at
+from vqdiffusion.training.metrics import CSVLogger
+from vqdiffusion.training.vqvae import train_vqvae
+from vqdiffusion.training.vqvae_config import VQVAETrainConfig
+from vqdiffusion.training.vqvae_trainer import VQVAETrainer
 
 PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255], [0, 0, 0]], np.uint8)
 

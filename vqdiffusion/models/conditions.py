@@ -4,7 +4,6 @@
 - :class:`LearnedNullCondition`: the learned "null text" [L, D] of classifier-free guidance.
 - :class:`EmptyPromptNullCondition`: the null condition of models without a learned one (the empty
   prompt's encoding; diffusers' ``LearnedClassifierFreeSamplingEmbeddings(learnable=False)``).
-- :class:`ClassCondition`: class labels -> [B, 1, D], with an extra null class for guidance.
 - :class:`ConditionConfig`: which of these a model uses, with its sizes.
 
 Every null condition is called as ``null(batch_size) -> [B, L, D]`` and has an ``embedding`` [L, D].
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -27,7 +27,17 @@ from ..config import ConfigBase, ConfigError
 
 logger = logging.getLogger(__name__)
 
-CONDITION_KINDS = ("text", "class", "none")
+class ConditionKind(str, enum.Enum):
+    """What a model is conditioned on: ``TEXT`` (cross-attention to a CLIP text sequence [B, L, D]),
+    ``CLASS`` (integer labels [B] through the denoiser's label AdaLN table) or ``NONE`` (unconditional).
+    The members are strings ("text", "class", "none"), so they compare equal to and serialise as those."""
+
+    TEXT = "text"
+    CLASS = "class"
+    NONE = "none"
+
+
+CONDITION_KINDS = tuple(kind.value for kind in ConditionKind)
 NULL_KINDS = ("learned", "empty_prompt", "none")
 TEXT_WEIGHT_FILES = (
     "model.safetensors",
@@ -46,13 +56,16 @@ def _is_int(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ConditionConfig(ConfigBase):
-    """The condition part of a model.  The defaults describe ITHQ (CLIP ViT-B/32 text, learned null).
+    """The condition part of a model (the condition block of a model folder's index).  The defaults describe
+    ITHQ (CLIP ViT-B/32 text, learned null).
 
-    ``kind``: "text" (CLIP, ``seq_len`` x ``dim``), "class" (one token of width ``dim``; ``num_classes``
-    labels) or "none" (unconditional; ``dim`` and ``seq_len`` are None).
-    ``null``: the unconditional input of classifier-free guidance: "learned" (a trained [L, D]
-    parameter, for classes an extra label ``num_classes``), "empty_prompt" (text only: the encoding of
-    "") or "none" (the model cannot be guided).
+    ``kind`` (:class:`ConditionKind`): "text" (CLIP, ``seq_len`` x ``dim``), "class" (``num_labels`` integer
+    labels, embedded by the denoiser's label AdaLN table; ``dim`` and ``seq_len`` are None) or "none"
+    (unconditional; no sizes).
+    ``null``: the unconditional input of classifier-free guidance: "learned" (text: a trained [L, D]
+    parameter; class: one extra label row, label ``num_labels``, so the table has ``num_labels + 1`` rows as
+    in the published ImageNet model), "empty_prompt" (text only: the encoding of "") or "none" (the model
+    cannot be guided).
     ``pad_token_id`` (text only): the id written after the end-of-text token; None keeps the
     tokenizer's padding (``<|endoftext|>`` for transformers' CLIP), 0 is the authors' padding.
     """
@@ -60,7 +73,7 @@ class ConditionConfig(ConfigBase):
     kind: str = "text"
     dim: int | None = 512
     seq_len: int | None = 77
-    num_classes: int | None = None
+    num_labels: int | None = None
     pad_token_id: int | None = None
     null: str = "learned"
 
@@ -70,36 +83,46 @@ class ConditionConfig(ConfigBase):
             raise ConfigError(f"{name}: kind must be one of {CONDITION_KINDS}, got {self.kind!r}")
         if self.null not in NULL_KINDS:
             raise ConfigError(f"{name}: null must be one of {NULL_KINDS}, got {self.null!r}")
-        if self.kind == "none":
-            given = {f: getattr(self, f) for f in ("dim", "seq_len", "num_classes", "pad_token_id")}
+        if self.kind != ConditionKind.TEXT:
+            given = {f: getattr(self, f) for f in ("dim", "seq_len", "pad_token_id")}
+            if self.kind == ConditionKind.NONE:
+                given["num_labels"] = self.num_labels
             given = {f: v for f, v in given.items() if v is not None}
-            if given or self.null != "none":
-                raise ConfigError(
-                    f"{name}: an unconditional model (kind='none') takes no condition sizes and null='none'; "
-                    f"got {given or ''} null={self.null!r}"
-                )
+            if given:
+                raise ConfigError(f"{name}: a kind={self.kind!r} condition has no text sizes; got {given}")
+        if self.kind == ConditionKind.NONE:
+            if self.null != "none":
+                raise ConfigError(f"{name}: an unconditional model (kind='none') needs null='none', got {self.null!r}")
+            return
+        if self.kind == ConditionKind.CLASS:
+            if not _is_int(self.num_labels) or self.num_labels < 1:
+                raise ConfigError(f"{name}: kind='class' needs num_labels >= 1, got {self.num_labels!r}")
+            if self.null == "empty_prompt":
+                raise ConfigError(f"{name}: null='empty_prompt' needs a text condition; use 'learned' or 'none'")
             return
         for field in ("dim", "seq_len"):
             value = getattr(self, field)
             if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name}: {field} must be a positive integer for kind={self.kind!r}, got {value!r}")
-        if self.kind == "text":
-            if self.num_classes is not None:
-                raise ConfigError(f"{name}: num_classes is for kind='class', not 'text' (got {self.num_classes!r})")
-            if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
-                raise ConfigError(
-                    f"{name}: pad_token_id must be None (the tokenizer's padding) or an id >= 0 "
-                    f"(0 for the authors' models), got {self.pad_token_id!r}"
-                )
-        else:  # class
-            if not _is_int(self.num_classes) or self.num_classes < 1:
-                raise ConfigError(f"{name}: kind='class' needs num_classes >= 1, got {self.num_classes!r}")
-            if self.seq_len != 1:
-                raise ConfigError(f"{name}: a class condition is one token; seq_len must be 1, got {self.seq_len!r}")
-            if self.pad_token_id is not None:
-                raise ConfigError(f"{name}: pad_token_id is for kind='text' (got {self.pad_token_id!r})")
-            if self.null == "empty_prompt":
-                raise ConfigError(f"{name}: null='empty_prompt' needs a text condition; use 'learned' or 'none'")
+                raise ConfigError(f"{name}: {field} must be a positive integer for kind='text', got {value!r}")
+        if self.num_labels is not None:
+            raise ConfigError(f"{name}: num_labels is for kind='class', not 'text' (got {self.num_labels!r})")
+        if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
+            raise ConfigError(
+                f"{name}: pad_token_id must be None (the tokenizer's padding) or an id >= 0 "
+                f"(0 for the authors' models), got {self.pad_token_id!r}"
+            )
+
+    @property
+    def label_rows(self) -> int | None:
+        """Rows of a class model's label table: ``num_labels``, plus one for a learned null label."""
+        if self.kind != ConditionKind.CLASS:
+            return None
+        return self.num_labels + (1 if self.null == "learned" else 0)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label of the learned null class (``num_labels``), or None."""
+        return self.num_labels if self.kind == ConditionKind.CLASS and self.null == "learned" else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,6 +159,37 @@ def _check_tokenizer_dir(path: Path) -> None:
         raise FileNotFoundError(
             f"no CLIP tokenizer files in {path}: expected tokenizer.json or vocab.json + merges.txt"
         )
+
+
+class PromptIds:
+    """Prompts -> CLIP token ids [B, L]: BOS, the prompt's pieces, EOS, then ``padding_id`` up to L =
+    ``max_length``.  A prompt longer than L keeps BOS, its first L - 2 pieces and EOS (with a warning unless
+    ``warn_truncation`` is off).  Holds only the tokenizer, so it pickles cheaply."""
+
+    def __init__(self, tokenizer: Any, max_length: int, padding_id: int, *, warn_truncation: bool = True) -> None:
+        self.tokenizer, self.max_length, self.padding_id = tokenizer, int(max_length), int(padding_id)
+        self.warn_truncation = warn_truncation
+
+    def __call__(self, prompts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+        tok = self.tokenizer
+        bos, eos, pad, length = tok.bos_token_id, tok.eos_token_id, self.padding_id, self.max_length
+        pieces = tok(list(prompts), add_special_tokens=True, padding=False, truncation=False, verbose=False).input_ids
+        rows = []
+        for prompt, ids in zip(prompts, pieces, strict=True):
+            if len(ids) < 2 or ids[0] != bos or ids[-1] != eos:
+                raise ValueError(f"the tokenizer did not wrap {prompt!r} in <|startoftext|> ... <|endoftext|>")
+            if len(ids) > length:
+                if self.warn_truncation:
+                    logger.warning(
+                        "prompt truncated: %d tokens with BOS and EOS, CLIP takes %d; kept BOS, %d pieces, EOS: %r",
+                        len(ids),
+                        length,
+                        length - 2,
+                        prompt if len(prompt) <= 200 else prompt[:200] + "...",
+                    )
+                ids = ids[: length - 1] + [eos]
+            rows.append(ids + [pad] * (length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 class CLIPTextCondition(nn.Module):
@@ -210,24 +264,11 @@ class CLIPTextCondition(nn.Module):
     # -- encoding -----------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
         """B prompts -> [B, L] long ids: BOS, pieces, EOS, padding (empty prompts allowed here)."""
-        tok = self.tokenizer
-        bos, eos, pad, length = tok.bos_token_id, tok.eos_token_id, self.padding_id, self.max_length
-        pieces = tok(list(prompts), add_special_tokens=True, padding=False, truncation=False, verbose=False).input_ids
-        rows = []
-        for prompt, ids in zip(prompts, pieces, strict=True):
-            if len(ids) < 2 or ids[0] != bos or ids[-1] != eos:
-                raise ValueError(f"the tokenizer did not wrap {prompt!r} in <|startoftext|> ... <|endoftext|>")
-            if len(ids) > length:
-                logger.warning(
-                    "prompt truncated: %d tokens with BOS and EOS, CLIP takes %d; kept BOS, %d pieces, EOS: %r",
-                    len(ids),
-                    length,
-                    length - 2,
-                    prompt if len(prompt) <= 200 else prompt[:200] + "...",
-                )
-                ids = ids[: length - 1] + [eos]
-            rows.append(ids + [pad] * (length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long, device=device)
+        return self.prompt_ids()(prompts, device)
+
+    def prompt_ids(self, *, warn_truncation: bool = True) -> PromptIds:
+        """The tokenization of :meth:`tokenize` as a small picklable callable (for DataLoader workers)."""
+        return PromptIds(self.tokenizer, self.max_length, self.padding_id, warn_truncation=warn_truncation)
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, L] long ids -> [B, L, D] final-layer-norm states, each position L2-normalised.
@@ -361,63 +402,3 @@ class EmptyPromptNullCondition(nn.Module):
         """[B, L, D], an expanded view (no copy)."""
         _check_batch_size(batch_size)
         return self.embedding[None].expand(batch_size, -1, -1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Class labels
-# ---------------------------------------------------------------------------------------------------
-class ClassCondition(nn.Module):
-    """Class labels as a one-token condition (ImageNet-style models): ``encode(labels [B]) -> [B, 1, D]``.
-
-    With ``learnable_null`` the table has one extra row, label ``null_label`` = ``num_classes``, the learned
-    null class of classifier-free guidance; it is not a valid input of :meth:`encode`.
-    """
-
-    def __init__(self, num_classes: int, dim: int, *, learnable_null: bool = True) -> None:
-        super().__init__()
-        if not _is_int(num_classes) or not _is_int(dim) or num_classes < 1 or dim < 1:
-            raise ValueError(f"need integers num_classes >= 1 and dim >= 1, got {num_classes!r}, {dim!r}")
-        self.num_classes = num_classes
-        self.learnable_null = bool(learnable_null)
-        self.embedding = nn.Embedding(num_classes + int(self.learnable_null), dim)
-
-    @classmethod
-    def from_config(cls, config: ConditionConfig) -> ClassCondition:
-        if config.kind != "class":
-            raise ConfigError(f"ClassCondition needs a ConditionConfig with kind='class', got {config.kind!r}")
-        return cls(config.num_classes, config.dim, learnable_null=config.null == "learned")
-
-    @property
-    def dim(self) -> int:
-        return self.embedding.embedding_dim
-
-    @property
-    def null_label(self) -> int | None:
-        """The label of the null class (``num_classes``), or None without ``learnable_null``."""
-        return self.num_classes if self.learnable_null else None
-
-    def encode(self, labels: torch.Tensor) -> torch.Tensor:
-        """[B] integer labels in [0, num_classes) -> [B, 1, D].  The range check syncs with the device."""
-        if not isinstance(labels, torch.Tensor):
-            raise ValueError(f"labels must be a [B] integer tensor, got {type(labels).__name__}")
-        if labels.ndim != 1 or labels.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
-            raise ValueError(f"labels must be a [B] integer tensor, got shape {tuple(labels.shape)} {labels.dtype}")
-        if labels.numel() == 0:
-            raise ValueError("labels is empty; give at least one label")
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got {labels[bad][:5].tolist()} "
-                f"(use null() for the null class)"
-            )
-        return self.embedding(labels.to(self.embedding.weight.device).long())[:, None]
-
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.encode(labels)
-
-    def null(self, batch_size: int) -> torch.Tensor:
-        """The null class [B, 1, D] (an expanded view); needs ``learnable_null``."""
-        if not self.learnable_null:
-            raise ValueError("this class condition has no null class; guidance needs learnable_null=True")
-        _check_batch_size(batch_size)
-        return self.embedding.weight[self.num_classes][None, None].expand(batch_size, 1, -1)

@@ -1,0 +1,51 @@
+"""The command line, ``vqdiffusion COMMAND ...`` (also ``python -m vqdiffusion.cli``, e.g. under ``torchrun``).
+
+Each command lives in its own module with its parser (``add_*_parser``) and its run function; this module
+builds the parser and maps every error to one ``error: ...`` line and exit code 2 (:mod:`.errors`).
+Heavy imports (torch, the models) happen inside the run functions, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from .convert import add_convert_parser
+from .errors import USER_ERRORS, CLIError, report
+from .evaluate import add_eval_parser, add_make_shapes_parser
+from .export import add_export_parser, run_export
+from .generate import add_generate_parser, add_info_parser
+from .sampling_flags import add_sampling_arguments, sampling_arguments
+from .tokenize import add_tokenize_parser, run_tokenize
+from .train import add_train_parser, run_train
+from .train_vqvae import add_train_vqvae_parser, run_train_vqvae
+
+__all__ = ["CLIError", "add_sampling_arguments", "build_parser", "main", "sampling_arguments"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqdiffusion", description="VQ-Diffusion text-to-image synthesis")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    add_info_parser(sub)
+    add_make_shapes_parser(sub)
+    add_convert_parser(sub)
+    add_eval_parser(sub)
+    for add, run in (
+        (add_train_vqvae_parser, run_train_vqvae),
+        (add_tokenize_parser, run_tokenize),
+        (add_train_parser, run_train),
+        (add_export_parser, run_export),
+    ):
+        add(sub).set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (*USER_ERRORS, KeyboardInterrupt) as err:
+        return report(err)

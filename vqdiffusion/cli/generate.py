@@ -1,0 +1,126 @@
+"""``vqdiffusion generate`` (images from a prompt) and ``vqdiffusion info`` (a model's configuration)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError
+from .sampling_flags import add_sampling_arguments, sampling_arguments
+
+DEFAULT_MODEL = "builtin:shapes"  # vqdiffusion.pipeline.DEFAULT_MODEL (kept here so --help imports no torch)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def add_generate_parser(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="generate images from a text prompt")
+    gen.add_argument("prompt", help="the text prompt")
+    gen.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model directory (vqdiffusion or diffusers layout) or a built-in model (default {DEFAULT_MODEL})",
+    )
+    add_sampling_arguments(gen)
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
+    gen.add_argument(
+        "--output",
+        default="vqdiffusion.png",
+        help="an image file (several images become one grid) or a directory (numbered files)",
+    )
+    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    gen.add_argument("--bf16", action="store_true", help="run the denoiser in bfloat16")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    gen.set_defaults(run=cmd_generate)
+
+
+def add_info_parser(sub: Any) -> None:
+    info = sub.add_parser("info", help="print a model's configuration and parameter counts")
+    info.add_argument("model", help="model directory")
+
+    info.set_defaults(run=cmd_info)
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise CLIError('the prompt is empty; give a text prompt, e.g. vqdiffusion generate "a red circle"')
+    if args.num_images < 1:
+        raise CLIError(f"--num-images must be >= 1, got {args.num_images}")
+    out = Path(args.output)
+    if out.suffix and out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise CLIError(f"--output {out}: unsupported image type {out.suffix!r} (use .png or a directory)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
+    sampling = sampling_arguments(args)
+    import torch
+
+    from ..pipeline import VQDiffusionPipeline, make_grid
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but CUDA is not available")
+    pipe = VQDiffusionPipeline.from_pretrained(args.model)
+    pipe.to(args.device, torch.bfloat16 if args.bf16 else None)
+    steps = args.num_inference_steps
+    if steps is not None and steps > pipe.schedule.num_timesteps:
+        raise CLIError(f"--steps must be in [1, {pipe.schedule.num_timesteps}] for this model, got {steps}")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    result = pipe(
+        args.prompt,
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+        progress=not args.quiet,
+        **sampling,
+    )
+    out = Path(args.output)
+    if out.suffix:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image = result.images[0] if len(result.images) == 1 else make_grid(result.images)
+        image.save(out)
+        written = [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, image in enumerate(result.images):
+            path = out / f"{i:04d}.png"
+            image.save(path)
+            written.append(path)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..pipeline import VQDiffusionPipeline
+
+    pipe = VQDiffusionPipeline.from_pretrained(args.model)
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.modules().items()}
+    report = {
+        "model": str(args.model),
+        "schedule": pipe.schedule.to_dict(),
+        "denoiser": pipe.denoiser.config.to_dict(),
+        "vqvae": pipe.vqvae.config.to_dict(),
+        "condition": pipe.condition_kind,
+        "text_encoder": None
+        if pipe.text_encoder is None
+        else {
+            "hidden_size": pipe.text_encoder.hidden_size,
+            "max_length": pipe.text_encoder.max_length,
+            "pad_token_id": pipe.text_encoder.pad_token_id,
+        },
+        "null_condition": (
+            ("learned" if pipe.null_condition is not None else "empty prompt")
+            if pipe.condition_kind == "text"
+            else pipe.null_class_label
+        ),
+        "defaults": pipe.defaults.to_dict(),
+        "parameters": {**counts, "total": sum(counts.values())},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+

@@ -1,0 +1,92 @@
+"""``vqdiffusion train-vqvae``: train a VQ-VAE image tokenizer on a folder of images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..models.vqvae import _PRESETS
+from ..training.checkpoint import find_latest_checkpoint, read_checkpoint_meta
+from ..training.vqvae import train_vqvae
+from ..training.vqvae_config import VQVAETrainConfig
+
+_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--image-size": ("image_size", int, "training image side in pixels (default 64)"),
+    "--resize": ("resize", str, "center_crop (default) or resize"),
+    "--preset": ("model_preset", str, f"model preset: {', '.join(sorted(_PRESETS))} (default tiny)"),
+    "--channels": ("block_out_channels", "ints", "channels per level, e.g. 64,128,256 (levels = count)"),
+    "--latent-channels": ("latent_channels", int, "encoder output channels"),
+    "--embed-dim": ("embed_dim", int, "codebook vector width D"),
+    "--codebook-size": ("num_embeddings", int, "codebook size K"),
+    "--layers-per-block": ("layers_per_block", int, "residual blocks per encoder level"),
+    "--norm-groups": ("norm_num_groups", int, "GroupNorm groups"),
+    "--batch-size": ("batch_size", int, "images per step (default 16)"),
+    "--steps": ("steps", int, "optimizer steps (default 10000)"),
+    "--mixed-precision": ("mixed_precision", str, "no (default) or bf16 autocast"),
+    "--lr": ("lr", float, "Adam learning rate (default 2e-4)"),
+    "--lr-warmup": ("lr_warmup", int, "linear warm-up steps (default 0)"),
+    "--lr-schedule": ("lr_schedule", str, "constant (default) or cosine"),
+    "--grad-clip": ("grad_clip", float, "clip the gradient norm to this value"),
+    "--recon-loss": ("recon_loss", str, "l1 (default) or mse"),
+    "--beta": ("commitment_beta", float, "commitment weight (default 0.25)"),
+    "--codebook-decay": ("codebook_decay", float, "EMA decay of the codebook (default 0.99)"),
+    "--dead-code-threshold": ("dead_code_threshold", int, "restart codes unused for N steps (0 = off)"),
+    "--codebook-init": ("codebook_init", str, "data (default: first batch's encoder outputs) or random"),
+    "--perceptual-weights": ("perceptual_weights", str, "local torchvision VGG16 weights (perceptual loss)"),
+    "--perceptual-weight": ("perceptual_weight", float, "weight of the perceptual loss (default 1)"),
+    "--gan-weight": ("gan_weight", float, "weight of the patch-GAN loss (default 0 = off)"),
+    "--gan-start-step": ("gan_start_step", int, "first step of the GAN loss (default 0)"),
+    "--save-every": ("save_every", int, "checkpoint + export interval in steps (default 1000)"),
+    "--sample-every": ("sample_every", int, "sample grid interval in steps (default 1000)"),
+    "--log-every": ("log_every", int, "metrics interval in steps (default 50)"),
+    "--keep-checkpoints": ("keep_checkpoints", int, "checkpoints kept (default 2)"),
+    "--seed": ("seed", int, "random seed (default 0)"),
+    "--device": ("device", str, "auto (default), cpu, cuda, cuda:N"),
+    "--num-workers": ("num_workers", int, "data loader processes (default 0)"),
+}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_train_vqvae_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``train-vqvae`` command to an ``argparse`` subparsers object; returns its parser."""
+    parser = subparsers.add_parser(
+        "train-vqvae",
+        help="train a VQ-VAE image tokenizer on a folder of images",
+        description="Train a VQ-VAE tokenizer; writes checkpoints, metrics and the exported OUT/vqvae.",
+    )
+    parser.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--no-flip", action="store_true", default=None, help="no random horizontal flips")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    for flag, (field, kind, text) in _FLAGS.items():
+        parser.add_argument(flag, dest=field, type=_ints if kind == "ints" else kind, default=None, help=text)
+    return parser
+
+
+def run_train_vqvae(args: argparse.Namespace) -> int:
+    """Run ``train-vqvae``.  Bad settings raise ValueError/ConfigError/FileNotFoundError for the CLI."""
+    overrides = {field: getattr(args, field) for field, _, _ in _FLAGS.values() if getattr(args, field) is not None}
+    if args.no_flip:
+        overrides["random_flip"] = False
+    overrides["progress"] = not args.quiet
+    overrides["data_dir"], overrides["output_dir"] = str(args.data_dir), str(args.out)
+    resume_path = None
+    if args.resume:
+        resume_path = find_latest_checkpoint(Path(args.out) / "checkpoints")
+        if resume_path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {Path(args.out) / 'checkpoints'}")
+        meta = read_checkpoint_meta(resume_path)
+        config = VQVAETrainConfig.from_dict({**meta["config"], **overrides})
+    else:
+        config = VQVAETrainConfig(**overrides)
+    exported = train_vqvae(config, resume=resume_path or False)
+    print(exported)
+    return 0

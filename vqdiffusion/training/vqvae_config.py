@@ -1,0 +1,206 @@
+"""The configuration of a tokenizer training run (saved in every checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import ConfigBase, ConfigError, check_positive
+from ..data.folders import RESIZE_MODES
+from ..models.vqvae import _PRESETS, VQVAEConfig
+from .codebook import CODEBOOK_INITS
+from .lr_schedule import LR_SCHEDULES
+
+RECON_LOSSES = ("l1", "mse")
+
+
+VQ_MIXED_PRECISION = ("no", "bf16")
+
+
+RESUMABLE_FIELDS = frozenset(
+    {
+        "steps",
+        "save_every",
+        "sample_every",
+        "log_every",
+        "keep_checkpoints",
+        "device",
+        "num_workers",
+        "progress",
+        "data_dir",
+        "output_dir",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAETrainConfig(ConfigBase):
+    """Everything a tokenizer training run depends on (saved in every checkpoint).
+
+    Attributes:
+        data_dir: folder of images (searched recursively; captions and class folders are ignored).
+        output_dir: where checkpoints, the exported ``vqvae/`` folder, metrics and samples go.
+        image_size: training side S (images are resized and centre-cropped, or resized, see ``resize``).
+        resize: ``"center_crop"`` or ``"resize"``.
+        random_flip: mirror each training image with probability 1/2.
+        model_preset: a :meth:`VQVAEConfig.preset` name the next fields override.
+        block_out_channels: channels per level (level count = ``len``); when the level count differs from
+            the preset's, self-attention is placed at the lowest resolution level only.
+        latent_channels, embed_dim, num_embeddings, layers_per_block, norm_num_groups: overrides (None
+            keeps the preset's value).
+        batch_size, steps: images per step and number of optimizer steps.
+        mixed_precision: ``"no"``, ``"bf16"`` (encoder, decoder and losses under bfloat16 autocast; the
+            nearest-code search and the EMA codebook stay float32).
+        lr, lr_warmup, lr_schedule, lr_decay_steps, min_lr: Adam learning rate, linear warm-up steps,
+            ``"constant"`` or ``"cosine"`` (decaying to ``min_lr`` at ``lr_decay_steps``, default ``steps``).
+        adam_betas, weight_decay, grad_clip: optimizer settings (``grad_clip`` None = no clipping).
+        recon_loss: ``"l1"`` or ``"mse"``.
+        commitment_beta: beta of the commitment term.
+        codebook_decay, codebook_eps: EMA decay and Laplace-smoothing epsilon of the codebook statistics.
+        dead_code_threshold: steps without any assignment after which a code is re-initialised (0 = never).
+        codebook_init: ``"data"`` sets the codes to random encoder outputs of the first batch; ``"random"``
+            keeps the model's initialisation.
+        perceptual_weights: a local VGG16 state dict (torchvision key layout, ``.safetensors``/``.pth``) for
+            the perceptual term, or None for none; ``perceptual_weight`` scales it.
+        gan_weight, gan_start_step, disc_channels, disc_lr: patch-GAN term (off when ``gan_weight`` is 0),
+            its first step, the discriminator width and learning rate (None = ``lr``).
+        save_every, sample_every, log_every: intervals in steps (checkpoint + export, sample grid, metrics).
+        keep_checkpoints: how many recent checkpoints are kept.
+        seed: seeds the model initialisation, batch order, flips and code restarts.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        num_workers: DataLoader worker processes.
+        progress: show a tqdm progress bar.
+    """
+
+    data_dir: str
+    output_dir: str
+    image_size: int = 64
+    resize: str = "center_crop"
+    random_flip: bool = True
+    model_preset: str = "tiny"
+    block_out_channels: tuple[int, ...] | None = None
+    latent_channels: int | None = None
+    embed_dim: int | None = None
+    num_embeddings: int | None = None
+    layers_per_block: int | None = None
+    norm_num_groups: int | None = None
+    batch_size: int = 16
+    steps: int = 10000
+    mixed_precision: str = "no"
+    lr: float = 2e-4
+    lr_warmup: int = 0
+    lr_schedule: str = "constant"
+    lr_decay_steps: int | None = None
+    min_lr: float = 0.0
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    recon_loss: str = "l1"
+    commitment_beta: float = 0.25
+    codebook_decay: float = 0.99
+    codebook_eps: float = 1e-5
+    dead_code_threshold: int = 100
+    codebook_init: str = "data"
+    perceptual_weights: str | None = None
+    perceptual_weight: float = 1.0
+    gan_weight: float = 0.0
+    gan_start_step: int = 0
+    disc_channels: int = 64
+    disc_lr: float | None = None
+    save_every: int = 1000
+    sample_every: int = 1000
+    log_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in ("data_dir", "output_dir"):
+            if not isinstance(getattr(self, field), str) or not getattr(self, field):
+                raise ConfigError(f"{name}: {field} must be a non-empty path string, got {getattr(self, field)!r}")
+        choices = {
+            "resize": RESIZE_MODES,
+            "lr_schedule": LR_SCHEDULES,
+            "recon_loss": RECON_LOSSES,
+            "codebook_init": CODEBOOK_INITS,
+            "mixed_precision": VQ_MIXED_PRECISION,
+            "model_preset": tuple(sorted(_PRESETS)),
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"{name}: {field} must be one of {list(allowed)}, got {getattr(self, field)!r}")
+        ints = {
+            "image_size": self.image_size,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "disc_channels": self.disc_channels,
+            "save_every": self.save_every,
+            "sample_every": self.sample_every,
+            "log_every": self.log_every,
+            "keep_checkpoints": self.keep_checkpoints,
+        }
+        nonneg = {
+            "lr_warmup": self.lr_warmup,
+            "dead_code_threshold": self.dead_code_threshold,
+            "gan_start_step": self.gan_start_step,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+        }
+        for key, value in {**ints, **nonneg, "lr_decay_steps": self.lr_decay_steps}.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{name}: {key} must be an integer, got {value!r}")
+        check_positive(name, **ints, lr=self.lr, codebook_eps=self.codebook_eps)
+        if self.lr_decay_steps is not None:
+            check_positive(name, lr_decay_steps=self.lr_decay_steps)
+        floats_nonneg = {
+            **nonneg,
+            "min_lr": self.min_lr,
+            "weight_decay": self.weight_decay,
+            "commitment_beta": self.commitment_beta,
+            "perceptual_weight": self.perceptual_weight,
+            "gan_weight": self.gan_weight,
+        }
+        for key, value in floats_nonneg.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ConfigError(f"{name}: {key} must be a number >= 0, got {value!r}")
+        if not 0.0 < self.codebook_decay < 1.0:
+            raise ConfigError(f"{name}: codebook_decay must be in (0, 1), got {self.codebook_decay}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"{name}: adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.grad_clip is not None:
+            check_positive(name, grad_clip=self.grad_clip)
+        if self.disc_lr is not None:
+            check_positive(name, disc_lr=self.disc_lr)
+        if self.disc_channels % 8:
+            raise ConfigError(f"{name}: disc_channels must be a multiple of 8, got {self.disc_channels}")
+        for key in ("random_flip", "progress"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{name}: {key} must be true or false, got {getattr(self, key)!r}")
+        if self.perceptual_weights is not None and self.image_size < 16:
+            raise ConfigError(f"{name}: the perceptual loss needs image_size >= 16, got {self.image_size}")
+        self.model_config()  # validates the overrides and image_size against the downsampling factor
+
+    def model_config(self) -> VQVAEConfig:
+        """The preset's :class:`VQVAEConfig` with this config's overrides and ``sample_size=image_size``."""
+        base = dict(_PRESETS[self.model_preset])
+        overrides = {
+            "latent_channels": self.latent_channels,
+            "embed_dim": self.embed_dim,
+            "num_embeddings": self.num_embeddings,
+            "layers_per_block": self.layers_per_block,
+            "norm_num_groups": self.norm_num_groups,
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        if self.block_out_channels is not None:
+            channels = tuple(self.block_out_channels)
+            if len(channels) != len(base["block_out_channels"]):
+                attention = (False,) * (len(channels) - 1) + (True,)
+                base["encoder_attention"] = base["decoder_attention"] = attention
+            base["block_out_channels"] = channels
+        base["sample_size"] = self.image_size
+        try:
+            return VQVAEConfig(**base)
+        except ConfigError as err:
+            raise ConfigError(f"{type(self).__name__}: invalid model settings: {err}") from None
