@@ -22,7 +22,7 @@ from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
 from vqdiffusion.config import ConfigError
 from vqdiffusion.convert.authors import convert_authors_checkpoint, write_authors_conversion
-from vqdiffusion.convert.common import ConversionError
+from vqdiffusion.formats.keymap import ConversionError
 from vqdiffusion.sampling import SamplingOptions, guided_predictor, sample_tokens
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from pipeline_fixtures import TinySpec, save_diffusers_pipeline
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
-from vqdiffusion.convert.diffusers_pipeline import save_diffusers_layout
+from vqdiffusion.formats.diffusers import save_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,7 +28,7 @@ def assert_same_weights(a: VQDiffusionPipeline, b: VQDiffusionPipeline) -> None:
 def test_ours_diffusers_ours_is_identity(tmp_path: Path, learnable_null: bool) -> None:
     save_diffusers_pipeline(tmp_path / "src", TinySpec(seed=4, learnable_null=learnable_null))
     ours = VQDiffusionPipeline.from_pretrained(tmp_path / "src", text_pad_token_id=None)
-    save_diffusers_layout(ours, tmp_path / "exported")
+    save_diffusers(ours.components, tmp_path / "exported")
     back = VQDiffusionPipeline.from_pretrained(tmp_path / "exported", text_pad_token_id=None)
     assert_same_weights(ours, back)
     assert back.schedule == ours.schedule
@@ -42,7 +42,7 @@ def test_diffusers_loads_our_export_and_matches_step_by_step(tmp_path: Path) -> 
 
     save_diffusers_pipeline(tmp_path / "src", TinySpec(seed=5))
     ours = VQDiffusionPipeline.from_pretrained(tmp_path / "src", text_pad_token_id=None)
-    out = save_diffusers_layout(ours, tmp_path / "exported")
+    out = save_diffusers(ours.components, tmp_path / "exported")
     ref = diffusers.VQDiffusionPipeline.from_pretrained(out)
     assert isinstance(ref.learned_classifier_free_sampling_embeddings, LearnedClassifierFreeSamplingEmbeddings)
     prompts = ["a red circle", "blue"]

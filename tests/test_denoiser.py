@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from vqdiffusion.config import ConfigError
-from vqdiffusion.convert.common import ConversionError
-from vqdiffusion.convert.diffusers_denoiser import (
+from vqdiffusion.formats.diffusers_denoiser import (
     denoiser_config_from_diffusers,
     denoiser_config_to_diffusers,
     denoiser_state_dict_from_diffusers,
     denoiser_state_dict_to_diffusers,
     diffusers_to_denoiser_key_map,
 )
+from vqdiffusion.formats.keymap import ConversionError
 from vqdiffusion.models.denoiser import DENOISER_PRESETS, Denoiser, DenoiserConfig, cat_cond_kv
 
 diffusers = pytest.importorskip("diffusers")

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from vqdiffusion.config import ConfigError
-from vqdiffusion.convert.common import ConversionError
-from vqdiffusion.convert.diffusers_vqvae import (
+from vqdiffusion.formats.diffusers_vqvae import (
     diffusers_to_vqvae_key_map,
     vqvae_config_from_diffusers,
     vqvae_config_to_diffusers,
     vqvae_state_dict_from_diffusers,
     vqvae_state_dict_to_diffusers,
 )
+from vqdiffusion.formats.keymap import ConversionError
 from vqdiffusion.models.vqvae import VQVAE, Codebook, VQVAEConfig
 
 diffusers = pytest.importorskip("diffusers")

@@ -1,12 +1,12 @@
 """Text-to-image pipeline: condition encoder -> discrete diffusion over VQ tokens -> VQ decoder.
 
-Reads our own layout (JSON configs + safetensors) and diffusers' VQ-Diffusion layout, writes ours.
+Reads our own layout (JSON configs + safetensors, :mod:`vqdiffusion.formats.ours`) and diffusers'
+VQ-Diffusion layout (:mod:`vqdiffusion.formats.diffusers`), writes ours.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,21 +16,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, read_json_object
-from .convert.diffusers_denoiser import denoiser_config_from_diffusers, denoiser_state_dict_from_diffusers
-from .convert.diffusers_vqvae import vqvae_config_from_diffusers, vqvae_state_dict_from_diffusers
+from .config import ConfigError
 from .diffusion import Generator, MaskReplaceSchedule
-from .io import atomic_write_text, find_weights, load_into, load_weights, save_safetensors
+from .formats import diffusers as diffusers_format
+from .formats import ours as ours_format
+from .formats.components import PipelineComponents
 from .models.conditions import CLIPTextCondition, LearnedNullCondition
 from .models.denoiser import Denoiser, DenoiserConfig
-from .models.vqvae import VQVAE, VQVAEConfig
+from .models.vqvae import VQVAE
 from .sampling import SamplingOptions, guided_predictor, sample_tokens
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "vqdiffusion-pipeline"
-FORMAT_VERSION = 1
-INDEX_FILE = "vqdiffusion.json"
 BUILTIN_PREFIX = "builtin:"
 # Models shipped inside the package (``vqdiffusion/assets/<name>``), loadable as ``"builtin:<name>"``.
 BUILTIN_MODELS = ("shapes",)
@@ -292,42 +289,34 @@ class VQDiffusionPipeline:
         """[B, h, w] tokens -> [B, 3, H, W] float32 images in [0, 1]."""
         return ((self.vqvae.decode_tokens(tokens).float() + 1) / 2).clamp(0, 1)
 
-    # -- persistence -------------------------------------------------------------------------------------
+    # -- components and persistence -------------------------------------------------------------------
+    @property
+    def components(self) -> PipelineComponents:
+        """The parts of this pipeline (what the model folder readers and writers exchange)."""
+        return PipelineComponents(
+            vqvae=self.vqvae,
+            denoiser=self.denoiser,
+            schedule=self.schedule,
+            text_encoder=self.text_encoder,
+            null_condition=self.null_condition,
+            defaults=self.defaults,
+            null_class_label=self.null_class_label,
+        )
+
+    @classmethod
+    def from_components(cls, components: PipelineComponents) -> VQDiffusionPipeline:
+        """A pipeline of ``components`` (checked to fit together)."""
+        return cls(**{f.name: getattr(components, f.name) for f in dataclasses.fields(components)})
+
     def save_pretrained(self, path: str | os.PathLike, *, weights_dtype: torch.dtype | None = None) -> None:
-        """Write our layout: ``vqdiffusion.json`` index, JSON configs and safetensors weights.
+        """Write our layout (:func:`vqdiffusion.formats.ours.save_ours`): ``vqdiffusion.json`` index, JSON
+        configs and safetensors weights.
 
         ``weights_dtype`` (e.g. ``torch.float16``) stores the VQ-VAE, denoiser and null-condition floating
         point weights in that dtype (half the size); loading casts them back to the modules' dtype.  The
         text encoder is always stored as it is.
         """
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        self.schedule.save_json(root / "schedule.json")
-        self.defaults.save_json(root / "defaults.json")
-
-        def stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            if weights_dtype is None:
-                return tensors
-            return {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-
-        for name, module in (("vqvae", self.vqvae), ("denoiser", self.denoiser)):
-            module.config.save_json(root / name / "config.json")
-            save_safetensors(stored(module.state_dict()), root / name / "model.safetensors")
-        index: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
-        if self.text_encoder is not None:
-            self.text_encoder.save_pretrained(root / "text_encoder", root / "tokenizer")
-            if self.null_condition is not None:
-                null = stored({"embedding": self.null_condition.embedding})
-                save_safetensors(null, root / "null_condition.safetensors")
-            index["condition"] = "text"
-            index["null_condition"] = "learned" if self.null_condition is not None else "empty_prompt"
-            index["text_pad_token_id"] = self.text_encoder.pad_token_id
-        else:
-            index["condition"] = self.condition_kind
-            if self.condition_kind == "class":
-                index["null_class_label"] = self.null_class_label
-        # The index is written last: a directory without it is an incomplete save.
-        atomic_write_text(root / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        ours_format.save_ours(self.components, path, weights_dtype=weights_dtype)
 
     @classmethod
     def from_pretrained(
@@ -351,93 +340,19 @@ class VQDiffusionPipeline:
             raise FileNotFoundError(f"model directory not found: {root}")
         if not root.is_dir():
             raise ValueError(f"{root} is a file, not a model directory")
-        if (root / INDEX_FILE).is_file():
-            pipe = cls._load_ours(root, text_pad_token_id)
-        elif (root / "model_index.json").is_file():
-            pipe = cls._load_diffusers(root, text_pad_token_id)
+        if (root / ours_format.INDEX_FILE).is_file():
+            components = ours_format.load_ours(root, text_pad_token_id=text_pad_token_id)
+        elif (root / diffusers_format.INDEX_FILE).is_file():
+            components = diffusers_format.load_diffusers(root, text_pad_token_id=text_pad_token_id)
         else:
             raise ValueError(
-                f"{root} is not a model directory: expected {INDEX_FILE} (vqdiffusion layout) or "
-                "model_index.json (diffusers layout)"
+                f"{root} is not a model directory: expected {ours_format.INDEX_FILE} (vqdiffusion layout) or "
+                f"{diffusers_format.INDEX_FILE} (diffusers layout)"
             )
+        pipe = cls.from_components(components)
         if device is not None or dtype is not None:
             pipe.to(device, dtype)
         return pipe
-
-    @classmethod
-    def _load_ours(cls, root: Path, text_pad_token_id: int | None | str) -> VQDiffusionPipeline:
-        index = read_json_object(root / INDEX_FILE)
-        if index.get("format") != FORMAT_NAME:
-            raise ValueError(f"{root / INDEX_FILE}: unknown format {index.get('format')!r}")
-        if index.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{root / INDEX_FILE}: format version {index.get('format_version')} is not supported "
-                f"(this vqdiffusion reads version {FORMAT_VERSION})"
-            )
-        kind = index.get("condition")
-        if kind not in ("text", "class", "none"):
-            raise ValueError(f"{root / INDEX_FILE}: condition kind {kind!r} is not supported (text, class, none)")
-        schedule = MaskReplaceSchedule.load_json(root / "schedule.json")
-        defaults = PipelineDefaults.load_json(root / "defaults.json") if (root / "defaults.json").exists() else None
-        vqvae = VQVAE(VQVAEConfig.load_json(root / "vqvae" / "config.json"))
-        load_into(vqvae, load_weights(root / "vqvae" / "model.safetensors"), f"{root}/vqvae")
-        denoiser = Denoiser(DenoiserConfig.load_json(root / "denoiser" / "config.json"))
-        load_into(denoiser, load_weights(root / "denoiser" / "model.safetensors"), f"{root}/denoiser")
-        if kind != "text":
-            return cls(
-                vqvae=vqvae,
-                denoiser=denoiser,
-                schedule=schedule,
-                defaults=defaults,
-                null_class_label=index.get("null_class_label") if kind == "class" else None,
-            )
-        pad = index.get("text_pad_token_id") if text_pad_token_id == "auto" else text_pad_token_id
-        text_encoder = CLIPTextCondition.from_pretrained(root / "text_encoder", root / "tokenizer", pad_token_id=pad)
-        null_condition = None
-        if index.get("null_condition") == "learned":
-            null_condition = _load_null_condition(root / "null_condition.safetensors", "embedding")
-        return cls(
-            vqvae=vqvae,
-            denoiser=denoiser,
-            schedule=schedule,
-            text_encoder=text_encoder,
-            null_condition=null_condition,
-            defaults=defaults,
-        )
-
-    @classmethod
-    def _load_diffusers(cls, root: Path, text_pad_token_id: int | None | str) -> VQDiffusionPipeline:
-        index = read_json_object(root / "model_index.json")
-        if index.get("_class_name") != "VQDiffusionPipeline":
-            raise ValueError(
-                f"{root / 'model_index.json'} describes a {index.get('_class_name')!r}, not a VQDiffusionPipeline"
-            )
-        weight_stems = ("diffusion_pytorch_model", "model")
-        vq_cfg = vqvae_config_from_diffusers(read_json_object(root / "vqvae" / "config.json"))
-        vqvae = VQVAE(vq_cfg)
-        vq_sd = load_weights(find_weights(root / "vqvae", weight_stems))
-        load_into(vqvae, vqvae_state_dict_from_diffusers(vq_sd, vq_cfg), f"{root}/vqvae")
-        den_cfg = denoiser_config_from_diffusers(read_json_object(root / "transformer" / "config.json"))
-        denoiser = Denoiser(den_cfg)
-        den_sd = load_weights(find_weights(root / "transformer", weight_stems))
-        load_into(denoiser, denoiser_state_dict_from_diffusers(den_sd, den_cfg), f"{root}/transformer")
-        schedule = schedule_from_diffusers(read_json_object(root / "scheduler" / "scheduler_config.json"))
-        pad = 0 if text_pad_token_id == "auto" else text_pad_token_id
-        text_encoder = CLIPTextCondition.from_pretrained(root / "text_encoder", root / "tokenizer", pad_token_id=pad)
-        null_condition = None
-        null_dir = root / "learned_classifier_free_sampling_embeddings"
-        if null_dir.is_dir():
-            null_cfg = read_json_object(null_dir / "config.json")
-            if null_cfg.get("learnable"):
-                null_condition = _load_null_condition(find_weights(null_dir, weight_stems), "embeddings")
-        return cls(
-            vqvae=vqvae,
-            denoiser=denoiser,
-            schedule=schedule,
-            text_encoder=text_encoder,
-            null_condition=null_condition,
-            defaults=PipelineDefaults(guidance_scale=5.0 if null_condition is not None else 1.0),
-        )
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -450,39 +365,12 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
         raise ValueError(f"unknown built-in model {text!r}; built-in models: {known}")
     root = Path(__file__).resolve().parent / "assets" / name
-    if not (root / INDEX_FILE).is_file():
+    if not (root / ours_format.INDEX_FILE).is_file():
         raise FileNotFoundError(
             f"the built-in model {text!r} is missing from this installation ({root}); reinstall vqdiffusion "
             "or rebuild it with scripts/train_default.sh"
         )
     return root
-
-
-def schedule_from_diffusers(config: dict[str, Any]) -> MaskReplaceSchedule:
-    """``VQDiffusionScheduler`` config (``num_vec_classes`` counts [MASK]) -> our schedule."""
-    try:
-        return MaskReplaceSchedule(
-            num_classes=int(config["num_vec_classes"]) - 1,
-            num_timesteps=int(config.get("num_train_timesteps", 100)),
-            alpha_cum_start=float(config.get("alpha_cum_start", 0.99999)),
-            alpha_cum_end=float(config.get("alpha_cum_end", 0.000009)),
-            gamma_cum_start=float(config.get("gamma_cum_start", 0.000009)),
-            gamma_cum_end=float(config.get("gamma_cum_end", 0.99999)),
-        )
-    except KeyError as err:
-        raise ConfigError(f"scheduler config lacks {err}") from None
-
-
-def schedule_to_diffusers(schedule: MaskReplaceSchedule) -> dict[str, Any]:
-    """Our schedule -> ``VQDiffusionScheduler`` config kwargs."""
-    return {
-        "num_vec_classes": schedule.num_classes + 1,
-        "num_train_timesteps": schedule.num_timesteps,
-        "alpha_cum_start": schedule.alpha_cum_start,
-        "alpha_cum_end": schedule.alpha_cum_end,
-        "gamma_cum_start": schedule.gamma_cum_start,
-        "gamma_cum_end": schedule.gamma_cum_end,
-    }
 
 
 def to_output_type(images: torch.Tensor, output_type: OutputType) -> Any:
@@ -530,11 +418,3 @@ def _check_condition_parts(
                 f"null_class_label={null_class_label!r} must be the last label row ({last}) of a class-conditional "
                 "denoiser, or None"
             )
-
-
-def _load_null_condition(path: Path, key: str) -> LearnedNullCondition:
-    """A weights file holding exactly one [L, D] tensor named ``key``."""
-    weights = load_weights(path)
-    if set(weights) != {key}:
-        raise ValueError(f"{path}: expected one tensor {key!r}, found {sorted(weights)}")
-    return LearnedNullCondition(weights[key].clone())

@@ -63,12 +63,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"{' '.join(authors_flags) or '--no-ema'} only apply to an authors' checkpoint file, not {src}")
     pipe = VQDiffusionPipeline.from_pretrained(args.src)
     if args.to == "diffusers":
-        from ..convert.diffusers_pipeline import save_diffusers_layout
+        from ..formats.diffusers import save_diffusers
 
-        save_diffusers_layout(pipe, out)
+        save_diffusers(pipe.components, out)
     else:
         pipe.save_pretrained(out)
     print(out)
     return 0
-
-

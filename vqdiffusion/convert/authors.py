@@ -21,7 +21,7 @@ Variants (the transformer ``target`` of the YAML):
 Every key of the checkpoint is either mapped (explicit key maps, shapes checked) or listed as ignored with
 a reason (optimizer, step counters, loss history, buffers recomputed from the schedule after checking
 them, the unused causal mask of the cross-attention, CLIP's text projection).  Anything else stops the
-conversion with a :class:`~vqdiffusion.convert.common.ConversionError` naming the key.
+conversion with a :class:`~vqdiffusion.formats.keymap.ConversionError` naming the key.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ import torch
 
 from ..config import ConfigError
 from ..diffusion import MaskReplaceSchedule
+from ..formats.keymap import ConversionError, convert_state_dict
 from ..io import atomic_write_text
 from ..models.conditions import CLIPTextCondition, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
 from .authors_files import StateDict, config_section, load_authors_checkpoint, read_authors_yaml, tensor_dict
 from .authors_vqvae import canonical_vqvae_state, used_code_table, vqvae_from_taming
-from .common import ConversionError, convert_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -716,9 +716,9 @@ def write_authors_conversion(conversion: AuthorsConversion, out_dir: str | os.Pa
     only), plus ``authors_source.json`` (provenance, diffusion training settings, ignored keys)."""
     out = Path(out_dir)
     if to == "diffusers":
-        from .diffusers_pipeline import save_diffusers_layout
+        from ..formats.diffusers import save_diffusers
 
-        save_diffusers_layout(conversion.pipeline, out)
+        save_diffusers(conversion.pipeline.components, out)
     elif to == "ours":
         conversion.pipeline.save_pretrained(out)
     else:

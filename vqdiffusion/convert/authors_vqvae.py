@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..formats.keymap import ConversionError, convert_state_dict
 from ..models.vqvae import VQVAE, VQVAEConfig
 from .authors_files import StateDict
-from .common import ConversionError, convert_state_dict
 
 logger = logging.getLogger(__name__)
 

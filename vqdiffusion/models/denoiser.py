@@ -10,7 +10,7 @@ embedding, then ``num_layers`` blocks of
 and a final LayerNorm + Linear head giving logits over the K real tokens (never [MASK]). AdaLN_t is a
 non-affine LayerNorm followed by ``x * (1 + scale) + shift`` with (scale, shift) predicted from an
 embedding of the step t. The parameter set is the one of diffusers' discrete ``Transformer2DModel``,
-one tensor for one tensor (see :mod:`vqdiffusion.convert.diffusers_denoiser`).
+one tensor for one tensor (see :mod:`vqdiffusion.formats.diffusers_denoiser`).
 """
 
 from __future__ import annotations

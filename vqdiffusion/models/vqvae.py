@@ -2,7 +2,7 @@
 
 The layout is the taming-transformers encoder/decoder that VQ-Diffusion's tokenizers and diffusers'
 ``VQModel`` share, so their weights load through an explicit key map (see
-``vqdiffusion.convert.diffusers_vqvae``):
+``vqdiffusion.formats.diffusers_vqvae``):
 
 * encoder: 3x3 stem conv, one *level* per entry of ``block_out_channels`` (``layers_per_block`` residual
   blocks, each optionally followed by single-head self-attention, then a stride-2 downsample on every level

@@ -13,7 +13,7 @@ import torch
 
 from ..config import ConfigError
 from ..models.denoiser import Denoiser, DenoiserConfig
-from .common import convert_state_dict, invert_key_map
+from .keymap import convert_state_dict, invert_key_map
 
 StateDict = dict[str, torch.Tensor]
 

@@ -2,7 +2,7 @@
 
 Configs: ``vqvae_config_from_diffusers`` / ``vqvae_config_to_diffusers`` translate the ``VQModel`` init
 arguments (its ``config.json``).  Weights: an explicit key map built from the config, applied by
-:func:`vqdiffusion.convert.common.convert_state_dict`, so every key on either side is accounted for and every
+:func:`vqdiffusion.formats.keymap.convert_state_dict`, so every key on either side is accounted for and every
 shape checked.  The two layouts hold the same tensors with the same shapes (diffusers' attention
 projections are ``nn.Linear`` like ours), so no tensor is reshaped; only names and the order of decoder
 levels change (diffusers numbers its ``up_blocks`` from the lowest resolution, we number levels by
@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError
 from ..models.vqvae import VQVAE, VQVAEConfig
-from .common import convert_state_dict, invert_key_map
+from .keymap import convert_state_dict, invert_key_map
 
 __all__ = [
     "diffusers_to_vqvae_key_map",
@@ -260,7 +260,7 @@ def vqvae_state_dict_from_diffusers(
 ) -> dict[str, torch.Tensor]:
     """Rename a diffusers ``VQModel`` state dict for ``VQVAE(config)``; load the result with ``strict=True``.
 
-    Raises :class:`~vqdiffusion.convert.common.ConversionError` on an unmapped, missing or mis-shaped key.
+    Raises :class:`~vqdiffusion.formats.keymap.ConversionError` on an unmapped, missing or mis-shaped key.
     """
     return convert_state_dict(
         state_dict,
