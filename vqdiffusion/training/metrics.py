@@ -6,10 +6,12 @@ import csv
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
+from io import StringIO
 from pathlib import Path
 from typing import Any
+
+from ..io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,12 @@ class CSVLogger:
                 self._writer = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", newline="") as f:
-            if self.columns:
-                writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-        os.replace(tmp, self.path)
+        text = StringIO(newline="")
+        if self.columns:
+            writer = csv.DictWriter(text, fieldnames=self.columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        atomic_write_text(self.path, text.getvalue())
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Append one row; values are written with ``repr`` precision."""
