@@ -77,5 +77,3 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
         raise CLIError(f"--two-object-fraction must be in [0, 1], got {args.two_object_fraction}")
     print(make_dataset(args.out_dir, args.n, args.seed, split=args.split, two_object_fraction=args.two_object_fraction))
     return 0
-
-

@@ -122,5 +122,3 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=2))
     return 0
-
-

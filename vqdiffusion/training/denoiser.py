@@ -184,5 +184,3 @@ def _save_samples(trainer: DenoiserTrainer, vqvae: VQVAE, path: Path) -> None:
     with torch.no_grad():
         rows = [vqvae.decode_tokens(real), samples.to(trainer.device) * 2 - 1]
     _save_grid(rows, path)
-
-

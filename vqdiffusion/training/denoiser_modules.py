@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..data.tokens import TokenDataset
 from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
 from ..models.denoiser import Denoiser
 from ..text_vocab import build_char_clip_tokenizer
@@ -111,3 +112,59 @@ class DenoiserTrainModule(nn.Module):
         self, x_t: torch.Tensor, t: torch.Tensor, cond_input: torch.Tensor | None, drop: torch.Tensor
     ) -> torch.Tensor:
         return self.denoiser(x_t, t, self.condition(cond_input, drop), validate=False)
+
+
+def build_train_module(
+    config: DenoiserTrainConfig, data: TokenDataset, device: torch.device
+) -> tuple[DenoiserTrainModule, CLIPTextCondition | None]:
+    """A freshly initialised :class:`DenoiserTrainModule` for the token folder ``data`` (its K, grid and
+    condition kind), on ``device``; and the frozen pretrained text model, if the run uses one.
+
+    Text: a trained CLIP-architecture text model (``text_model="train"``) or a frozen local CLIP; with
+    ``cond_drop_prob > 0`` a learned null text, started at the encoding of the empty prompt (where real
+    conditions live).  Classes: the denoiser's label AdaLN table, one row per class plus the null row
+    (the published ImageNet model's layout).  Unconditional: neither.
+    """
+    kind, use_null = data.condition_kind, config.cond_drop_prob > 0
+    text, frozen, null = None, None, None
+    cond_dim, label_rows, null_label = None, None, None
+    if kind == ConditionKind.TEXT:
+        if config.text_model == "train":
+            text = build_text_model(config)
+        elif config.text_encoder_dir is None:
+            raise ConfigError(
+                f"{data.root} holds captions: give text_encoder_dir and tokenizer_dir (a local CLIP, frozen) or "
+                "text_model='train' (train a small text model jointly)"
+            )
+        else:
+            frozen = CLIPTextCondition.from_pretrained(
+                config.text_encoder_dir, config.tokenizer_dir, pad_token_id=config.text_pad_token_id
+            ).to(device)
+            if config.cond_dim is not None and config.cond_dim != frozen.hidden_size:
+                raise ConfigError(
+                    f"cond_dim={config.cond_dim} differs from the text encoder's width {frozen.hidden_size}; "
+                    "drop cond_dim"
+                )
+        encoder = text or frozen
+        cond_dim = encoder.hidden_size
+        if use_null:
+            with torch.no_grad():
+                empty = encoder.encode_ids(encoder.tokenize([""]).to(encoder.device))[0].float().cpu()
+            null = LearnedNullCondition(empty.clone())
+    elif kind == ConditionKind.CLASS:
+        num_labels = len(data.class_names)
+        label_rows, null_label = num_labels + int(use_null), num_labels if use_null else None
+    denoiser = Denoiser(config.denoiser_config(data.num_classes, data.token_shape, cond_dim, label_rows))
+    init_denoiser_weights(denoiser)
+    module = DenoiserTrainModule(denoiser, text=text, null=null, null_label=null_label)
+    return module.to(device), frozen
+
+
+def adamw_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices, none on biases, norms and embeddings (the label
+    and step tables, the null text)."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "embedding" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

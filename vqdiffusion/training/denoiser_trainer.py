@@ -65,7 +65,7 @@ from ..config import ConfigError
 from ..data.tokens import TokenDataset
 from ..diffusion import ImportanceTimestepSampler, diffusion_loss, q_sample
 from ..io import load_into
-from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition, PromptIds
+from ..models.conditions import ConditionKind, PromptIds
 from ..models.denoiser import Denoiser
 from ..models.vqvae import VQVAE
 from ..pipeline import VQDiffusionPipeline
@@ -84,9 +84,8 @@ from .checkpoint import (
 )
 from .denoiser_config import RESUMABLE_FIELDS, DenoiserTrainConfig
 from .denoiser_modules import (
-    DenoiserTrainModule,
-    build_text_model,
-    init_denoiser_weights,
+    adamw_param_groups,
+    build_train_module,
     text_model_config_dict,
 )
 from .distributed import all_gather_rows, wrap_ddp
@@ -157,58 +156,16 @@ class DenoiserTrainer:
         self.schedule = config.schedule(k)
 
         seed_everything(config.seed)  # identical initialisation on every rank
-        self.frozen_text: CLIPTextCondition | None = None
-        text: CLIPTextCondition | None = None
-        use_null = config.cond_drop_prob > 0
-        cond_dim, label_rows, null_label = None, None, None
-        if self.kind == ConditionKind.TEXT:
-            if config.text_model == "train":
-                text = build_text_model(config)
-                cond_dim = text.hidden_size
-            else:
-                if config.text_encoder_dir is None:
-                    raise ConfigError(
-                        f"{data.root} holds captions: give text_encoder_dir and tokenizer_dir (a local CLIP, "
-                        "frozen) or text_model='train' (train a small text model jointly)"
-                    )
-                self.frozen_text = CLIPTextCondition.from_pretrained(
-                    config.text_encoder_dir, config.tokenizer_dir, pad_token_id=config.text_pad_token_id
-                ).to(self.device)
-                cond_dim = self.frozen_text.hidden_size
-                if config.cond_dim is not None and config.cond_dim != cond_dim:
-                    raise ConfigError(
-                        f"cond_dim={config.cond_dim} differs from the text encoder's width {cond_dim}; drop cond_dim"
-                    )
-        elif self.kind == ConditionKind.CLASS:
-            # the label AdaLN table of the published ImageNet model: one row per class, the last one the null
-            num_labels = len(data.class_names)
-            label_rows, null_label = num_labels + int(use_null), num_labels if use_null else None
-        denoiser = Denoiser(config.denoiser_config(k, data.token_shape, cond_dim, label_rows))
-        init_denoiser_weights(denoiser)
-        self.text_encoder = text or self.frozen_text
-        null: LearnedNullCondition | None = None
-        if self.kind == ConditionKind.TEXT and use_null:
-            # Start the null where real conditions live: the (unit-norm) encoding of the empty prompt.
-            with torch.no_grad():
-                ids = self.text_encoder.tokenize([""]).to(self.device)
-                empty = self.text_encoder.encode_ids(ids)[0].float().cpu()
-            null = LearnedNullCondition(empty.clone())
-        self.module = DenoiserTrainModule(denoiser, text=text, null=null, null_label=null_label)
+        self.module, self.frozen_text = build_train_module(config, data, self.device)
+        self.text_encoder = self.module.text or self.frozen_text
         self.module.to(self.device).train()
         self.ddp_module: nn.Module = self.module
         if world_size > 1:
             self.ddp_module = wrap_ddp(self.module, self.device)
             seed_everything(config.seed * world_size + rank)  # per-rank global RNG (DiT); draws use step_seed
 
-        decay, no_decay = [], []
-        for name, param in self.module.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim < 2 or "embedding" in name else decay).append(param)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr,
-            betas=tuple(config.adam_betas),
+            adamw_param_groups(self.module, config.weight_decay), lr=config.lr, betas=tuple(config.adam_betas)
         )
         self.ema = EMA(self.module, config.ema_decay)
         self.sampler = ImportanceTimestepSampler(self.schedule.num_timesteps, device=self.device)

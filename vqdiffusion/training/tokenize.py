@@ -106,44 +106,17 @@ def tokenize_dataset(
             f"image_size must be a positive multiple of the VQ-VAE's downsampling factor {f}, got {size!r}"
         )
     dataset = _open_dataset(kind, data_dir, size, resize)
-    skipped = list(dataset.skipped)
-    loader = DataLoader(_Items(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
-    k = config.num_embeddings
-    dtype = token_dtype(k)
-    chunks: list[torch.Tensor] = []
-    kept: list[int] = []
-    with tqdm(total=len(dataset), desc="tokenize", unit="img", disable=not progress) as bar:
-        for items in loader:
-            good = [(i, image) for i, image, _ in items if image is not None]
-            for i, _, reason in items:
-                if reason is not None:
-                    skipped.append((str(dataset.paths[i]), reason))
-                    logger.warning("%s: %s; skipped", dataset.paths[i], reason)
-            if good:
-                images = torch.stack([image for _, image in good]).to(torch_device)
-                with torch.inference_mode():
-                    chunks.append(vqvae.encode(images).to("cpu", dtype))
-                kept.extend(i for i, _ in good)
-            bar.update(len(items))
+    tokens, kept, skipped = _encode_all(dataset, vqvae, torch_device, batch_size, num_workers, progress)
     if not kept:
         raise ValueError(f"{data_dir}: no image could be decoded (see the warnings above)")
-    tokens = torch.cat(chunks)
     root = Path(dataset.root)
-    records: list[dict[str, Any]] = []
-    for i in kept:
-        record: dict[str, Any] = {"file": dataset.paths[i].relative_to(root).as_posix()}
-        extras = dataset._extras[i]
-        if kind == "captions":
-            record["caption"] = extras["caption"]
-        elif kind == "classes":
-            record["label"] = int(extras["label"])
-        records.append(record)
+    records = [_record(dataset, i, kind) for i in kept]
     write_token_folder(
         out,
         tokens,
         records,
         kind=kind,
-        num_classes=k,
+        num_classes=config.num_embeddings,
         image_size=size,
         resize=resize,
         data_dir=root,
@@ -157,10 +130,38 @@ def tokenize_dataset(
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------
+def _encode_all(
+    dataset: Any, vqvae: Any, device: torch.device, batch_size: int, num_workers: int, progress: bool
+) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+    """Tokens [n, h, w] of every image that decodes, the dataset indices kept, and the files skipped (the
+    folder's own plus undecodable images, each with its reason)."""
+    skipped = list(dataset.skipped)
+    loader = DataLoader(_Items(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    dtype = token_dtype(vqvae.config.num_embeddings)
+    chunks: list[torch.Tensor] = []
+    kept: list[int] = []
+    with tqdm(total=len(dataset), desc="tokenize", unit="img", disable=not progress) as bar:
+        for items in loader:
+            good = [(i, image) for i, image, _ in items if image is not None]
+            for i, _, reason in items:
+                if reason is not None:
+                    skipped.append((str(dataset.paths[i]), reason))
+                    logger.warning("%s: %s; skipped", dataset.paths[i], reason)
+            if good:
+                images = torch.stack([image for _, image in good]).to(device)
+                with torch.inference_mode():
+                    chunks.append(vqvae.encode(images).to("cpu", dtype))
+                kept.extend(i for i, _ in good)
+            bar.update(len(items))
+    return (torch.cat(chunks) if chunks else torch.empty(0)), kept, skipped
 
 
-
-
+def _record(dataset: Any, index: int, kind: str) -> dict[str, Any]:
+    """The token folder's record of one image: its file relative to the data folder, its caption or label."""
+    record: dict[str, Any] = {"file": dataset.paths[index].relative_to(Path(dataset.root)).as_posix()}
+    extras = dataset._extras[index]
+    if kind == "captions":
+        record["caption"] = extras["caption"]
+    elif kind == "classes":
+        record["label"] = int(extras["label"])
+    return record
