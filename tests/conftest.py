@@ -1,12 +1,12 @@
-"""Shared pytest fixtures.  Plain helpers live in ``helpers.py`` (importable as ``from helpers import ...``
-because pytest puts this folder on ``sys.path``)."""
+"""Shared pytest fixtures.  Plain helpers live in the ``support`` package (``from support.tokenizers import
+...``; pytest puts this folder on ``sys.path``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_clip
+from support.tokenizers import make_tiny_clip
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from pipeline_fixtures import TinySpec, save_diffusers_pipeline
+from support.weights import TinySpec, save_diffusers_pipeline
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main

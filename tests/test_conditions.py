@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BOS, EOS, expected_ids, make_tiny_clip, tiny_clip_vocab
 from safetensors.torch import load_file, save_file
+from support.tokenizers import BOS, EOS, expected_ids, make_tiny_clip, tiny_clip_vocab
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from vqdiffusion.config import ConfigError

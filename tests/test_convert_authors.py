@@ -8,7 +8,6 @@ a direct re-implementation of the authors' forward passes written from those key
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import pickle
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support.tokenizers import write_authors_bpe
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
@@ -192,13 +192,6 @@ def taming_state(n_embed: int, gen: torch.Generator, *, quantizer: str = "ema") 
         s["quantize.embed.weight"] = codebook
         conv("quantize.proj", n_embed, 32, 1)
     return s
-
-
-def write_bpe(path: Path) -> Path:
-    """A tiny bpe_simple_vocab_16e6.txt.gz: a header line, then merges."""
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("\n".join(['"bpe_simple_vocab_16e6.txt#version: 0.2', *MERGES]) + "\n")
-    return path
 
 
 BPE_VOCAB = 512 + len(MERGES) + 2
@@ -498,7 +491,7 @@ def text_files(tmp_path_factory):
     files = {
         "ckpt": save_checkpoint(root / "ithq_learnable.pth", raw, ema, codec_copy(vq)),
         "yaml": write_yaml(root / "ithq.yaml", "text", K, codec="ema_vqvae.PatchVQVAE"),
-        "bpe": write_bpe(root / "bpe_simple_vocab_16e6.txt.gz"),
+        "bpe": write_authors_bpe(root / "bpe_simple_vocab_16e6.txt.gz", MERGES),
         "root": root,
     }
     return files, raw, ema, vq

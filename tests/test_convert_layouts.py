@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_fixtures import TinySpec, save_diffusers_pipeline
+from support.weights import TinySpec, save_diffusers_pipeline
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_tokenize import make_token_dir
+from support.data import make_token_dir
 
 from vqdiffusion.training.checkpoint import load_checkpoint
 from vqdiffusion.training.denoiser import train_denoiser

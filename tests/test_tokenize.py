@@ -6,60 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
+from support.data import CAPTIONS, make_caption_folder, make_token_dir
+from support.weights import make_vqvae_dir
 
 from vqdiffusion.cli.tokenize import add_tokenize_parser, run_tokenize
 from vqdiffusion.data.folders import image_to_tensor, load_image
 from vqdiffusion.data.tokens import TokenDataset
 from vqdiffusion.io import load_into, load_weights
-from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig, save_vqvae
+from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig
 from vqdiffusion.training.tokenize import tokenize_dataset
-
-CAPTIONS = (
-    "a red square",
-    "a blue circle",
-    "green stripes",
-    "a yellow dot",
-    "two red squares",
-    "blue sky",
-    "a black cat",
-    "white noise",
-)
-
-
-def make_vqvae_dir(root: Path, seed: int = 0) -> Path:
-    """A tiny random VQ-VAE (K = 16, f = 2) exported to ``root``; its codes are encoder outputs of random
-    images, so that random images use many codes."""
-    torch.manual_seed(seed)
-    model = VQVAE(VQVAEConfig.preset("tiny"))
-    with torch.no_grad():
-        z = model.encode_latents(torch.rand(4, 3, 8, 8) * 2 - 1)  # [4, D, 4, 4]
-        z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        model.codebook.weight.copy_(z[torch.randperm(z.shape[0])[:16]])
-    return save_vqvae(model, root)
-
-
-def make_caption_folder(root: Path, size: int = 8, count: int = 8, seed: int = 0) -> Path:
-    """``count`` random ``size`` x ``size`` PNGs with sidecar captions (``CAPTIONS``)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"img_{i}.png")
-        (root / f"img_{i}.txt").write_text(CAPTIONS[i % len(CAPTIONS)])
-    return root
-
-
-def make_token_dir(root: Path, size: int = 8, count: int = 8) -> tuple[Path, Path]:
-    """(token folder, VQ-VAE folder) of a random caption folder under ``root``."""
-    vqvae_dir = make_vqvae_dir(root / "vqvae")
-    data_dir = make_caption_folder(root / "data", size=size, count=count)
-    tokens = tokenize_dataset(data_dir, vqvae_dir, root / "tokens", image_size=size, device="cpu", progress=False)
-    return tokens, vqvae_dir
 
 
 @pytest.fixture(scope="module")

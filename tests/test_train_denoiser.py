@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_tokenize import make_caption_folder, make_token_dir, make_vqvae_dir
+from support.data import make_caption_folder, make_token_dir
+from support.weights import make_vqvae_dir
 
 from vqdiffusion.cli.export import add_export_parser, run_export
 from vqdiffusion.cli.train import add_train_parser, run_train

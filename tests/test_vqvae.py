@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from support.weights import randomize_
 
 from vqdiffusion.config import ConfigError
 from vqdiffusion.formats.diffusers_vqvae import (
@@ -62,27 +63,16 @@ CONFIGS = {
 }
 
 
-def randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Overwrite every parameter with moderate random values so that no path is trivially zero or identity.
-
-    GroupNorm scales ~ N(1, 0.1^2), everything else ~ N(0, 0.1^2); the codebook ~ N(0, 0.3^2), about the
-    scale of the encoder's latents (see `diffusers_pair`, which matches it exactly).
-    """
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif "embedding" in name or "codebook" in name:
-                p.copy_(0.3 * noise)
-            else:
-                p.copy_(0.1 * noise)
+# Moderate random weights, so that no path is trivially zero or identity: GroupNorm scales ~ N(1, 0.1^2),
+# everything else ~ N(0, 0.1^2); the codebook ~ N(0, 0.3^2), about the scale of the encoder's latents (see
+# `diffusers_pair`, which matches it exactly).
+NOISE = dict(std=0.1, gain_std=0.1, std_by_name={"embedding": 0.3, "codebook": 0.3})
 
 
 def diffusers_pair(config: VQVAEConfig, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     reference = diffusers.VQModel(**vqvae_config_to_diffusers(config)).eval()
-    randomize_(reference, generator)
+    randomize_(reference, generator, **NOISE)
     with torch.no_grad():
         # codebook on the scale of the latents (per channel), so that images map to many different codes
         side = 4 * config.downsample_factor
@@ -103,7 +93,7 @@ def random_images(batch: int, height: int, width: int, seed: int = 1) -> torch.T
 def tiny_model(seed: int = 0) -> VQVAE:
     torch.manual_seed(seed)
     model = VQVAE(VQVAEConfig.preset("tiny")).eval()
-    randomize_(model, torch.Generator().manual_seed(seed))
+    randomize_(model, torch.Generator().manual_seed(seed), **NOISE)
     return model
 
 
@@ -170,7 +160,7 @@ def test_decode_tokens_clamp_flag() -> None:
 def test_state_dict_round_trip_through_diffusers(name: str) -> None:
     config = CONFIGS[name]
     ours = VQVAE(config)
-    randomize_(ours, torch.Generator().manual_seed(5))
+    randomize_(ours, torch.Generator().manual_seed(5), **NOISE)
     reference = diffusers.VQModel(**vqvae_config_to_diffusers(config))
     reference.load_state_dict(vqvae_state_dict_to_diffusers(ours.state_dict(), config), strict=True)
     back = vqvae_state_dict_from_diffusers(reference.state_dict(), config)

@@ -142,19 +142,19 @@ def guided_predictor(
     if guidance_scale != 1.0 and null_cond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a null condition; pass null_cond or use 1.0")
     if guidance_scale == 1.0:
-        cond_kv = denoiser.precompute_cond_kv(cond) if cond is not None else None
+        cond_cache = denoiser.precompute_condition(cond) if cond is not None else None
 
         def predict(x_t: torch.Tensor, t: int) -> torch.Tensor:
-            return denoiser(x_t, t, cond_kv=cond_kv, validate=False)
+            return denoiser(x_t, t, cond_cache=cond_cache, validate=False)
 
         return predict
 
-    both_kv = denoiser.precompute_cond_kv(torch.cat([null_cond, cond]))
+    both_kv = denoiser.precompute_condition(torch.cat([null_cond, cond]))
     scale = float(guidance_scale)
 
     def predict_guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
         # x_t is shared by the two condition groups (the first self-attention runs once): [2B, K, N]
-        logits = denoiser(x_t, t, cond_kv=both_kv, validate=False, return_logits=True)
+        logits = denoiser(x_t, t, cond_cache=both_kv, validate=False, return_logits=True)
         logits_u, logits_c = logits.chunk(2)  # [B, K, N] each
         return guided_log_probs(logits_u, logits_c, scale)
 

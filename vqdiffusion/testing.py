@@ -8,6 +8,7 @@ that ours can be checked against it (``save_pretrained`` gives a diffusers-layou
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
@@ -34,12 +35,32 @@ class RandomPipelineSpec:
     seed: int = 0
 
 
-def randomize_(module: torch.nn.Module, seed: int, std: float) -> None:
-    """Overwrite every parameter with N(0, std^2) noise from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
+def randomize_(
+    module: torch.nn.Module,
+    seed: int | torch.Generator,
+    std: float = 0.2,
+    *,
+    gain_std: float | None = None,
+    std_by_name: Mapping[str, float] | None = None,
+) -> torch.nn.Module:
+    """Overwrite every parameter, in ``named_parameters`` order, with noise z ~ N(0, 1) drawn from ``seed``
+    (an int, or a ``torch.Generator`` that is advanced in place), and return ``module``.
+
+    A parameter becomes ``std * z``, except: with ``gain_std``, normalisation gains (1-D parameters whose
+    name contains "norm" and ends in "weight") become ``1 + gain_std * z``, which keeps activations spread
+    where an implementation zero-initialises them; ``std_by_name`` maps a name substring to another std
+    (the first match wins; gains take precedence).
+    """
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if gain_std is not None and p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + noise * gain_std)
+                continue
+            scale = next((v for k, v in (std_by_name or {}).items() if k in name), std)
+            p.copy_(noise * scale)
+    return module
 
 
 def random_diffusers_pipeline(spec: RandomPipelineSpec | None = None):

@@ -38,9 +38,10 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-# Cross-attention keys and values of a condition batch: one (k, v) pair per block, each
-# [B, heads, L, head_dim] in the module's dtype. Empty for an unconditional denoiser.
-CondKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+# What each block reads of a condition batch, computed once per sampling run: for a text condition the
+# cross-attention (keys, values), each [B, heads, L, head_dim]; for class labels the MLP norm's label AdaLN
+# (scale, shift), each [B, 1, D]; empty for an unconditional denoiser.  In the module's dtype.
+ConditionCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,10 +322,10 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        cond_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        cond_cache: tuple[torch.Tensor, torch.Tensor] | None,
         groups: int = 1,
     ) -> torch.Tensor:
-        """x [B, N, D], t [groups * B] long, cond_kv (k, v) each [groups * B, heads, L, head_dim] or None;
+        """x [B, N, D], t [groups * B] long, cond_cache (k, v) each [groups * B, heads, L, head_dim] or None;
         for a class-conditional block, (scale, shift) of the MLP norm, each [groups * B, 1, D].
 
         Returns [groups * B, N, D]. With ``groups > 1`` (guidance: the same x_t for every condition group)
@@ -335,22 +336,22 @@ class Block(nn.Module):
         if groups > 1:
             x = x.repeat(groups, 1, 1)
         if self.cross_attn is not None:
-            x = self.cross_attn(self.norm_cross(x, t), cond_kv).add_(x)
+            x = self.cross_attn(self.norm_cross(x, t), cond_cache).add_(x)
         if isinstance(self.norm_mlp, AdaLayerNorm):
-            return self.mlp(self.norm_mlp.modulate(x, *cond_kv)).add_(x)
+            return self.mlp(self.norm_mlp.modulate(x, *cond_cache)).add_(x)
         return self.mlp(self.norm_mlp(x)).add_(x)
 
 
-def cat_cond_kv(*parts: CondKV) -> CondKV:
-    """Concatenate CondKVs along the batch (e.g. [null; cond] for classifier-free guidance).
+def cat_condition_caches(*parts: ConditionCache) -> ConditionCache:
+    """Concatenate condition caches along the batch (e.g. [null; cond] for classifier-free guidance).
 
     All parts must come from the same denoiser and have the same condition length L. The simpler route is
-    ``denoiser.precompute_cond_kv(torch.cat([null_cond, cond]))``; this helper is for CondKVs already built.
+    ``denoiser.precompute_condition(torch.cat([null_cond, cond]))``; this helper is for condition caches already built.
     """
     if not parts:
-        raise ValueError("cat_cond_kv needs at least one CondKV")
+        raise ValueError("cat_condition_caches needs at least one ConditionCache")
     if len({len(p) for p in parts}) != 1:
-        raise ValueError(f"CondKVs have different numbers of blocks: {[len(p) for p in parts]}")
+        raise ValueError(f"condition caches have different numbers of blocks: {[len(p) for p in parts]}")
     per_block = zip(*parts, strict=True)  # for each block: its (k, v) in every part
     return tuple((torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])) for kvs in per_block)
 
@@ -378,21 +379,23 @@ class Denoiser(nn.Module):
         table = (rows.unsqueeze(1) + cols.unsqueeze(0)).view(-1, self.config.dim)
         return table if self.config.position_grid is None else table[: self.config.num_tokens]
 
-    def precompute_cond_kv(self, cond: torch.Tensor) -> CondKV:
-        """The condition's cross-attention keys/values for every block, computed once per sampling run.
+    def precompute_condition(self, cond: torch.Tensor) -> ConditionCache:
+        """What every block reads of the condition, computed once per sampling run (:data:`ConditionCache`).
 
         Args:
-            cond: [B, L, cond_dim] float (cast to the module's dtype).
+            cond: [B, L, cond_dim] float (cast to the module's dtype), or [B] long labels for a
+                class-conditional model.
         Returns:
-            One (k, v) pair per block, each [B, heads, L, head_dim]; ``()`` for an unconditional model
+            One pair per block: cross-attention (k, v), each [B, heads, L, head_dim], or the label AdaLN
+            (scale, shift), each [B, 1, D]; ``()`` for an unconditional model
             (``cond`` must then be None). For guidance, call it once on ``torch.cat([null_cond, cond])``
-            (or join existing ones with :func:`cat_cond_kv`) and pass the un-duplicated x_t [B, N] to
+            (or join existing ones with :func:`cat_condition_caches`) and pass the un-duplicated x_t [B, N] to
             :meth:`forward`, which returns the [null; cond] rows, [2B, K, N].
         """
         self._check_cond(cond, None)
-        return self._key_values(cond)
+        return self._condition_cache(cond)
 
-    def _key_values(self, cond: torch.Tensor | None) -> CondKV:
+    def _condition_cache(self, cond: torch.Tensor | None) -> ConditionCache:
         if cond is None:
             return ()
         if self.config.num_class_labels is not None:  # labels -> each block's MLP-norm (scale, shift)
@@ -418,32 +421,32 @@ class Denoiser(nn.Module):
             return
         want = f"[{'B' if batch is None else batch}, L, {cfg.cond_dim}]"
         if cond is None:
-            raise ValueError(f"this denoiser needs a condition {want} (or cond_kv); got None")
+            raise ValueError(f"this denoiser needs a condition {want} (or cond_cache); got None")
         if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
             raise ValueError(f"cond must be a floating-point tensor {want}, got {_describe(cond)}")
         if cond.ndim != 3 or cond.shape[2] != cfg.cond_dim or (batch is not None and cond.shape[0] != batch):
             raise ValueError(f"cond must be {want}, got {tuple(cond.shape)}")
 
-    def _cond_groups(self, cond_kv: CondKV, batch: int) -> int:
-        """Check ``cond_kv`` against x_t's batch B; return G, the number of condition rows per x_t row."""
+    def _cond_groups(self, cond_cache: ConditionCache, batch: int) -> int:
+        """Check ``cond_cache`` against x_t's batch B; return G, the number of condition rows per x_t row."""
         cfg = self.config
         expected = cfg.num_layers if cfg.condition_kind != "none" else 0
-        if len(cond_kv) != expected:
-            raise ValueError(f"cond_kv has {len(cond_kv)} entries, expected {expected} (one per block)")
+        if len(cond_cache) != expected:
+            raise ValueError(f"cond_cache has {len(cond_cache)} entries, expected {expected} (one per block)")
         if not expected:
             return 1
-        shape = tuple(cond_kv[0][0].shape)
+        shape = tuple(cond_cache[0][0].shape)
         if cfg.num_class_labels is not None:
             if len(shape) != 3 or shape[1:] != (1, cfg.dim) or shape[0] % batch:
                 raise ValueError(
-                    f"cond_kv entries must be [G * {batch}, 1, {cfg.dim}] for x_t of batch {batch}, got {shape}; "
-                    "build them with precompute_cond_kv"
+                    f"cond_cache entries must be [G * {batch}, 1, {cfg.dim}] for x_t of batch {batch}, got {shape}; "
+                    "build them with precompute_condition"
                 )
             return shape[0] // batch
         if len(shape) != 4 or (shape[1], shape[3]) != (cfg.num_heads, cfg.head_dim) or shape[0] % batch:
             raise ValueError(
-                f"cond_kv keys must be [G * {batch}, {cfg.num_heads}, L, {cfg.head_dim}] for x_t of batch "
-                f"{batch}, got {shape}; build them with precompute_cond_kv"
+                f"cond_cache keys must be [G * {batch}, {cfg.num_heads}, L, {cfg.head_dim}] for x_t of batch "
+                f"{batch}, got {shape}; build them with precompute_condition"
             )
         return shape[0] // batch
 
@@ -464,7 +467,7 @@ class Denoiser(nn.Module):
         t: int | torch.Tensor,
         cond: torch.Tensor | None = None,
         *,
-        cond_kv: CondKV | None = None,
+        cond_cache: ConditionCache | None = None,
         validate: bool = True,
         return_logits: bool = False,
     ) -> torch.Tensor:
@@ -474,15 +477,15 @@ class Denoiser(nn.Module):
             x_t: [B, N] long (or int32) tokens in [0, K]; K is [MASK].
             t: [B] integer steps in [0, T), one per sample; an int or 0-d tensor applies to the whole batch.
             cond: [B, L, cond_dim] condition ([B] long labels for a class-conditional model); None when
-                ``cond_kv`` is given or the model is unconditional.
-            cond_kv: keys/values from :meth:`precompute_cond_kv` (instead of ``cond``). They may hold
+                ``cond_cache`` is given or the model is unconditional.
+            cond_cache: keys/values from :meth:`precompute_condition` (instead of ``cond``). They may hold
                 G * B conditions (e.g. [null; text] for guidance): x_t and t are then shared by the G
                 groups, the first self-attention runs once, and the output has G * B rows, group-major.
             validate: check token and step ranges (one host sync; the sampling loop passes False).
                 Shapes and dtypes are always checked.
             return_logits: return unnormalised logits instead of log-probabilities.
         Returns:
-            [G * B, K, N] float32 log-probabilities (G = 1 unless ``cond_kv`` says otherwise); log_softmax
+            [G * B, K, N] float32 log-probabilities (G = 1 unless ``cond_cache`` says otherwise); log_softmax
             over K is computed in float32 whatever the module dtype. It is a transposed view of a
             contiguous [G * B, N, K] tensor, so it is *not* contiguous; call ``.contiguous()`` if needed.
         """
@@ -495,13 +498,13 @@ class Denoiser(nn.Module):
         batch = x_t.shape[0]
         t = self._steps(t, batch, x_t.device)
         groups = 1
-        if cond_kv is None:
+        if cond_cache is None:
             self._check_cond(cond, batch)
-            cond_kv = self._key_values(cond)
+            cond_cache = self._condition_cache(cond)
         elif cond is not None:
-            raise ValueError("pass either cond or cond_kv, not both")
+            raise ValueError("pass either cond or cond_cache, not both")
         else:
-            groups = self._cond_groups(cond_kv, batch)
+            groups = self._cond_groups(cond_cache, batch)
         if validate:
             self._check_ranges(x_t, t)
         if groups > 1:
@@ -510,7 +513,7 @@ class Denoiser(nn.Module):
         hidden = self.token_embedding(x_t)  # [B, N, D]; fresh tensor, so the in-place add is safe
         hidden += self.position_embedding()  # broadcast over the batch, no per-sample copy
         for i, block in enumerate(self.blocks):
-            hidden = block(hidden, t, cond_kv[i] if cond_kv else None, groups if i == 0 else 1)
+            hidden = block(hidden, t, cond_cache[i] if cond_cache else None, groups if i == 0 else 1)
         logits = self.head(self.norm_out(hidden)).float()  # [G * B, N, K]; no-op cast in float32
         out = logits if return_logits else torch.log_softmax(logits, dim=-1)
         return out.transpose(1, 2)

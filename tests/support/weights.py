@@ -1,0 +1,44 @@
+"""Random weights and random models for tests.
+
+``randomize_``, ``RandomPipelineSpec`` and ``random_diffusers_pipeline`` live in :mod:`vqdiffusion.testing`
+(the benchmarks use them too) and are re-exported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig, save_vqvae
+from vqdiffusion.testing import RandomPipelineSpec, random_diffusers_pipeline, randomize_
+
+__all__ = [
+    "RandomPipelineSpec",
+    "TinySpec",
+    "make_vqvae_dir",
+    "random_diffusers_pipeline",
+    "randomize_",
+    "save_diffusers_pipeline",
+]
+
+TinySpec = RandomPipelineSpec
+
+
+def save_diffusers_pipeline(path: Path, spec: RandomPipelineSpec | None = None):
+    """Build a random diffusers pipeline, save it to ``path`` (diffusers layout) and return it."""
+    pipe = random_diffusers_pipeline(spec or RandomPipelineSpec())
+    pipe.save_pretrained(str(path))
+    return pipe
+
+
+def make_vqvae_dir(root: Path, seed: int = 0) -> Path:
+    """A tiny random VQ-VAE (K = 16, f = 2) exported to ``root``; its codes are encoder outputs of random
+    images, so that random images use many codes."""
+    torch.manual_seed(seed)
+    model = VQVAE(VQVAEConfig.preset("tiny"))
+    with torch.no_grad():
+        z = model.encode_latents(torch.rand(4, 3, 8, 8) * 2 - 1)  # [4, D, 4, 4]
+        z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        model.codebook.weight.copy_(z[torch.randperm(z.shape[0])[:16]])
+    return save_vqvae(model, root)
