@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from support.weights import randomize_
 
 from vqdiffusion.config import ConfigError
 from vqdiffusion.formats.diffusers_denoiser import (
@@ -50,20 +51,10 @@ CONFIGS = {
 # float64, we in float32; measured 5e-7 to 2e-6 on these configs).
 FP32_TOL = 1e-4
 
-
-def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
-    """Overwrite every parameter with N(0, std^2), LayerNorm gains with 1 + N(0, std^2).
-
-    diffusers zero-initialises some parameters; gains near 1 keep the logits spread (log-probs over
-    about [-9, 0]) so that small numerical differences between the two implementations show.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * std
-            is_gain = param.ndim == 1 and "norm" in name and name.endswith("weight")
-            param.copy_(1 + noise if is_gain else noise)
-    return module.eval()
+# Random weights N(0, 0.2^2) with LayerNorm gains 1 + N(0, 0.2^2): diffusers zero-initialises some parameters;
+# gains near 1 keep the logits spread (log-probs over about [-9, 0]) so that small numerical differences
+# between the two implementations show.
+GAIN_STD = 0.2
 
 
 def random_inputs(cfg: DenoiserConfig, batch: int = 3, length: int = 5, seed: int = 0):
@@ -78,7 +69,7 @@ def random_inputs(cfg: DenoiserConfig, batch: int = 3, length: int = 5, seed: in
 
 def diffusers_model(cfg: DenoiserConfig, seed: int):
     model = diffusers.Transformer2DModel(**denoiser_config_to_diffusers(cfg))
-    return randomize_(model, seed)
+    return randomize_(model, seed, gain_std=GAIN_STD).eval()
 
 
 def ours_from(ref, cfg: DenoiserConfig) -> Denoiser:
@@ -98,7 +89,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny() -> Denoiser:
-    return randomize_(Denoiser(DENOISER_PRESETS["tiny"]), seed=7)
+    return randomize_(Denoiser(DENOISER_PRESETS["tiny"]), 7, gain_std=GAIN_STD).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,7 +156,7 @@ def test_key_map_covers_diffusers_state_dict_exactly() -> None:
 
 def test_state_dict_round_trip_is_identity() -> None:
     for cfg in CONFIGS.values():
-        ours = randomize_(Denoiser(cfg), seed=3)
+        ours = randomize_(Denoiser(cfg), 3, gain_std=GAIN_STD).eval()
         state = ours.state_dict()
         theirs = denoiser_state_dict_to_diffusers(state, cfg)
         back = denoiser_state_dict_from_diffusers(theirs, cfg)
@@ -274,7 +265,7 @@ def test_logits_and_output_layout(tiny: Denoiser) -> None:
 
 def test_unconditional_model_runs_and_rejects_a_condition() -> None:
     cfg = CONFIGS["unconditional"]
-    model = randomize_(Denoiser(cfg), seed=2)
+    model = randomize_(Denoiser(cfg), 2, gain_std=GAIN_STD).eval()
     assert all(block.cross_attn is None for block in model.blocks)
     x_t, _ = random_inputs(cfg)
     out = model(x_t, 5)

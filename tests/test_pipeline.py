@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import TinySpec, save_diffusers_pipeline
+from support.weights import TinySpec, save_diffusers_pipeline
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.config import ConfigError
