@@ -33,9 +33,6 @@ SAMPLERS = ("ancestral", *PRIOR_RULES)
 # The guidance scale of a model that does not say (SamplingOptions' default; the diffusers reader's for a
 # learned null text, which diffusers' own pipeline also defaults to).
 DEFAULT_GUIDANCE_SCALE = 5.0
-# The classifier-free guidance scale of a model with a learned null condition when nothing else is said
-# (diffusers' default for the published ITHQ model).
-DEFAULT_GUIDANCE_SCALE = 5.0
 
 
 @dataclasses.dataclass(frozen=True)

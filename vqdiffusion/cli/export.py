@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..sampling import DEFAULT_GUIDANCE_SCALE
 from ..training.export import export_pipeline
 from .sampling_flags import add_sampling_arguments, sampling_arguments
 
@@ -23,7 +24,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     parser.add_argument("--vqvae", default=None, help="VQ-VAE folder (default: the token folder's)")
     parser.add_argument("--half", action="store_true", help="store the VQ-VAE and denoiser weights as float16")
-    add_sampling_arguments(parser, default_text="T steps, guidance 5 (1 without a null condition), the rest off")
+    add_sampling_arguments(
+        parser, default_text=f"T steps, guidance {DEFAULT_GUIDANCE_SCALE:g} (1 without a null condition), the rest off"
+    )
     return parser
 
 
