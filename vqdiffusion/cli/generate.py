@@ -95,6 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from ..models.conditions import ConditionKind
     from ..pipeline import VQDiffusionPipeline
 
     pipe = VQDiffusionPipeline.from_pretrained(args.model)
@@ -114,7 +115,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         },
         "null_condition": (
             ("learned" if pipe.null_condition is not None else "empty prompt")
-            if pipe.condition_kind == "text"
+            if pipe.condition_kind == ConditionKind.TEXT
             else pipe.null_class_label
         ),
         "defaults": pipe.defaults.to_dict(),

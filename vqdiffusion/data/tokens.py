@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 TOKEN_KINDS = ("captions", "classes", "unconditional")
-_CONDITION_OF_KIND = {
+# The data kind of a token folder (``tokenize --kind``) -> what a model trained on it is conditioned on.
+CONDITION_OF_DATA_KIND = {
     "captions": ConditionKind.TEXT,
     "classes": ConditionKind.CLASS,
     "unconditional": ConditionKind.NONE,
@@ -222,7 +223,7 @@ class TokenDataset(Dataset):
     @property
     def condition_kind(self) -> ConditionKind:
         """What a model trained on these tokens is conditioned on (text, class labels, nothing)."""
-        return _CONDITION_OF_KIND[self.kind]
+        return CONDITION_OF_DATA_KIND[self.kind]
 
     @property
     def num_classes(self) -> int:

@@ -435,8 +435,8 @@ class StepBatches(Dataset):
         indices = self.order.batch(step)
         batch = {"x0": self.data.tokens[indices].reshape(len(indices), -1)}
         mine = [indices[r] for r in self.rows]
-        if self.data.kind == "captions":
+        if self.data.condition_kind == ConditionKind.TEXT:
             batch["cond"] = self.caption_ids([self.data.captions[i] for i in mine])
-        elif self.data.kind == "classes":
+        elif self.data.condition_kind == ConditionKind.CLASS:
             batch["cond"] = self.data.labels[mine]
         return batch

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..data.tokens import CONDITION_OF_DATA_KIND
 from ..diffusion import MaskReplaceSchedule
 from ..io import load_into
 from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
@@ -30,12 +31,6 @@ from .denoiser_config import DenoiserTrainConfig
 
 __all__ = ["export_pipeline", "pipeline_from_checkpoint", "training_defaults"]
 
-# Condition kinds as older checkpoints name them (the token folder's data kinds).
-_LEGACY_CONDITIONS = {
-    "captions": ConditionKind.TEXT,
-    "classes": ConditionKind.CLASS,
-    "unconditional": ConditionKind.NONE,
-}
 
 
 def training_defaults(schedule: MaskReplaceSchedule, has_null: bool) -> PipelineDefaults:
@@ -51,7 +46,8 @@ def training_defaults(schedule: MaskReplaceSchedule, has_null: bool) -> Pipeline
 def checkpoint_condition(meta: dict[str, Any]) -> ConditionKind:
     """The condition kind recorded in a denoiser checkpoint's meta."""
     value = meta.get("condition")
-    return _LEGACY_CONDITIONS.get(value) or ConditionKind(value)
+    # older checkpoints recorded the token folder's data kind (captions, classes, unconditional)
+    return CONDITION_OF_DATA_KIND.get(value) or ConditionKind(value)
 
 
 def _resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
