@@ -21,7 +21,7 @@ from .diffusion import Generator, MaskReplaceSchedule
 from .formats import diffusers as diffusers_format
 from .formats import ours as ours_format
 from .formats.components import PipelineComponents
-from .models.conditions import CLIPTextCondition, LearnedNullCondition
+from .models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
 from .models.denoiser import Denoiser, DenoiserConfig
 from .models.vqvae import VQVAE
 from .sampling import SamplingOptions, guided_predictor, sample_tokens
@@ -132,7 +132,7 @@ class VQDiffusionPipeline:
 
     # -- conditions -------------------------------------------------------------------------------------
     @property
-    def condition_kind(self) -> str:
+    def condition_kind(self) -> ConditionKind:
         """The condition kind: "text", "class" (prompts are integer labels) or "none" (unconditional)."""
         return self.denoiser.config.condition_kind
 
@@ -149,7 +149,7 @@ class VQDiffusionPipeline:
         """CLIP text condition [B, L, D] (final layer norm output, L2-normalised per position); for a
         class-conditional model, the integer labels as a [B] long tensor."""
         kind = self.condition_kind
-        if kind == "class":
+        if kind == ConditionKind.CLASS:
             n = self.num_class_labels
             bad = [p for p in prompts if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n]
             if bad:
@@ -157,7 +157,7 @@ class VQDiffusionPipeline:
                     f"this model is class-conditional: prompts must be class labels in [0, {n}), got {bad[:3]}"
                 )
             return torch.tensor(list(prompts), dtype=torch.long, device=self.device)
-        if kind == "none":
+        if kind == ConditionKind.NONE:
             raise ValueError("this model is unconditional: it takes no prompt (sample with cond=None)")
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
@@ -165,7 +165,7 @@ class VQDiffusionPipeline:
     def null_embeddings(self, batch_size: int) -> torch.Tensor:
         """The unconditional input for guidance [B, L, D]: the learned null text, else the empty prompt;
         for a class-conditional model, the null label [B] (an error if the model has none)."""
-        if self.condition_kind == "class":
+        if self.condition_kind == ConditionKind.CLASS:
             if self.null_class_label is None:
                 raise ValueError("this class-conditional model has no null class; use guidance_scale=1")
             return torch.full((batch_size,), self.null_class_label, dtype=torch.long, device=self.device)
@@ -213,7 +213,7 @@ class VQDiffusionPipeline:
                 "tokens" (no decoding).
             progress: show a progress bar.
         """
-        unconditional = self.condition_kind == "none"
+        unconditional = self.condition_kind == ConditionKind.NONE
         if unconditional:
             if prompt is not None:
                 raise ValueError("this model is unconditional: pass prompt=None and num_images_per_prompt")
@@ -404,16 +404,16 @@ def _check_condition_parts(
 ) -> None:
     """The components a denoiser's condition kind needs (text: a text encoder; class/none: neither)."""
     kind = config.condition_kind
-    if kind == "text" and text_encoder is None:
+    if kind == ConditionKind.TEXT and text_encoder is None:
         raise ConfigError(f"the denoiser is text-conditional (cond_dim={config.cond_dim}); give a text_encoder")
-    if kind != "text" and (text_encoder is not None or null_condition is not None):
+    if kind != ConditionKind.TEXT and (text_encoder is not None or null_condition is not None):
         raise ConfigError(
             f"the denoiser is {'class-conditional' if kind == 'class' else 'unconditional'}; "
             "it takes no text encoder or null text"
         )
     if null_class_label is not None:
         last = (config.num_class_labels or 0) - 1
-        if kind != "class" or isinstance(null_class_label, bool) or null_class_label != last:
+        if kind != ConditionKind.CLASS or isinstance(null_class_label, bool) or null_class_label != last:
             raise ConfigError(
                 f"null_class_label={null_class_label!r} must be the last label row ({last}) of a class-conditional "
                 "denoiser, or None"

@@ -32,7 +32,7 @@ import torch
 from ..config import ConfigBase, ConfigError, read_json_object
 from ..diffusion import MaskReplaceSchedule
 from ..io import atomic_write_text, load_into, load_weights, save_safetensors
-from ..models.conditions import CLIPTextCondition, ConditionConfig
+from ..models.conditions import CONDITION_KINDS, CLIPTextCondition, ConditionConfig, ConditionKind
 from ..models.denoiser import Denoiser, DenoiserConfig
 from ..models.vqvae import load_vqvae, save_vqvae
 from ..sampling import SamplingOptions
@@ -74,22 +74,22 @@ C = TypeVar("C", bound=ConfigBase)
 def condition_config(components: PipelineComponents) -> ConditionConfig:
     """The index's condition block for ``components``."""
     kind = components.condition_kind
-    if kind == "text":
+    if kind == ConditionKind.TEXT:
         text = components.text_encoder
         if text is None:
             raise ConfigError("a text-conditional model needs a text encoder to be saved")
         return ConditionConfig(
-            kind="text",
+            kind=ConditionKind.TEXT,
             dim=text.hidden_size,
             seq_len=text.max_length,
             pad_token_id=text.pad_token_id,
             null="learned" if components.null_condition is not None else "empty_prompt",
         )
-    if kind == "class":
+    if kind == ConditionKind.CLASS:
         rows = components.denoiser.config.num_class_labels
         learned = components.null_class_label is not None
         return ConditionConfig(
-            kind="class",
+            kind=ConditionKind.CLASS,
             dim=None,
             seq_len=None,
             num_labels=rows - (1 if learned else 0),
@@ -127,15 +127,15 @@ def index_condition(path: Path, index: dict[str, Any]) -> ConditionConfig | _Con
             return ConditionConfig.from_dict(block)
         except ConfigError as err:
             raise ConfigError(f"{path}: condition: {err}") from None
-    if block not in ("text", "class", "none"):
+    if block not in CONDITION_KINDS:
         raise ConfigError(f"{path}: condition kind {block!r} is not supported (text, class, none)")
     null, pad, label = index.get("null_condition"), index.get("text_pad_token_id"), index.get("null_class_label")
-    if block == "text":
+    if block == ConditionKind.TEXT:
         if null not in ("learned", "empty_prompt"):
             raise ConfigError(f"{path}: null_condition must be 'learned' or 'empty_prompt', got {null!r}")
         if pad is not None and not (_is_int(pad) and pad >= 0):
             raise ConfigError(f"{path}: text_pad_token_id must be null or an id >= 0, got {pad!r}")
-    if label is not None and not (block == "class" and _is_int(label) and label >= 0):
+    if label is not None and not (block == ConditionKind.CLASS and _is_int(label) and label >= 0):
         raise ConfigError(f"{path}: null_class_label must be null or (class models) a label >= 0, got {label!r}")
     return _ConditionV1(kind=block, null=null, pad_token_id=pad, null_class_label=label)
 
@@ -215,7 +215,7 @@ def load_ours(root: Path, *, text_pad_token_id: int | None | Literal["auto"] = "
             f"({root / 'denoiser' / 'config.json'} describes a {den_cfg.condition_kind!r} model)"
         )
     parts: dict[str, Any] = {"vqvae": vqvae, "denoiser": denoiser, "schedule": schedule, "defaults": defaults}
-    if condition.kind == "class":
+    if condition.kind == ConditionKind.CLASS:
         if isinstance(condition, _ConditionV1):
             parts["null_class_label"] = condition.null_class_label  # the pipeline checks it is the last row
         else:
@@ -225,7 +225,7 @@ def load_ours(root: Path, *, text_pad_token_id: int | None | Literal["auto"] = "
                     f"needs {condition.label_rows} label rows, but the denoiser has {den_cfg.num_class_labels}"
                 )
             parts["null_class_label"] = condition.null_label
-    if condition.kind != "text":
+    if condition.kind != ConditionKind.TEXT:
         return PipelineComponents(**parts)
 
     pad = condition.pad_token_id if text_pad_token_id == "auto" else text_pad_token_id

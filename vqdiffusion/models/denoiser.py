@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigBase, ConfigError
+from .conditions import ConditionKind
 
 ACTIVATIONS = ("gelu2", "gelu")
 MLP_TYPES = ("linear", "conv")
@@ -159,11 +160,11 @@ class DenoiserConfig(ConfigBase):
         return self.position_grid if self.position_grid is not None else (self.height, self.width)
 
     @property
-    def condition_kind(self) -> str:
+    def condition_kind(self) -> ConditionKind:
         """The condition kind: "text" (cross-attention to a sequence), "class" (class AdaLN) or "none"."""
         if self.cond_dim is not None:
-            return "text"
-        return "class" if self.num_class_labels is not None else "none"
+            return ConditionKind.TEXT
+        return ConditionKind.CLASS if self.num_class_labels is not None else ConditionKind.NONE
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DenoiserConfig:
@@ -430,7 +431,7 @@ class Denoiser(nn.Module):
     def _cond_groups(self, cond_cache: ConditionCache, batch: int) -> int:
         """Check ``cond_cache`` against x_t's batch B; return G, the number of condition rows per x_t row."""
         cfg = self.config
-        expected = cfg.num_layers if cfg.condition_kind != "none" else 0
+        expected = cfg.num_layers if cfg.condition_kind != ConditionKind.NONE else 0
         if len(cond_cache) != expected:
             raise ValueError(f"cond_cache has {len(cond_cache)} entries, expected {expected} (one per block)")
         if not expected:
