@@ -17,7 +17,7 @@ from vqdiffusion.formats.diffusers_denoiser import (
     diffusers_to_denoiser_key_map,
 )
 from vqdiffusion.formats.keymap import ConversionError
-from vqdiffusion.models.denoiser import DENOISER_PRESETS, Denoiser, DenoiserConfig, cat_cond_kv
+from vqdiffusion.models.denoiser import DENOISER_PRESETS, Denoiser, DenoiserConfig, cat_condition_caches
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -185,7 +185,7 @@ def test_ithq_parameter_count_matches_diffusers() -> None:
         ref = diffusers.Transformer2DModel(**denoiser_config_to_diffusers(cfg))
     theirs = sum(p.numel() for p in ref.parameters())
     assert ours == theirs
-    assert ours == 1_359_274_624  # SPEC section 6: "about 1.36B"
+    assert ours == 1_359_274_624  # docs/design.md §7: "about 1.36B"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,34 +207,34 @@ def test_per_sample_steps_equal_single_runs(tiny: Denoiser) -> None:
         torch.testing.assert_close(tiny(x_t, torch.full((3,), 41), cond), by_int, atol=0, rtol=0)
 
 
-def test_cond_kv_path_equals_cond_path(tiny: Denoiser) -> None:
+def test_cond_cache_path_equals_cond_path(tiny: Denoiser) -> None:
     x_t, cond = random_inputs(tiny.config, batch=2, length=6)
     with torch.no_grad():
         direct = tiny(x_t, 17, cond)
-        cond_kv = tiny.precompute_cond_kv(cond)
-        assert len(cond_kv) == tiny.config.num_layers
-        assert cond_kv[0][0].shape == (2, tiny.config.num_heads, 6, tiny.config.head_dim)
-        torch.testing.assert_close(tiny(x_t, 17, cond_kv=cond_kv, validate=False), direct, atol=0, rtol=0)
+        cond_cache = tiny.precompute_condition(cond)
+        assert len(cond_cache) == tiny.config.num_layers
+        assert cond_cache[0][0].shape == (2, tiny.config.num_heads, 6, tiny.config.head_dim)
+        torch.testing.assert_close(tiny(x_t, 17, cond_cache=cond_cache, validate=False), direct, atol=0, rtol=0)
         # Guidance layout: [null; cond] built either way gives the same keys/values and outputs.
         null = torch.randn_like(cond)
-        joined = cat_cond_kv(tiny.precompute_cond_kv(null), cond_kv)
-        both = tiny.precompute_cond_kv(torch.cat([null, cond]))
+        joined = cat_condition_caches(tiny.precompute_condition(null), cond_cache)
+        both = tiny.precompute_condition(torch.cat([null, cond]))
         for (k1, v1), (k2, v2) in zip(joined, both, strict=True):
             torch.testing.assert_close(k1, k2, atol=1e-6, rtol=0)
             torch.testing.assert_close(v1, v2, atol=1e-6, rtol=0)
-        doubled = tiny(torch.cat([x_t, x_t]), 17, cond_kv=both)
+        doubled = tiny(torch.cat([x_t, x_t]), 17, cond_cache=both)
         torch.testing.assert_close(doubled[2:], direct, atol=1e-5, rtol=0)
         torch.testing.assert_close(doubled[:2], tiny(x_t, 17, null), atol=1e-5, rtol=0)
 
 
 def test_shared_x_t_groups_equal_duplicated_batch(tiny: Denoiser) -> None:
-    """cond_kv for G * B conditions with x_t [B, N]: x_t and t are shared by the G groups."""
+    """cond_cache for G * B conditions with x_t [B, N]: x_t and t are shared by the G groups."""
     x_t, cond = random_inputs(tiny.config, batch=2, length=4, seed=3)
     null, other = torch.randn_like(cond), torch.randn_like(cond)
     t = torch.tensor([5, 88])
     with torch.no_grad():
-        kv = tiny.precompute_cond_kv(torch.cat([null, cond, other]))
-        shared = tiny(x_t, t, cond_kv=kv)
+        kv = tiny.precompute_condition(torch.cat([null, cond, other]))
+        shared = tiny(x_t, t, cond_cache=kv)
         explicit = tiny(x_t.repeat(3, 1), t.repeat(3), torch.cat([null, cond, other]))
         assert shared.shape == (6, tiny.config.num_classes, tiny.config.num_tokens)
         torch.testing.assert_close(shared, explicit, atol=1e-5, rtol=0)
@@ -270,8 +270,8 @@ def test_unconditional_model_runs_and_rejects_a_condition() -> None:
     x_t, _ = random_inputs(cfg)
     out = model(x_t, 5)
     assert out.shape == (3, cfg.num_classes, cfg.num_tokens) and torch.isfinite(out).all()
-    assert model.precompute_cond_kv(None) == ()
-    torch.testing.assert_close(model(x_t, 5, cond_kv=()), out, atol=0, rtol=0)
+    assert model.precompute_condition(None) == ()
+    torch.testing.assert_close(model(x_t, 5, cond_cache=()), out, atol=0, rtol=0)
     with pytest.raises(ValueError, match="unconditional"):
         model(x_t, 5, torch.zeros(3, 2, 4))
 
@@ -311,10 +311,10 @@ def test_bad_inputs_raise_value_error(tiny: Denoiser) -> None:
         "cond wrong batch": lambda: tiny(x_t, 0, torch.zeros(3, 5, cfg.cond_dim)),
         "cond 2-d": lambda: tiny(x_t, 0, torch.zeros(2, cfg.cond_dim)),
         "cond integer": lambda: tiny(x_t, 0, torch.zeros(2, 5, cfg.cond_dim, dtype=torch.long)),
-        "cond and cond_kv": lambda: tiny(x_t, 0, cond, cond_kv=tiny.precompute_cond_kv(cond)),
-        "cond_kv other batch": lambda: tiny(x_t, 0, cond_kv=tiny.precompute_cond_kv(cond[:1])),
-        "cond_kv too short": lambda: tiny(x_t, 0, cond_kv=tiny.precompute_cond_kv(cond)[:1]),
-        "precompute wrong width": lambda: tiny.precompute_cond_kv(torch.zeros(2, 5, 3)),
+        "cond and cond_cache": lambda: tiny(x_t, 0, cond, cond_cache=tiny.precompute_condition(cond)),
+        "cond_cache other batch": lambda: tiny(x_t, 0, cond_cache=tiny.precompute_condition(cond[:1])),
+        "cond_cache too short": lambda: tiny(x_t, 0, cond_cache=tiny.precompute_condition(cond)[:1]),
+        "precompute wrong width": lambda: tiny.precompute_condition(torch.zeros(2, 5, 3)),
     }
     for what, call in cases.items():
         with pytest.raises(ValueError) as info:
@@ -388,7 +388,7 @@ def test_bfloat16_close_to_float32(tiny: Denoiser) -> None:
     with torch.no_grad():
         full = tiny(x_t, t, cond)
         low = half(x_t, t, cond)  # cond stays float32: the module casts it
-        low_kv = half(x_t, t, cond_kv=half.precompute_cond_kv(cond))
+        low_kv = half(x_t, t, cond_cache=half.precompute_condition(cond))
     assert low.dtype == torch.float32 and low_kv.dtype == torch.float32
     torch.testing.assert_close(low_kv, low, atol=0, rtol=0)
     # Measured on three input seeds: max |log p| difference 0.036-0.041, mean 0.008-0.009, for log-probs

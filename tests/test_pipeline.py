@@ -181,8 +181,8 @@ def test_shared_x_t_groups_equal_explicit_copies(pair) -> None:
     x_t = torch.randint(0, K + 1, (2, 16), generator=torch.Generator().manual_seed(5))
     cond = torch.cat([ours.null_embeddings(2), ours.encode_prompt(PROMPTS)])
     with torch.no_grad():
-        kv = ours.denoiser.precompute_cond_kv(cond)
-        shared = ours.denoiser(x_t, torch.tensor([3, 70]), cond_kv=kv)
+        kv = ours.denoiser.precompute_condition(cond)
+        shared = ours.denoiser(x_t, torch.tensor([3, 70]), cond_cache=kv)
         explicit = ours.denoiser(torch.cat([x_t, x_t]), torch.tensor([3, 70, 3, 70]), cond)
     torch.testing.assert_close(shared, explicit, rtol=0, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Discrete mask-and-replace diffusion (VQ-Diffusion, Gu et al. 2022, sec. 3-4; SPEC sections 2-5).
+"""Discrete mask-and-replace diffusion (VQ-Diffusion, Gu et al. 2022, sec. 3-4; docs/design.md §3-6).
 
 Pure functions over tensors plus a frozen schedule dataclass; no ``nn.Module`` state.
 
@@ -32,7 +32,7 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 @dataclasses.dataclass(frozen=True)
 class MaskReplaceSchedule(ConfigBase):
-    """Mask-and-replace noise schedule given by its cumulative endpoints (SPEC section 2).
+    """Mask-and-replace noise schedule given by its cumulative endpoints (docs/design.md §3).
 
     The cumulative keep probability ``abar`` and mask probability ``gbar`` move linearly from their start
     (first step, index 0) to their end (last step, index T-1); ``bbar = (1 - abar - gbar) / K`` is the
@@ -130,7 +130,7 @@ class MaskReplaceSchedule(ConfigBase):
         return tuple(alphas), tuple(betas), tuple(gammas)
 
     def transition(self, s: int, t: int) -> tuple[float, float, float]:
-        """(alpha, beta, gamma) of the two-time kernel q(x_t | x_s), -1 <= s < t (SPEC section 3).
+        """(alpha, beta, gamma) of the two-time kernel q(x_t | x_s), -1 <= s < t (docs/design.md §3.3).
 
         alpha = abar_t / abar_s,  1 - gamma = (1 - gbar_t) / (1 - gbar_s),  beta = (1 - alpha - gamma) / K.
         """
@@ -238,7 +238,7 @@ def q_sample(
 # Reverse process: posterior p(x_s | x_t) for any s < t, per position with gathers
 # ---------------------------------------------------------------------------------------------------------
 def _posterior_coefficients(schedule: MaskReplaceSchedule, t: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Float64 [B] scalars of the closed-form posterior for the pairs (s, t) (SPEC section 3)."""
+    """Float64 [B] scalars of the closed-form posterior for the pairs (s, t) (docs/design.md §4.2)."""
     table = _cumulative_table(schedule, t.device)
     a_s, b_s, g_s = table[s + 1].unbind(-1)
     a_t, b_t, g_t = table[t + 1].unbind(-1)
@@ -273,7 +273,7 @@ def posterior_log_probs(
     t: int | torch.Tensor,
     s: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log p(x_s | x_t) = log sum_x0 q(x_s | x_t, x0) p(x0 | x_t)  (paper eq. 11; SPEC section 3).
+    """log p(x_s | x_t) = log sum_x0 q(x_s | x_t, x0) p(x0 | x_t)  (paper eq. 11; docs/design.md §4).
 
     q(x_s | x_t, x0) = q(x_t | x_s) q(x_s | x0) / q(x_t | x0) with the two-time kernel q(x_t | x_s) of
     :meth:`MaskReplaceSchedule.transition`, so any -1 <= s < t is exact (s = t - 1 is the usual one step;
@@ -526,7 +526,7 @@ def prior_unmask_step(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training objective (SPEC section 4)
+# Training objective (docs/design.md §5)
 # ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class LossTerms:
@@ -570,7 +570,7 @@ def diffusion_loss(
     adaptive_aux: bool = True,
     mask_weight: tuple[float, float] = (1.0, 1.0),
 ) -> LossTerms:
-    """The VQ-Diffusion loss terms for a batch (paper eq. 12-13; SPEC section 4).
+    """The VQ-Diffusion loss terms for a batch (paper eq. 12-13; docs/design.md §5).
 
     Args:
         log_p_x0: [B, K, N] model prediction log p_theta(x0 | x_t, y).

@@ -37,7 +37,7 @@ DEFAULT_GUIDANCE_SCALE = 5.0
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions(ConfigBase):
-    """Knobs of one sampling run (SPEC section 5; Improved VQ-Diffusion sec. 3).
+    """Knobs of one sampling run (docs/design.md §6; Improved VQ-Diffusion sec. 3).
 
     num_inference_steps: steps of the chain, 1..T; fewer than T use the exact skip-step posterior.
     spacing: which step indices: ``"uniform"`` or ``"quadratic"`` (see :func:`spaced_timesteps`).

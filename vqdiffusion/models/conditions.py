@@ -1,4 +1,4 @@
-"""Condition encoders (SPEC sections 1.2 and 5): what the denoiser's cross-attention reads.
+"""Condition encoders (docs/design.md §1.2, §6.3): what the denoiser's cross-attention reads.
 
 - :class:`CLIPTextCondition`: a frozen CLIP text transformer, prompts -> [B, L, D].
 - :class:`LearnedNullCondition`: the learned "null text" [L, D] of classifier-free guidance.

@@ -1,6 +1,6 @@
 """The VQ-Diffusion denoiser: a transformer over tokens predicting log p(x0 | x_t, y) (paper sec. 3.3).
 
-Layout (SPEC section 1.3): token embedding (K + 1 rows, the last is [MASK]) plus a row + column position
+Layout (docs/design.md §1.3): token embedding (K + 1 rows, the last is [MASK]) plus a row + column position
 embedding, then ``num_layers`` blocks of
 
     x = x + SelfAttn(AdaLN_t(x))          full attention over the N = h * w tokens
@@ -190,7 +190,7 @@ DENOISER_PRESETS: dict[str, DenoiserConfig] = {
         num_heads=8,
         cond_dim=512,
     ),
-    # The released ITHQ transformer (SPEC section 6): about 1.36B parameters.
+    # The released ITHQ transformer (docs/design.md §7): about 1.36B parameters.
     "ithq": DenoiserConfig(
         num_classes=4096,
         height=32,

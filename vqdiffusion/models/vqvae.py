@@ -1,4 +1,4 @@
-"""Image tokenizer: a convolutional VQ autoencoder (VQ-VAE / VQGAN family; SPEC section 1, part 1).
+"""Image tokenizer: a convolutional VQ autoencoder (VQ-VAE / VQGAN family; docs/design.md §1.1).
 
 The layout is the taming-transformers encoder/decoder that VQ-Diffusion's tokenizers and diffusers'
 ``VQModel`` share, so their weights load through an explicit key map (see
@@ -147,7 +147,7 @@ class VQVAEConfig(ConfigBase):
 
     @classmethod
     def preset(cls, name: str) -> VQVAEConfig:
-        """A named configuration: ``"tiny"`` (tests) or ``"ithq"`` (the ITHQ tokenizer of SPEC section 6)."""
+        """A named configuration: ``"tiny"`` (tests) or ``"ithq"`` (the ITHQ tokenizer of docs/design.md §7)."""
         if name not in _PRESETS:
             raise ConfigError(f"unknown VQVAEConfig preset {name!r}; choose one of {sorted(_PRESETS)}")
         return cls(**_PRESETS[name])

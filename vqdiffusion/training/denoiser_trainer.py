@@ -1,4 +1,4 @@
-"""Training the VQ-Diffusion denoiser on pre-tokenized data (SPEC section 4).
+"""Training the VQ-Diffusion denoiser on pre-tokenized data (docs/design.md §5).
 
 Input: a token folder from :func:`vqdiffusion.training.tokenize.tokenize_dataset` (``vqdiffusion tokenize``).
 Per example and optimizer step:

@@ -1,4 +1,4 @@
-"""Training the VQ tokenizer: reconstruction + commitment loss with an EMA codebook (SPEC section 1, part 1).
+"""Training the VQ tokenizer: reconstruction + commitment loss with an EMA codebook (docs/design.md §1.1).
 
 Objective per image (van den Oord et al. 2017, with the codebook learned by exponential moving averages as
 in their appendix and in VQ-VAE-2):
