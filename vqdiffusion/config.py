@@ -75,3 +75,18 @@ def check_positive(owner: str, **values: int | float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ConfigError(f"{owner}: {name} must be > 0, got {value}")
+
+
+def check_choices(owner: str, config: Any, choices: dict[str, tuple[Any, ...]]) -> None:
+    """Raise ConfigError naming the first field of ``config`` whose value is not among its allowed values."""
+    for field, allowed in choices.items():
+        if getattr(config, field) not in allowed:
+            raise ConfigError(f"{owner}: {field} must be one of {list(allowed)}, got {getattr(config, field)!r}")
+
+
+def check_paths(owner: str, config: Any, *fields: str) -> None:
+    """Raise ConfigError naming the first of ``fields`` that is not a non-empty path string."""
+    for field in fields:
+        value = getattr(config, field)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{owner}: {field} must be a non-empty path string, got {value!r}")

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 from ..data.tokens import TokenDataset
 from ..models.denoiser import DENOISER_PRESETS
 from ..text_vocab import caption_words
-from ..training.checkpoint import (
-    find_latest_checkpoint,
-    read_checkpoint_meta,
-)
 from ..training.denoiser import train_denoiser
 from ..training.denoiser_config import DenoiserTrainConfig
+from .flag_tables import FlagTable, add_flag_table, checkpoint_to_continue, given_fields
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -28,7 +24,7 @@ def _pair(text: str) -> tuple[float, float]:
     return values
 
 
-_FLAGS: dict[str, tuple[str, Any, str]] = {
+_FLAGS: FlagTable = {
     "--preset": ("preset", str, f"denoiser preset: {', '.join(sorted(DENOISER_PRESETS))} (default tiny)"),
     "--layers": ("num_layers", int, "transformer blocks (default: the preset's)"),
     "--dim": ("dim", int, "transformer width"),
@@ -110,8 +106,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="constant auxiliary loss weight (default: scaled by (1 - t/T) + 1)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    for flag, (field, kind, text) in _FLAGS.items():
-        parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    add_flag_table(parser, _FLAGS)
     return parser
 
 
@@ -119,17 +114,14 @@ def run_train(args: argparse.Namespace) -> int:
     """Run ``train``; prints the exported model folder.  Bad settings raise ValueError/ConfigError/
     FileNotFoundError for the CLI."""
     fields = [field for field, _, _ in _FLAGS.values()] + ["text_model", "adaptive_aux"]
-    overrides = {field: getattr(args, field) for field in fields if getattr(args, field, None) is not None}
+    overrides = given_fields(args, fields)
     if overrides.get("grad_clip") == 0:
         overrides["grad_clip"] = None
     overrides["progress"] = not args.quiet
     overrides["token_dir"], overrides["output_dir"] = str(args.token_dir), str(args.out)
     resume_path = None
     if args.resume:
-        resume_path = find_latest_checkpoint(Path(args.out) / "checkpoints")
-        if resume_path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {Path(args.out) / 'checkpoints'}")
-        meta = read_checkpoint_meta(resume_path)
+        resume_path, meta = checkpoint_to_continue(args.out)
         saved_vocab = "words" if meta["config"].get("text_words") else "chars"
         if args.text_vocab is not None and args.text_vocab != saved_vocab:
             raise ValueError(

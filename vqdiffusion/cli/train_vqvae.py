@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..models.vqvae import _PRESETS
-from ..training.checkpoint import find_latest_checkpoint, read_checkpoint_meta
 from ..training.vqvae import train_vqvae
 from ..training.vqvae_config import VQVAETrainConfig
+from .flag_tables import FlagTable, add_flag_table, checkpoint_to_continue, given_fields
 
-_FLAGS: dict[str, tuple[str, Any, str]] = {
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+_FLAGS: FlagTable = {
     "--image-size": ("image_size", int, "training image side in pixels (default 64)"),
     "--resize": ("resize", str, "center_crop (default) or resize"),
     "--preset": ("model_preset", str, f"model preset: {', '.join(sorted(_PRESETS))} (default tiny)"),
-    "--channels": ("block_out_channels", "ints", "channels per level, e.g. 64,128,256 (levels = count)"),
+    "--channels": ("block_out_channels", _ints, "channels per level, e.g. 64,128,256 (levels = count)"),
     "--latent-channels": ("latent_channels", int, "encoder output channels"),
     "--embed-dim": ("embed_dim", int, "codebook vector width D"),
     "--codebook-size": ("num_embeddings", int, "codebook size K"),
@@ -47,13 +54,6 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_train_vqvae_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``train-vqvae`` command to an ``argparse`` subparsers object; returns its parser."""
     parser = subparsers.add_parser(
@@ -66,24 +66,20 @@ def add_train_vqvae_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--no-flip", action="store_true", default=None, help="no random horizontal flips")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    for flag, (field, kind, text) in _FLAGS.items():
-        parser.add_argument(flag, dest=field, type=_ints if kind == "ints" else kind, default=None, help=text)
+    add_flag_table(parser, _FLAGS)
     return parser
 
 
 def run_train_vqvae(args: argparse.Namespace) -> int:
     """Run ``train-vqvae``.  Bad settings raise ValueError/ConfigError/FileNotFoundError for the CLI."""
-    overrides = {field: getattr(args, field) for field, _, _ in _FLAGS.values() if getattr(args, field) is not None}
+    overrides = given_fields(args, [field for field, _, _ in _FLAGS.values()])
     if args.no_flip:
         overrides["random_flip"] = False
     overrides["progress"] = not args.quiet
     overrides["data_dir"], overrides["output_dir"] = str(args.data_dir), str(args.out)
     resume_path = None
     if args.resume:
-        resume_path = find_latest_checkpoint(Path(args.out) / "checkpoints")
-        if resume_path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {Path(args.out) / 'checkpoints'}")
-        meta = read_checkpoint_meta(resume_path)
+        resume_path, meta = checkpoint_to_continue(args.out)
         config = VQVAETrainConfig.from_dict({**meta["config"], **overrides})
     else:
         config = VQVAETrainConfig(**overrides)

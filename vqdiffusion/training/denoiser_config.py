@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import ConfigBase, ConfigError, check_positive
+from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive
 from ..diffusion import MaskReplaceSchedule
 from ..models.denoiser import ACTIVATIONS, DENOISER_PRESETS, DenoiserConfig
 from .lr_schedule import LR_SCHEDULES
@@ -135,9 +135,7 @@ class DenoiserTrainConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        for field in ("token_dir", "output_dir"):
-            if not isinstance(getattr(self, field), str) or not getattr(self, field):
-                raise ConfigError(f"{name}: {field} must be a non-empty path string, got {getattr(self, field)!r}")
+        check_paths(name, self, "token_dir", "output_dir")
         choices = {
             "preset": tuple(sorted(DENOISER_PRESETS)),
             "noise_schedule": NOISE_SCHEDULES,
@@ -145,9 +143,7 @@ class DenoiserTrainConfig(ConfigBase):
             "lr_schedule": LR_SCHEDULES,
             "mixed_precision": MIXED_PRECISION,
         }
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ConfigError(f"{name}: {field} must be one of {list(allowed)}, got {getattr(self, field)!r}")
+        check_choices(name, self, choices)
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise ConfigError(f"{name}: activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
         positive = {

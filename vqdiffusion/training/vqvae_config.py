@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ConfigBase, ConfigError, check_positive
+from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive
 from ..data.folders import RESIZE_MODES
 from ..models.vqvae import _PRESETS, VQVAEConfig
 from .codebook import CODEBOOK_INITS
@@ -117,9 +117,7 @@ class VQVAETrainConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        for field in ("data_dir", "output_dir"):
-            if not isinstance(getattr(self, field), str) or not getattr(self, field):
-                raise ConfigError(f"{name}: {field} must be a non-empty path string, got {getattr(self, field)!r}")
+        check_paths(name, self, "data_dir", "output_dir")
         choices = {
             "resize": RESIZE_MODES,
             "lr_schedule": LR_SCHEDULES,
@@ -128,9 +126,7 @@ class VQVAETrainConfig(ConfigBase):
             "mixed_precision": VQ_MIXED_PRECISION,
             "model_preset": tuple(sorted(_PRESETS)),
         }
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ConfigError(f"{name}: {field} must be one of {list(allowed)}, got {getattr(self, field)!r}")
+        check_choices(name, self, choices)
         ints = {
             "image_size": self.image_size,
             "batch_size": self.batch_size,
