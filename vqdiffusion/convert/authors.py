@@ -27,43 +27,27 @@ conversion with a :class:`~vqdiffusion.formats.keymap.ConversionError` naming th
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
-import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import ConfigError
 from ..diffusion import MaskReplaceSchedule
 from ..formats.keymap import ConversionError, convert_state_dict
 from ..io import atomic_write_text
 from ..models.conditions import CLIPTextCondition, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
-from .authors_files import StateDict, config_section, load_authors_checkpoint, read_authors_yaml, tensor_dict
+from .authors_clip import clip_text_model_from_openai, load_clip_tokenizer
+from .authors_config import AuthorsConfig, parse_authors_config
+from .authors_files import StateDict, load_authors_checkpoint, read_authors_yaml, tensor_dict
 from .authors_vqvae import canonical_vqvae_state, used_code_table, vqvae_from_taming
 
 logger = logging.getLogger(__name__)
 
-_MODULE = "image_synthesis.modeling."
-TRANSFORMER_VARIANTS = {
-    _MODULE + "transformers.transformer_utils.Text2ImageTransformer": "text",
-    _MODULE + "transformers.transformer_utils.Condition2ImageTransformer": "class",
-    _MODULE + "transformers.transformer_utils.UnCondition2ImageTransformer": "none",
-}
-_ATTN_TYPES = {"text": "selfcross", "class": "selfcondition", "none": "self"}
-_DEFAULT_MLP = {"text": "fc", "class": "conv_mlp", "none": "conv_mlp"}  # the classes' own defaults
-_CODECS = {
-    "ema_vqvae.PatchVQVAE",
-    "taming_gumbel_vqvae.TamingVQVAE",
-    "taming_gumbel_vqvae.TamingFFHQVQVAE",
-    "taming_gumbel_vqvae.TamingGumbelVQVAE",
-}
 # Top-level entries of a training checkpoint that are not weights.
 _IGNORED_TOP = {
     "last_epoch": "step counter",
@@ -91,140 +75,6 @@ _LOSS_HISTORY = ("Lt_history", "Lt_count")
 # ---------------------------------------------------------------------------------------------------
 # The YAML
 # ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class AuthorsConfig:
-    """What the conversion needs from an authors' YAML (``model.params``)."""
-
-    variant: str  # "text", "class" or "none"
-    denoiser: DenoiserConfig  # num_class_labels = the YAML's class_number (the checkpoint may add the null row)
-    learnable_cf: bool
-    codec: str  # e.g. "ema_vqvae.PatchVQVAE"
-    token_shape: tuple[int, int]
-    quantize_number: int
-    mapping_path: str | None
-    text_pad_value: int
-    training: dict[str, Any]  # diffusion settings under our DenoiserTrainConfig names
-
-
-def _get(params: dict[str, Any], key: str, default: Any, where: str, kind: type | tuple[type, ...]) -> Any:
-    value = params.get(key, default)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where}: {key}={value!r} has the wrong type (expected {kind})")
-    return value
-
-
-def parse_authors_config(data: dict[str, Any], where: str = "authors' config") -> AuthorsConfig:
-    """Read the model, codec and diffusion settings of an authors' YAML (already parsed)."""
-    model = config_section(data, "model.params", where)
-    diffusion = config_section(model, "diffusion_config.params", f"{where}: model.params")
-    transformer = config_section(diffusion, "transformer_config", f"{where}: diffusion_config.params")
-    target = transformer.get("target")
-    if target not in TRANSFORMER_VARIANTS:
-        raise ConfigError(f"{where}: transformer target {target!r} is not one of {sorted(TRANSFORMER_VARIANTS)}")
-    variant = TRANSFORMER_VARIANTS[target]
-    tp = dict(transformer.get("params") or {})
-    tw = f"{where}: transformer_config.params"
-    if tp.get("attn_type", _ATTN_TYPES[variant]) != _ATTN_TYPES[variant]:
-        raise ConfigError(f"{tw}: attn_type={tp.get('attn_type')!r}; {target} needs {_ATTN_TYPES[variant]!r}")
-    timestep_type = tp.get("timestep_type", "adalayernorm")
-    if "adalayernorm" not in str(timestep_type) or "abs" in str(timestep_type):
-        raise ConfigError(
-            f"{tw}: timestep_type={timestep_type!r} is not supported; only the learned step table "
-            "'adalayernorm' (every published model) converts"
-        )
-    activation = {"GELU2": "gelu2", "GELU": "gelu"}.get(tp.get("block_activate"))
-    if activation is None:
-        raise ConfigError(f"{tw}: block_activate={tp.get('block_activate')!r}; expected GELU or GELU2")
-    mlp = {"fc": "linear", "conv_mlp": "conv"}.get(tp.get("mlp_type", _DEFAULT_MLP[variant]))
-    if mlp is None:
-        raise ConfigError(f"{tw}: mlp_type={tp.get('mlp_type')!r}; expected 'fc' or 'conv_mlp'")
-    content = config_section(diffusion, "content_emb_config.params", f"{where}: diffusion_config.params")
-    seq_len = _get(tp, "content_seq_len", 1024, tw, int)
-    spatial = tp.get("content_spatial_size")
-    if spatial is None:
-        side = math.isqrt(seq_len)
-        spatial = [side, side]
-    height, width = (int(x) for x in spatial)
-    if height * width != seq_len:
-        raise ConfigError(f"{tw}: content_spatial_size {spatial} does not hold content_seq_len={seq_len} tokens")
-    dim = _get(tp, "n_embd", None, tw, int)
-    if content.get("embed_dim") != dim:
-        raise ConfigError(f"{where}: content_emb_config embed_dim={content.get('embed_dim')} != n_embd={dim}")
-    if content.get("pos_emb_type", "embedding") != "embedding":
-        raise ConfigError(f"{where}: content_emb_config pos_emb_type={content.get('pos_emb_type')!r} is not supported")
-    grid = content.get("spatial_size", [32, 32])
-    grid = (int(grid), int(grid)) if isinstance(grid, int) else tuple(int(g) for g in grid)
-    class_labels = None
-    if variant == "class":
-        if tp.get("class_type", "adalayernorm") != "adalayernorm":
-            raise ConfigError(f"{tw}: class_type={tp.get('class_type')!r}; only 'adalayernorm' converts")
-        class_labels = _get(tp, "class_number", 1000, tw, int)
-    steps = _get(diffusion, "diffusion_step", 100, f"{where}: diffusion_config.params", int)
-    if diffusion.get("alpha_init_type", "cos") != "alpha1":
-        raise ConfigError(f"{where}: alpha_init_type={diffusion.get('alpha_init_type')!r}; only 'alpha1' exists")
-    denoiser = DenoiserConfig(
-        num_classes=_get(content, "num_embed", None, f"{where}: content_emb_config.params", int),
-        height=height,
-        width=width,
-        num_layers=_get(tp, "n_layer", None, tw, int),
-        dim=dim,
-        num_heads=_get(tp, "n_head", None, tw, int),
-        cond_dim=_get(tp, "condition_dim", 512, tw, int) if variant == "text" else None,
-        num_timesteps=steps,
-        mlp_ratio=float(tp.get("mlp_hidden_times", 4)),
-        activation=activation,
-        attention_bias=True,
-        norm_eps=1e-5,
-        mlp_type=mlp,
-        num_class_labels=class_labels,
-        position_grid=None if grid == (height, width) else grid,
-    )
-    if variant == "text":
-        emb = config_section(diffusion, "condition_emb_config.params", f"{where}: diffusion_config.params")
-        for key, need in (("normalize", True), ("pick_last_embedding", False), ("additional_last_embedding", False)):
-            if bool(emb.get(key, {"normalize": True}.get(key, False))) != need:
-                raise ConfigError(
-                    f"{where}: condition_emb_config {key}={emb.get(key)!r} is not supported (need {need})"
-                )
-        if int(emb.get("embed_dim", 512)) == 1024:
-            raise ConfigError(
-                f"{where}: condition_emb_config embed_dim=1024 (duplicated CLIP features) is not supported"
-            )
-        if int(tp.get("condition_seq_len", 77)) != 77:
-            raise ConfigError(f"{tw}: condition_seq_len={tp.get('condition_seq_len')}; the CLIP condition has 77")
-    codec_cfg = config_section(model, "content_codec_config", f"{where}: model.params")
-    codec_target = str(codec_cfg.get("target", ""))
-    codec = codec_target.rsplit(".", 2)[-2] + "." + codec_target.rsplit(".", 1)[-1] if "." in codec_target else ""
-    if codec not in _CODECS:
-        raise ConfigError(f"{where}: content codec {codec_target!r} is not one of {sorted(_CODECS)}")
-    cp = dict(codec_cfg.get("params") or {})
-    token_shape = tuple(int(x) for x in cp.get("token_shape", (height, width)))
-    if token_shape != (height, width):
-        raise ConfigError(f"{where}: codec token_shape {list(token_shape)} != transformer grid [{height}, {width}]")
-    quantize_number = int(cp.get("quantize_number", 0) or 0)
-    mapping = cp.get("mapping_path")
-    pad = 0
-    if variant == "text":
-        pad = int(model.get("condition_codec_config", {}).get("params", {}).get("pad_value", 0))
-    mask_weight = diffusion.get("mask_weight", [1, 1])
-    training = {
-        "num_timesteps": steps,
-        "schedule": "alpha1 (abar 0.99999 -> 0.000009, gbar 0.000009 -> 0.99999)",
-        "aux_weight": float(diffusion.get("auxiliary_loss_weight", 0.0)),
-        "adaptive_aux": bool(diffusion.get("adaptive_auxiliary_loss", False)),
-        "mask_weight": [float(w) for w in mask_weight],
-    }
-    return AuthorsConfig(
-        variant=variant,
-        denoiser=denoiser,
-        learnable_cf=bool(diffusion.get("learnable_cf", False) or model.get("learnable_cf", False)),
-        codec=codec,
-        token_shape=token_shape,  # type: ignore[arg-type]
-        quantize_number=quantize_number,
-        mapping_path=None if mapping in (None, "None") else str(mapping),
-        text_pad_value=pad,
-        training=training,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,120 +204,6 @@ def denoiser_from_authors(
 # ---------------------------------------------------------------------------------------------------
 # CLIP text encoder (OpenAI layout -> transformers' CLIPTextModel)
 # ---------------------------------------------------------------------------------------------------
-def _openai_clip_key_map(layers: int) -> dict[str, str]:
-    km = {
-        "token_embedding.weight": "embeddings.token_embedding.weight",
-        "positional_embedding": "embeddings.position_embedding.weight",
-        "ln_final.weight": "final_layer_norm.weight",
-        "ln_final.bias": "final_layer_norm.bias",
-    }
-    for i in range(layers):
-        src, dst = f"transformer.resblocks.{i}", f"encoder.layers.{i}"
-        for p in ("weight", "bias"):
-            km[f"{src}.ln_1.{p}"] = f"{dst}.layer_norm1.{p}"
-            km[f"{src}.ln_2.{p}"] = f"{dst}.layer_norm2.{p}"
-            km[f"{src}.attn.out_proj.{p}"] = f"{dst}.self_attn.out_proj.{p}"
-            km[f"{src}.mlp.c_fc.{p}"] = f"{dst}.mlp.fc1.{p}"
-            km[f"{src}.mlp.c_proj.{p}"] = f"{dst}.mlp.fc2.{p}"
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                # the fused in_proj is split into q, k, v below (pseudo keys "...in_proj_{p}#j")
-                km[f"{src}.attn.in_proj_{p}#{j}"] = f"{dst}.self_attn.{name}.{p}"
-    return km
-
-
-def clip_text_model_from_openai(state: StateDict, tokenizer: Any, where: str) -> torch.nn.Module:
-    """The OpenAI-layout CLIP text tower (``condition_emb.*`` with the prefix removed) -> ``CLIPTextModel``.
-
-    ``text_projection`` is not used (the condition is the final layer norm's output at every position).
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    state = dict(state)
-    state.pop("text_projection", None)
-    width = int(state["token_embedding.weight"].shape[1]) if "token_embedding.weight" in state else 0
-    if not width:
-        raise ConversionError(f"{where}: token_embedding.weight is missing; not a CLIP text encoder")
-    layers = len({m.group(1) for k in state if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
-    for i in range(layers):
-        for p in ("weight", "bias"):
-            key = f"transformer.resblocks.{i}.attn.in_proj_{p}"
-            if key not in state:
-                raise ConversionError(f"{where}: expected key {key!r} is missing")
-            fused = state.pop(key)
-            if fused.shape[0] != 3 * width:
-                raise ConversionError(f"{where}: {key} has shape {tuple(fused.shape)}, expected [{3 * width}, ...]")
-            for j, part in enumerate(fused.chunk(3)):
-                state[f"{key}#{j}"] = part
-    vocab, positions = int(state["token_embedding.weight"].shape[0]), int(state["positional_embedding"].shape[0])
-    if len(tokenizer) != vocab:
-        raise ConversionError(
-            f"{where}: the tokenizer has {len(tokenizer)} tokens but the checkpoint's CLIP embeds {vocab}; give "
-            "the tokenizer the model was trained with (OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz)"
-        )
-    c_fc = "transformer.resblocks.0.mlp.c_fc.weight"
-    config = CLIPTextConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=int(state[c_fc].shape[0]) if c_fc in state else 4 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, width // 64),  # OpenAI's rule: heads = width / 64
-        max_position_embeddings=positions,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = CLIPTextModel(config)
-    own = model.state_dict()
-    prefix = "text_model." if any(k.startswith("text_model.") for k in own) else ""
-    key_map = {k: prefix + v for k, v in _openai_clip_key_map(layers).items()}
-    shapes = {k: v.shape for k, v in own.items() if k in set(key_map.values())}
-    converted = convert_state_dict(state, key_map, shapes, source_name=where)
-    missing = sorted(set(own) - set(converted) - {k for k in own if k.endswith("position_ids")})
-    if missing:
-        raise ConversionError(f"{where}: CLIPTextModel keys not produced: {missing[:5]}")
-    model.load_state_dict({**own, **{k: v.float() for k, v in converted.items()}}, strict=True)
-    return model.eval()
-
-
-def load_clip_tokenizer(path: str | os.PathLike) -> Any:
-    """A ``CLIPTokenizer`` from a local tokenizer folder, or built from OpenAI's ``bpe_simple_vocab_16e6.txt.gz``
-    (the file the authors ship in ``image_synthesis/modeling/modules/clip/``): the vocabulary is the 256
-    byte symbols, the same with ``</w>``, one token per merge (the first 49152 - 256 - 2), then
-    ``<|startoftext|>`` and ``<|endoftext|>``, exactly as OpenAI's SimpleTokenizer builds it."""
-    from transformers import CLIPTokenizer
-
-    path = Path(path)
-    if path.is_dir():
-        try:
-            return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot load a CLIP tokenizer from {path}: {err}") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {path} (a CLIPTokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
-    with gzip.open(path) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1] if line.strip()]
-    if any(len(m) != 2 for m in merges):
-        raise ValueError(f"{path}: not a BPE merges file (each line after the first must hold two symbols)")
-    symbols = list(_bytes_to_unicode().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        return CLIPTokenizer(
-            vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"), model_max_length=77
-        )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> character table: printable bytes keep their character (listed first),
-    the others get 256, 257, ... in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in set(printable)]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 # ---------------------------------------------------------------------------------------------------
