@@ -295,8 +295,15 @@ def _full_state(trainer):
     return {k: v.clone() for k, v in tensors.items() if not k.startswith("rng.")}, meta
 
 
-def test_resume_is_bit_exact_with_gan_and_restarts(blocks_dir, tmp_path):
-    config = make_config(blocks_dir, tmp_path, gan_weight=0.1, gan_start_step=2, disc_channels=8, dead_code_threshold=2)
+@pytest.mark.parametrize(
+    "codebook",
+    [{}, {"codebook_l2": True, "codebook_init": "kmeans", "code_restart": "distance", "embed_dim": 4}],
+    ids=["default", "l2-kmeans-distance"],
+)
+def test_resume_is_bit_exact_with_gan_and_restarts(blocks_dir, tmp_path, codebook):
+    config = make_config(
+        blocks_dir, tmp_path, gan_weight=0.1, gan_start_step=2, disc_channels=8, dead_code_threshold=2, **codebook
+    )
     batches = _batches(10)
     uninterrupted = VQVAETrainer(config)
     for batch in batches:

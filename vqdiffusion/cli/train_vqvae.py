@@ -39,7 +39,10 @@ _FLAGS: FlagTable = {
     "--beta": ("commitment_beta", float, "commitment weight (default 0.25)"),
     "--codebook-decay": ("codebook_decay", float, "EMA decay of the codebook (default 0.99)"),
     "--dead-code-threshold": ("dead_code_threshold", int, "restart codes unused for N steps (0 = off)"),
-    "--codebook-init": ("codebook_init", str, "data (default: first batch's encoder outputs) or random"),
+    "--codebook-init": ("codebook_init", str, "data (default: first batch's encoder outputs), kmeans or random"),
+    "--kmeans-images": ("kmeans_images", int, "images encoded for --codebook-init kmeans (default 256)"),
+    "--kmeans-iters": ("kmeans_iters", int, "Lloyd iterations of --codebook-init kmeans (default 10)"),
+    "--code-restart": ("code_restart", str, "dead-code restart: uniform (default) or distance (k-means++ style)"),
     "--perceptual-weights": ("perceptual_weights", str, "local torchvision VGG16 weights (perceptual loss)"),
     "--perceptual-weight": ("perceptual_weight", float, "weight of the perceptual loss (default 1)"),
     "--gan-weight": ("gan_weight", float, "weight of the patch-GAN loss (default 0 = off)"),
@@ -65,6 +68,9 @@ def add_train_vqvae_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--no-flip", action="store_true", default=None, help="no random horizontal flips")
+    parser.add_argument(
+        "--codebook-l2", action="store_true", default=None, help="cosine lookup: l2-normalised latent and codes"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_flag_table(parser, _FLAGS)
     return parser
@@ -75,6 +81,8 @@ def run_train_vqvae(args: argparse.Namespace) -> int:
     overrides = given_fields(args, [field for field, _, _ in _FLAGS.values()])
     if args.no_flip:
         overrides["random_flip"] = False
+    if args.codebook_l2:
+        overrides["codebook_l2"] = True
     overrides["progress"] = not args.quiet
     overrides["data_dir"], overrides["output_dir"] = str(args.data_dir), str(args.out)
     resume_path = None

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..models.vqvae import Codebook
+from .codebook_init import distinct_rows, kmeans, l2_normalize
 
-CODEBOOK_INITS = ("data", "random")
+CODEBOOK_INITS = ("data", "random", "kmeans")
+CODE_RESTARTS = ("uniform", "distance")
 
 
 class EMACodebook:
@@ -26,17 +28,38 @@ class EMACodebook:
     ``z`` (``N_k = 1, S_k = e_k = z_i``).  The random rows are drawn every update (whether or not a code is
     dead), so updates have no host synchronisation and a fixed generator gives a fixed sequence.
 
+    With ``restart="distance"`` the rows are drawn instead, only when some code is dead, with probability
+    proportional to their squared distance from the nearest live code (:func:`distinct_rows`).
+
+    With ``l2`` (cosine lookup) the inputs ``z`` are expected to be unit vectors and every code is kept at
+    unit norm, ``e_k = S_k / ||S_k||`` (the spherical mean; the smoothing cancels).
+
     The codebook's ``weight`` is set to ``requires_grad=False``: exclude it from the optimizer.
     """
 
-    def __init__(self, codebook: Codebook, decay: float = 0.99, eps: float = 1e-5, dead_code_threshold: int = 0):
+    def __init__(
+        self,
+        codebook: Codebook,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_threshold: int = 0,
+        *,
+        l2: bool = False,
+        restart: str = "uniform",
+    ):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMACodebook decay must be in (0, 1), got {decay}")
         if eps <= 0 or dead_code_threshold < 0:
             raise ValueError(f"need eps > 0 and dead_code_threshold >= 0, got {eps}, {dead_code_threshold}")
+        if restart not in CODE_RESTARTS:
+            raise ValueError(f"EMACodebook restart must be one of {list(CODE_RESTARTS)}, got {restart!r}")
         self.codebook = codebook
         self.decay, self.eps, self.dead_code_threshold = float(decay), float(eps), int(dead_code_threshold)
+        self.l2, self.restart = bool(l2), restart
         codebook.weight.requires_grad_(False)
+        if self.l2:
+            with torch.no_grad():
+                codebook.weight.copy_(l2_normalize(codebook.weight))
         weight = codebook.weight.detach()
         self.cluster_size = torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
         self.embed_sum = weight.float().clone()
@@ -51,6 +74,16 @@ class EMACodebook:
         """Set every code to a random row of ``z [N, D]`` (with replacement) and reset the statistics."""
         index = torch.randint(z.shape[0], (self.num_embeddings,), generator=generator, device="cpu")
         codes = z.detach().float()[index.to(z.device)]
+        self.embed_sum.copy_(codes)
+        self.cluster_size.fill_(1.0)
+        self.last_used.zero_()
+        self.codebook.weight.copy_(codes)
+
+    @torch.no_grad()
+    def init_kmeans(self, z: torch.Tensor, generator: torch.Generator | None = None, iters: int = 10) -> None:
+        """Set the codes to the k-means centres of ``z [N, D]`` (spherical with ``l2``; see
+        :func:`~vqdiffusion.training.codebook_init.kmeans`) and reset the statistics."""
+        codes = kmeans(z.detach().float(), self.num_embeddings, iters=iters, generator=generator, spherical=self.l2)
         self.embed_sum.copy_(codes)
         self.cluster_size.fill_(1.0)
         self.last_used.zero_()
@@ -75,9 +108,15 @@ class EMACodebook:
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + k * self.eps) * total
         weight = self.embed_sum / smoothed.unsqueeze(1)
+        if self.l2:
+            weight = l2_normalize(weight)
         self.last_used = torch.where(counts > 0, torch.full_like(self.last_used, step), self.last_used)
         dead = torch.zeros(k, dtype=torch.bool, device=z.device)
-        if self.dead_code_threshold > 0:
+        if self.dead_code_threshold > 0 and self.restart == "distance":
+            dead = (step - self.last_used) >= self.dead_code_threshold
+            if bool(dead.any()):
+                dead = self._restart_distinct(z, weight, dead, step, generator)
+        elif self.dead_code_threshold > 0:
             dead = (step - self.last_used) >= self.dead_code_threshold
             index = torch.randint(z.shape[0], (k,), generator=generator, device="cpu").to(z.device)
             fresh = z[index]
@@ -87,6 +126,23 @@ class EMACodebook:
             self.last_used = torch.where(dead, torch.full_like(self.last_used, step), self.last_used)
         self.codebook.weight.copy_(weight)
         return dead
+
+    def _restart_distinct(
+        self, z: torch.Tensor, weight: torch.Tensor, dead: torch.Tensor, step: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Restart the ``dead`` codes in place in ``weight`` from rows of ``z`` far from the live codes;
+        returns the mask of codes actually restarted (a dead code with no distinct row left stays dead)."""
+        dead_ids = dead.nonzero().squeeze(1)
+        rows = distinct_rows(z, weight[~dead], dead_ids.numel(), generator).to(z.device)
+        ok = rows >= 0
+        dead_ids, fresh = dead_ids[ok], z[rows[ok]]
+        weight[dead_ids] = fresh
+        self.embed_sum[dead_ids] = fresh
+        self.cluster_size[dead_ids] = 1.0
+        self.last_used[dead_ids] = step
+        restarted = torch.zeros_like(dead)
+        restarted[dead_ids] = True
+        return restarted
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"cluster_size": self.cluster_size, "embed_sum": self.embed_sum, "last_used": self.last_used}

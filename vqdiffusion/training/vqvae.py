@@ -103,6 +103,9 @@ def train_vqvae(config: VQVAETrainConfig, *, resume: bool | str | os.PathLike = 
     out.mkdir(parents=True, exist_ok=True)
     config.save_json(out / "train_config.json")
     start = trainer.step
+    if start == 0 and config.codebook_init == "kmeans":
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed + 2))
+        trainer.init_codebook(torch.stack([dataset[int(i)]["image"] for i in order[: config.kmeans_images]]))
     if start >= config.steps:
         logger.warning("the checkpoint is at step %d >= steps=%d; nothing to train", start, config.steps)
 

@@ -7,7 +7,7 @@ import dataclasses
 from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive
 from ..data.folders import RESIZE_MODES
 from ..models.vqvae import _PRESETS, VQVAEConfig
-from .codebook import CODEBOOK_INITS
+from .codebook import CODE_RESTARTS, CODEBOOK_INITS
 from .lr_schedule import LR_SCHEDULES
 
 RECON_LOSSES = ("l1", "mse")
@@ -58,7 +58,17 @@ class VQVAETrainConfig(ConfigBase):
         codebook_decay, codebook_eps: EMA decay and Laplace-smoothing epsilon of the codebook statistics.
         dead_code_threshold: steps without any assignment after which a code is re-initialised (0 = never).
         codebook_init: ``"data"`` sets the codes to random encoder outputs of the first batch; ``"random"``
-            keeps the model's initialisation.
+            keeps the model's initialisation; ``"kmeans"`` runs k-means (k-means++ seeding,
+            ``kmeans_iters`` Lloyd iterations) on the encoder outputs of ``kmeans_images`` training images
+            (:func:`~vqdiffusion.training.codebook_init.kmeans`).
+        kmeans_images, kmeans_iters: images encoded for the k-means initialisation and its Lloyd iterations.
+        codebook_l2: cosine lookup (ViT-VQGAN): the latent is l2-normalised before the nearest-code search,
+            the commitment term and the straight-through estimator, and the codes are kept at unit norm, so
+            the exported model's Euclidean lookup of the raw latent is the cosine lookup (no format change).
+        code_restart: how dead codes are restarted: ``"uniform"`` (random encoder outputs of the batch) or
+            ``"distance"`` (outputs drawn with probability proportional to the squared distance from the
+            nearest live code, k-means++ style, so restarts do not duplicate live codes;
+            :func:`~vqdiffusion.training.codebook_init.distinct_rows`).
         perceptual_weights: a local VGG16 state dict (torchvision key layout, ``.safetensors``/``.pth``) for
             the perceptual term, or None for none; ``perceptual_weight`` scales it.
         gan_weight, gan_start_step, disc_channels, disc_lr: patch-GAN term (off when ``gan_weight`` is 0),
@@ -100,6 +110,10 @@ class VQVAETrainConfig(ConfigBase):
     codebook_eps: float = 1e-5
     dead_code_threshold: int = 100
     codebook_init: str = "data"
+    kmeans_images: int = 256
+    kmeans_iters: int = 10
+    codebook_l2: bool = False
+    code_restart: str = "uniform"
     perceptual_weights: str | None = None
     perceptual_weight: float = 1.0
     gan_weight: float = 0.0
@@ -123,6 +137,7 @@ class VQVAETrainConfig(ConfigBase):
             "lr_schedule": LR_SCHEDULES,
             "recon_loss": RECON_LOSSES,
             "codebook_init": CODEBOOK_INITS,
+            "code_restart": CODE_RESTARTS,
             "mixed_precision": VQ_MIXED_PRECISION,
             "model_preset": tuple(sorted(_PRESETS)),
         }
@@ -136,10 +151,12 @@ class VQVAETrainConfig(ConfigBase):
             "sample_every": self.sample_every,
             "log_every": self.log_every,
             "keep_checkpoints": self.keep_checkpoints,
+            "kmeans_images": self.kmeans_images,
         }
         nonneg = {
             "lr_warmup": self.lr_warmup,
             "dead_code_threshold": self.dead_code_threshold,
+            "kmeans_iters": self.kmeans_iters,
             "gan_start_step": self.gan_start_step,
             "num_workers": self.num_workers,
             "seed": self.seed,
@@ -171,7 +188,7 @@ class VQVAETrainConfig(ConfigBase):
             check_positive(name, disc_lr=self.disc_lr)
         if self.disc_channels % 8:
             raise ConfigError(f"{name}: disc_channels must be a multiple of 8, got {self.disc_channels}")
-        for key in ("random_flip", "progress"):
+        for key in ("random_flip", "progress", "codebook_l2"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{name}: {key} must be true or false, got {getattr(self, key)!r}")
         if self.perceptual_weights is not None and self.image_size < 16:

@@ -26,6 +26,7 @@ tokenizer, the layout of a pipeline's ``vqvae`` folder), ``metrics.csv``, ``samp
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -48,10 +49,13 @@ from .checkpoint import (
     with_prefix,
 )
 from .codebook import EMACodebook
+from .codebook_init import l2_normalize
 from .losses import PatchDiscriminator, VGGPerceptualLoss, hinge_discriminator_loss
 from .lr_schedule import lr_at, set_lr
 from .runtime import autocast_context, seed_everything
 from .vqvae_config import RESUMABLE_FIELDS, VQVAETrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -79,6 +83,8 @@ class VQVAETrainer:
             decay=config.codebook_decay,
             eps=config.codebook_eps,
             dead_code_threshold=config.dead_code_threshold,
+            l2=config.codebook_l2,
+            restart=config.code_restart,
         )
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
@@ -100,6 +106,7 @@ class VQVAETrainer:
             )
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
+        self.codebook_initialised = False  # only consulted at step 0 (see init_codebook)
 
     def lr(self, step: int) -> float:
         cfg = self.config
@@ -119,15 +126,15 @@ class VQVAETrainer:
         if cfg.random_flip:
             flips = (torch.rand(images.shape[0], generator=self.generator) < 0.5).to(self.device)
             images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
-        if self.step == 0 and cfg.codebook_init == "data":
-            with torch.no_grad():
-                z0 = model.encode_latents(images)
-            self.codebook_ema.init_from_data(z0.permute(0, 2, 3, 1).reshape(-1, z0.shape[1]), self.generator)
+        if self.step == 0 and cfg.codebook_init != "random" and not self.codebook_initialised:
+            self.init_codebook(images)
 
         lr = self.lr(self.step)
         set_lr(self.optimizer, lr)
         with self.autocast():
             z = model.encode_latents(images).float()
+        if cfg.codebook_l2:  # cosine lookup: quantise, commit and pass straight through on the unit latent
+            z = l2_normalize(z, dim=1)
         z_q, tokens = model.quantize(z)  # float32, outside autocast (which would run the distances in bf16)
         dims = (1, 2, 3)
         commit = (z - z_q.detach()).square().mean(dim=dims)
@@ -171,6 +178,22 @@ class VQVAETrainer:
             "tokens": tokens,
             "restarted": restarted,
         }
+
+    @torch.no_grad()
+    def init_codebook(self, images: torch.Tensor, chunk: int = 64) -> None:
+        """Initialise the codebook from the encoder outputs of ``images [B, 3, S, S]`` (float32, no
+        autocast) as ``codebook_init`` says: random rows (``"data"``) or k-means centres (``"kmeans"``)."""
+        cfg = self.config
+        z = torch.cat([self.model.encode_latents(part.to(self.device)) for part in images.split(chunk)])
+        if cfg.codebook_l2:
+            z = l2_normalize(z, dim=1)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        if cfg.codebook_init == "kmeans":
+            self.codebook_ema.init_kmeans(flat, self.generator, cfg.kmeans_iters)
+            logger.info("k-means codebook initialisation from %d latents of %d images", len(flat), len(images))
+        else:
+            self.codebook_ema.init_from_data(flat, self.generator)
+        self.codebook_initialised = True
 
     # -- checkpoints ------------------------------------------------------------------------------------
 
