@@ -19,7 +19,7 @@ ROOT = Path(vqdiffusion.__file__).resolve().parent
 # Lowest first.  A module belongs to the first entry that matches its dotted name exactly or as a prefix
 # followed by ".".  ``vqdiffusion/__init__.py`` lazily exposes the public names and may import anything.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("vqdiffusion.config", "vqdiffusion.io", "vqdiffusion.text_vocab")),
+    ("base", ("vqdiffusion.config", "vqdiffusion.devices", "vqdiffusion.io", "vqdiffusion.text_vocab")),
     ("math", ("vqdiffusion.diffusion",)),
     ("models", ("vqdiffusion.models", "vqdiffusion.data")),
     ("sampling", ("vqdiffusion.sampling",)),

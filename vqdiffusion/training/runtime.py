@@ -1,4 +1,5 @@
-"""Run-time settings shared by the trainers: device resolution, autocast and global seeding."""
+"""Run-time settings shared by the trainers: device resolution (:func:`vqdiffusion.devices.resolve_device`,
+re-exported), autocast and global seeding."""
 
 from __future__ import annotations
 
@@ -8,23 +9,12 @@ import random
 import numpy as np
 import torch
 
+from ..devices import resolve_device
+
 __all__ = ["MIXED_PRECISION", "autocast_context", "resolve_device", "seed_everything"]
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; any other name is checked and returned as a device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"invalid device {name!r} ({err}); use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
