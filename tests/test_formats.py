@@ -181,7 +181,8 @@ def test_condition_must_match_the_parts(tmp_path, tiny_clip_dirs):
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"guidance_scale": math.nan}, "guidance_scale must be a finite number >= 0, got nan"),
+        ({"guidance_scale": math.nan}, r"guidance_scale must be a number in \[0, 1000\].*got nan"),
+        ({"num_inference_steps": 1000}, r"num_inference_steps must be an integer in \[1, 100\].*T of"),
         ({"truncation_rate": 2}, "truncation_rate must be in"),
         ({"sampler": "greedy"}, "sampler must be one of"),
         ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer"),

@@ -62,12 +62,23 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"missing file: {path}")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = parse_json(path.read_text(), str(path))
+    except UnicodeDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def parse_json(text: str, source: str) -> Any:
+    """``json.loads(text)``; ConfigError naming ``source`` for invalid JSON, and for JSON nested too deeply to
+    parse (a RecursionError in the standard library), which no config of ours needs."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the JSON is nested too deeply to read; it is not a vqdiffusion file") from None
 
 
 def check_positive(owner: str, **values: int | float) -> None:

@@ -305,6 +305,11 @@ class ImageCaptionFolder(_FolderDataset):
 
     _what = "captioned images"
 
+    @property
+    def captions(self) -> list[str]:
+        """The caption of each image of ``paths``, without loading any image."""
+        return [extras["caption"] for extras in self._extras]
+
     def _scan(self) -> list[tuple[Path, dict[str, Any]]]:
         jsonl, csv_path = self.root / CAPTION_JSONL, self.root / CAPTION_CSV
         if jsonl.is_file():
@@ -359,7 +364,7 @@ class ImageCaptionFolder(_FolderDataset):
                 where = f"{path}:{number}"
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as err:
+                except (json.JSONDecodeError, RecursionError) as err:
                     self.skipped.append((where, f"invalid JSON ({err})"))
                     continue
                 if not isinstance(record, dict):

@@ -144,7 +144,7 @@ class TokenDataset(Dataset):
             )
         try:
             meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ValueError(f"{meta_path} is not valid JSON ({err}); re-run vqdiffusion tokenize") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{meta_path}: not a {FORMAT_NAME} file (format {_get(meta, 'format')!r})")
@@ -273,7 +273,7 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:
                 raise ValueError(f"{path}:{number} is not valid JSON ({err})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object")

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..diffusion import MaskReplaceSchedule
-from ..io import load_weights
+from ..io import check_finite, load_weights, read_weights_header
 from ..models.conditions import CLIPTextCondition, LearnedNullCondition
 from ..models.denoiser import Denoiser
 from ..models.vqvae import VQVAE
@@ -41,7 +41,10 @@ class PipelineComponents:
 
 def load_null_condition(path: Path, key: str) -> LearnedNullCondition:
     """A weights file holding exactly one [L, D] tensor named ``key``."""
+    header = read_weights_header(path)
+    if set(header) != {key} or header[key].ndim != 2 or not header[key].is_floating_point():
+        found = {name: (tuple(t.shape), str(t.dtype)) for name, t in header.items()}
+        raise ValueError(f"{path}: expected one floating point [L, D] tensor {key!r}, found {found}")
     weights = load_weights(path)
-    if set(weights) != {key}:
-        raise ValueError(f"{path}: expected one tensor {key!r}, found {sorted(weights)}")
+    check_finite(weights, str(path))
     return LearnedNullCondition(weights[key].clone())

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from ..config import ConfigError, read_json_object
 from ..diffusion import MaskReplaceSchedule
-from ..io import atomic_write_text, find_weights, load_into, load_weights, save_safetensors
+from ..io import atomic_write_text, find_weights, load_module, save_safetensors
 from ..models.conditions import CLIPTextCondition
-from ..models.denoiser import Denoiser
-from ..models.vqvae import VQVAE
+from ..models.denoiser import Denoiser, denoiser_part_counts
+from ..models.vqvae import VQVAE, vqvae_part_counts
 from ..sampling import DEFAULT_GUIDANCE_SCALE, SamplingOptions
 from .components import PipelineComponents, load_null_condition
 from .diffusers_denoiser import (
@@ -67,15 +67,31 @@ def load_diffusers(root: Path, *, text_pad_token_id: int | None | Literal["auto"
     index = read_json_object(root / INDEX_FILE)
     if index.get("_class_name") != "VQDiffusionPipeline":
         raise ValueError(f"{root / INDEX_FILE} describes a {index.get('_class_name')!r}, not a VQDiffusionPipeline")
+    # Each module's sizes are checked against its weights file's header before it is allocated (load_module).
     vq_cfg = vqvae_config_from_diffusers(read_json_object(root / "vqvae" / "config.json"))
-    vqvae = VQVAE(vq_cfg)
-    vq_sd = load_weights(find_weights(root / "vqvae", WEIGHT_STEMS))
-    load_into(vqvae, vqvae_state_dict_from_diffusers(vq_sd, vq_cfg), f"{root}/vqvae")
+    vqvae = load_module(
+        lambda: VQVAE(vq_cfg),
+        find_weights(root / "vqvae", WEIGHT_STEMS),
+        f"{root}/vqvae",
+        convert=lambda state: vqvae_state_dict_from_diffusers(state, vq_cfg),
+        counts=vqvae_part_counts(vq_cfg),
+    )
     den_cfg = denoiser_config_from_diffusers(read_json_object(root / "transformer" / "config.json"))
-    denoiser = Denoiser(den_cfg)
-    den_sd = load_weights(find_weights(root / "transformer", WEIGHT_STEMS))
-    load_into(denoiser, denoiser_state_dict_from_diffusers(den_sd, den_cfg), f"{root}/transformer")
-    schedule = schedule_from_diffusers(read_json_object(root / "scheduler" / "scheduler_config.json"))
+    denoiser = load_module(
+        lambda: Denoiser(den_cfg),
+        find_weights(root / "transformer", WEIGHT_STEMS),
+        f"{root}/transformer",
+        convert=lambda state: denoiser_state_dict_from_diffusers(state, den_cfg),
+        counts=denoiser_part_counts(den_cfg),
+    )
+    scheduler_path = root / "scheduler" / "scheduler_config.json"
+    scheduler = read_json_object(scheduler_path)
+    steps = scheduler.get("num_train_timesteps", 100)
+    if steps != den_cfg.num_timesteps:  # before the schedule's T-entry tables are built
+        raise ConfigError(
+            f"{scheduler_path}: num_train_timesteps={steps!r} but the transformer embeds {den_cfg.num_timesteps} steps"
+        )
+    schedule = schedule_from_diffusers(scheduler)
     pad = 0 if text_pad_token_id == "auto" else text_pad_token_id
     text_encoder = CLIPTextCondition.from_pretrained(root / "text_encoder", root / "tokenizer", pad_token_id=pad)
     null_condition = None

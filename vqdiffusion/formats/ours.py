@@ -31,9 +31,9 @@ import torch
 
 from ..config import ConfigBase, ConfigError, read_json_object
 from ..diffusion import MaskReplaceSchedule
-from ..io import atomic_write_text, load_into, load_weights, save_safetensors
+from ..io import atomic_write_text, load_module, save_safetensors
 from ..models.conditions import CONDITION_KINDS, CLIPTextCondition, ConditionConfig, ConditionKind
-from ..models.denoiser import Denoiser, DenoiserConfig
+from ..models.denoiser import Denoiser, DenoiserConfig, denoiser_part_counts
 from ..models.vqvae import load_vqvae, save_vqvae
 from ..sampling import SamplingOptions
 from .components import PipelineComponents, load_null_condition
@@ -135,6 +135,10 @@ def index_condition(path: Path, index: dict[str, Any]) -> ConditionConfig | _Con
             raise ConfigError(f"{path}: null_condition must be 'learned' or 'empty_prompt', got {null!r}")
         if pad is not None and not (_is_int(pad) and pad >= 0):
             raise ConfigError(f"{path}: text_pad_token_id must be null or an id >= 0, got {pad!r}")
+    else:
+        for field, value in (("null_condition", null), ("text_pad_token_id", pad)):
+            if value is not None:
+                raise ConfigError(f"{path}: {field} is for text models; a {block!r} model needs null, got {value!r}")
     if label is not None and not (block == ConditionKind.CLASS and _is_int(label) and label >= 0):
         raise ConfigError(f"{path}: null_class_label must be null or (class models) a label >= 0, got {label!r}")
     return _ConditionV1(kind=block, null=null, pad_token_id=pad, null_class_label=label)
@@ -202,13 +206,24 @@ def load_ours(root: Path, *, text_pad_token_id: int | None | Literal["auto"] = "
     root = Path(root)
     index_path = root / INDEX_FILE
     condition = index_condition(index_path, read_index(index_path))
-    schedule = _load_config(MaskReplaceSchedule, root / SCHEDULE_FILE)
-    # The fields are checked on construction; the step count against T when sampling (a call may override it).
-    defaults = _load_config(SamplingOptions, root / DEFAULTS_FILE) if (root / DEFAULTS_FILE).exists() else None
+    # Sizes first, checked against the weights files' headers before anything is allocated; then the schedule
+    # (its tables have T entries), checked against the denoiser's sizes before it is built.
+    den_cfg = _load_config(DenoiserConfig, root / "denoiser" / "config.json")
+    denoiser = load_module(
+        lambda: Denoiser(den_cfg),
+        root / "denoiser" / "model.safetensors",
+        f"{root}/denoiser",
+        counts=denoiser_part_counts(den_cfg),
+    )
     vqvae = load_vqvae(root / "vqvae")
-    denoiser = Denoiser(_load_config(DenoiserConfig, root / "denoiser" / "config.json"))
-    load_into(denoiser, load_weights(root / "denoiser" / "model.safetensors"), f"{root}/denoiser")
-    den_cfg = denoiser.config
+    schedule = _load_config(MaskReplaceSchedule, root / SCHEDULE_FILE, sizes_of=den_cfg)
+    defaults = None
+    if (root / DEFAULTS_FILE).exists():
+        defaults = _load_config(SamplingOptions, root / DEFAULTS_FILE)
+        try:
+            defaults.validate(schedule.num_timesteps)
+        except ValueError as err:
+            raise ConfigError(f"{root / DEFAULTS_FILE}: {err} (T of {root / SCHEDULE_FILE})") from None
     if den_cfg.condition_kind != condition.kind:
         raise ConfigError(
             f"{index_path}: condition kind {condition.kind!r} does not match the denoiser "
@@ -247,9 +262,20 @@ def load_ours(root: Path, *, text_pad_token_id: int | None | Literal["auto"] = "
     return PipelineComponents(text_encoder=text, **parts)
 
 
-def _load_config(cls: type[C], path: Path) -> C:
-    """``cls.load_json(path)`` with errors that name the file (a missing file: FileNotFoundError)."""
+def _load_config(cls: type[C], path: Path, *, sizes_of: DenoiserConfig | None = None) -> C:
+    """``cls.load_json(path)`` with errors that name the file (a missing file: FileNotFoundError).
+
+    ``sizes_of``: K (``num_classes``) and T (``num_timesteps``) of the file must be the denoiser's, checked
+    before ``cls`` is built (a schedule's tables have T entries)."""
     try:
+        if sizes_of is not None:
+            data = read_json_object(path)
+            for field, letter in (("num_classes", "K"), ("num_timesteps", "T")):
+                if field in data and data[field] != getattr(sizes_of, field):
+                    raise ConfigError(
+                        f"{path}: {field}={data[field]!r}, but the denoiser has {letter}={getattr(sizes_of, field)}"
+                    )
+            return cls.from_dict(data)
         return cls.load_json(path)
     except FileNotFoundError:
         raise

@@ -205,6 +205,11 @@ DENOISER_PRESETS: dict[str, DenoiserConfig] = {
 }
 
 
+def denoiser_part_counts(config: DenoiserConfig) -> dict[str, int]:
+    """The config fields that repeat modules, with their counts (see :func:`vqdiffusion.io.load_module`)."""
+    return {"num_layers": config.num_layers}
+
+
 class AdaLayerNorm(nn.Module):
     """Non-affine LayerNorm modulated by the step: norm(x) * (1 + scale_t) + shift_t.
 

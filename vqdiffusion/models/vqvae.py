@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigBase, ConfigError, check_positive
-from ..io import load_into, load_weights, save_safetensors
+from ..io import load_module, save_safetensors
 
 __all__ = ["CONFIG_FILE", "Codebook", "VQVAE", "VQVAEConfig", "VQVAEOutput", "WEIGHTS_FILE", "load_vqvae", "save_vqvae"]
 
@@ -594,6 +594,13 @@ def load_vqvae(directory: str | os.PathLike) -> VQVAE:
     except ConfigError as err:
         message = str(err)
         raise ConfigError(message if str(config_path) in message else f"{config_path}: {message}") from None
-    model = VQVAE(config)
-    load_into(model, load_weights(directory / WEIGHTS_FILE), str(directory))
-    return model
+    counts = vqvae_part_counts(config)
+    return load_module(lambda: VQVAE(config), directory / WEIGHTS_FILE, str(directory), counts=counts)
+
+
+def vqvae_part_counts(config: VQVAEConfig) -> dict[str, int]:
+    """The config fields that repeat modules, with their counts (see :func:`vqdiffusion.io.load_module`)."""
+    return {
+        "len(block_out_channels)": len(config.block_out_channels),
+        "layers_per_block": config.layers_per_block * len(config.block_out_channels),
+    }

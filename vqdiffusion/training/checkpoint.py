@@ -238,7 +238,7 @@ def _read_checkpoint(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Te
         )
     try:
         meta = json.loads(metadata.get("meta", ""))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path}: checkpoint metadata is not valid JSON ({err})") from None
     return tensors, meta
 
