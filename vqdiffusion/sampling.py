@@ -33,6 +33,11 @@ SAMPLERS = ("ancestral", *PRIOR_RULES)
 # The guidance scale of a model that does not say (SamplingOptions' default; the diffusers reader's for a
 # learned null text, which diffusers' own pipeline also defaults to).
 DEFAULT_GUIDANCE_SCALE = 5.0
+# Bounds of the knobs that scale log-probabilities: beyond them the float32 (or bfloat16) arithmetic of the
+# chain overflows or cancels and the samples are garbage (far below them they are already near-greedy).
+MAX_GUIDANCE_SCALE = 1000.0
+MAX_PRIOR_WEIGHT = 1000.0
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +76,23 @@ class SamplingOptions(ConfigBase):
         if not _is_int(steps) or steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
         scale = self.guidance_scale
-        if not _is_number(scale) or not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {scale!r}")
+        if not _is_number(scale) or not 0 <= scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(
+                f"guidance_scale must be a number in [0, {MAX_GUIDANCE_SCALE:g}] (typically 1 to 10), got {scale!r}"
+            )
         rate = self.truncation_rate
         if not _is_number(rate) or not 0.0 < rate <= 1.0:
             raise ValueError(f"truncation_rate must be in (0, 1], got {rate!r}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {self.spacing!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or not self.temperature > 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        tau = self.temperature
+        if not _is_number(tau) or not math.isfinite(tau) or not tau >= MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (1 = off), got {tau!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         weight = self.prior_weight
-        if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"prior_weight must be a finite number >= 0, got {weight!r}")
+        if not _is_number(weight) or not 0 <= weight <= MAX_PRIOR_WEIGHT:
+            raise ValueError(f"prior_weight must be a number in [0, {MAX_PRIOR_WEIGHT:g}], got {weight!r}")
         if weight != 0 and self.sampler != "purity":
             raise ValueError(
                 f"prior_weight must be 0 unless sampler='purity' (it is r of the purity sampler); "
