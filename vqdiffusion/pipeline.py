@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .config import ConfigError
+from .devices import available_memory, format_bytes, resolve_device
 from .diffusion import Generator, MaskReplaceSchedule
 from .formats import diffusers as diffusers_format
 from .formats import ours as ours_format
@@ -100,7 +101,14 @@ class VQDiffusionPipeline:
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.null_condition = null_condition.eval() if null_condition is not None else None
         self.null_class_label = null_class_label
-        self.defaults = defaults or PipelineDefaults()
+        # Without defaults: the library's, with at most T steps (a model of fewer steps gets all of its T).
+        self.defaults = defaults or PipelineDefaults(
+            num_inference_steps=min(PipelineDefaults.num_inference_steps, schedule.num_timesteps)
+        )
+        try:
+            self.defaults.validate(schedule.num_timesteps)
+        except ValueError as err:
+            raise ConfigError(f"the default sampling settings do not fit the model: {err}") from None
 
     # -- device and dtype -------------------------------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -114,7 +122,10 @@ class VQDiffusionPipeline:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VQDiffusionPipeline:
         """Move every component; ``dtype`` applies to the denoiser (bf16 sampling keeps log-probs in float32),
         the VQ decoder and the null condition; the text encoder stays in float32 on CPU for exactness
-        unless the device is CUDA."""
+        unless the device is CUDA.  ``device`` is checked first (:func:`vqdiffusion.devices.resolve_device`:
+        DeviceError, a ValueError, for a name this machine cannot run on; ``"auto"`` picks CUDA if present)."""
+        if device is not None:
+            device = resolve_device(device)
         for name, module in self.modules().items():
             target_dtype = dtype
             if name == "text_encoder" and dtype is not None and torch.device(device or self.device).type == "cpu":
@@ -191,6 +202,7 @@ class VQDiffusionPipeline:
         spacing: str | None = None,
         temperature: float | None = None,
         tokens_per_call: int | None = None,
+        batch_size: int | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``: one string or a list (text models), a list of class labels
         (class-conditional models), or None (unconditional models: ``num_images_per_prompt`` images).
@@ -212,6 +224,9 @@ class VQDiffusionPipeline:
             output_type: "pil", "np" ([B, H, W, 3] float in [0, 1]), "pt" ([B, 3, H, W] in [0, 1]) or
                 "tokens" (no decoding).
             progress: show a progress bar.
+            batch_size: images per reverse-chain run (None: all at once, or as many as fit in the device's
+                free memory; see :meth:`plan_batches`).  With one ``generator`` the samples depend on it; with
+                a list of generators, one per image, they do not.
         """
         unconditional = self.condition_kind == ConditionKind.NONE
         if unconditional:
@@ -243,28 +258,95 @@ class VQDiffusionPipeline:
         }
         options = self.sampling_options(**given)
 
-        if unconditional:
-            cond, batch = None, num_images_per_prompt
-        else:
-            cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
-            batch = cond.shape[0]
-        null_cond = self.null_embeddings(batch) if options.uses_guidance else None
-        predict = guided_predictor(self.denoiser, cond, null_cond, options.guidance_scale)
+        batch = num_images_per_prompt * (1 if unconditional else len(prompts))
+        chunks = self.plan_batches(batch, output_type, options.uses_guidance, batch_size)
+        encoded = None if unconditional else self.encode_prompt(prompts)  # [P, ...]: one row per prompt
+        per_image = isinstance(generator, (list, tuple))
         cfg = self.denoiser.config
-        tokens = sample_tokens(
-            predict,
-            self.schedule,
-            batch,
-            cfg.height * cfg.width,
-            options,
-            generator=generator,
-            device=self.device,
-            progress=progress,
-        ).view(batch, cfg.height, cfg.width)
+        token_parts, image_parts = [], []
+        for start, stop in chunks:
+            n = stop - start
+            cond = None
+            if encoded is not None:  # prompt-major: row r is prompt r // num_images_per_prompt
+                cond = encoded[torch.arange(start, stop, device=encoded.device) // num_images_per_prompt]
+            null_cond = self.null_embeddings(n) if options.uses_guidance else None
+            predict = guided_predictor(self.denoiser, cond, null_cond, options.guidance_scale)
+            tokens = sample_tokens(
+                predict,
+                self.schedule,
+                n,
+                cfg.height * cfg.width,
+                options,
+                generator=generator[start:stop] if per_image else generator,
+                device=self.device,
+                progress=progress,
+            ).view(n, cfg.height, cfg.width)
+            token_parts.append(tokens)
+            if output_type != "tokens":
+                image_parts.append(to_output_type(self.decode(tokens), output_type))
+        tokens = token_parts[0] if len(token_parts) == 1 else torch.cat(token_parts)
         if output_type == "tokens":
             return PipelineOutput(images=None, tokens=tokens)
-        images = self.decode(tokens)
-        return PipelineOutput(images=to_output_type(images, output_type), tokens=tokens)
+        return PipelineOutput(images=_join(image_parts, output_type), tokens=tokens)
+
+    def memory_per_image(self, output_type: OutputType = "pil", guidance: bool = True) -> tuple[int, int]:
+        """Rough upper estimates, in bytes per image: (working memory of one reverse-chain run and its decoding,
+        the results kept until the call returns).
+
+        Working memory counts the [K+1, N] float32 tensors of one step (log-probabilities, posterior, noise),
+        the denoiser's activations (twice with guidance: the null condition runs in the same batch) and the
+        VQ decoder's full-resolution activations; results are the tokens plus the images of ``output_type``.
+        """
+        cfg, vq = self.denoiser.config, self.vqvae.config
+        n = cfg.height * cfg.width
+        context = self.text_encoder.max_length if self.text_encoder is not None else 1
+        passes = 2 if guidance else 1
+        width = max(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
+        denoiser = passes * (
+            8 * n * cfg.dim + 2 * n * width + 2 * cfg.num_heads * n * (n + context) + n * cfg.num_classes
+        )
+        side_h, side_w = cfg.height * vq.downsample_factor, cfg.width * vq.downsample_factor
+        decoder = 6 * max(vq.block_out_channels) * side_h * side_w
+        working = 4 * (8 * (cfg.num_classes + 1) * n + denoiser + decoder)
+        pixels = 3 * side_h * side_w
+        result = 8 * n + {"pil": pixels, "np": 4 * pixels, "pt": 4 * pixels, "tokens": 0}[output_type]
+        return working, result
+
+    def plan_batches(
+        self, total: int, output_type: OutputType = "pil", guidance: bool = True, batch_size: int | None = None
+    ) -> list[tuple[int, int]]:
+        """The (start, stop) image ranges that one call samples in turn: ``batch_size`` images per reverse-chain
+        run, or (None) all at once when they fit in the device's free memory, else as many as fit.
+
+        Raises ValueError (nothing is computed) when the results of ``total`` images alone, or one image's
+        working memory, would exceed the memory available (estimates of :meth:`memory_per_image`).
+        """
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        working, result = self.memory_per_image(output_type, guidance)
+        free = available_memory(self.device)
+        chunk = batch_size or total
+        if free is not None:
+            if total * result > 0.8 * free:
+                raise ValueError(
+                    f"{total} images need about {format_bytes(total * result)} of memory for the results alone, "
+                    f"but {format_bytes(free)} are available; ask for fewer images (--num-images, "
+                    "num_images_per_prompt) per call"
+                )
+            budget = 0.7 * free - total * result
+            fits = int(budget // working) if working > 0 else total
+            if fits < 1:
+                raise ValueError(
+                    f"sampling one image needs about {format_bytes(working)} of working memory, but only "
+                    f"{format_bytes(max(budget, 0))} of {format_bytes(free)} are left for it; use a machine with "
+                    "more memory"
+                )
+            if fits < chunk:
+                logger.info("sampling %d images in batches of %d (free memory: %s)", total, fits, format_bytes(free))
+                chunk = fits
+        return [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
 
     def sampling_options(self, **overrides: Any) -> SamplingOptions:
         """The model's defaults with the non-None ``overrides`` applied, validated for this model.
@@ -335,6 +417,8 @@ class VQDiffusionPipeline:
         published models were trained with the authors' tokenizer, not diffusers' ``<|endoftext|>``
         padding; None: the tokenizer's own padding).
         """
+        if device is not None:
+            device = resolve_device(device)  # before anything is read
         root = resolve_model_path(path)
         if not root.exists():
             raise FileNotFoundError(f"model directory not found: {root}")
@@ -381,6 +465,17 @@ def to_output_type(images: torch.Tensor, output_type: OutputType) -> Any:
     if output_type == "np":
         return array
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+def _join(parts: list[Any], output_type: OutputType) -> Any:
+    """The per-batch outputs of one call as one output of ``output_type``."""
+    if len(parts) == 1:
+        return parts[0]
+    if output_type == "pt":
+        return torch.cat(parts)
+    if output_type == "np":
+        return np.concatenate(parts)
+    return [image for part in parts for image in part]
 
 
 def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
