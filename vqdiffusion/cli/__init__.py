@@ -12,11 +12,13 @@ import logging
 from collections.abc import Sequence
 
 from .convert import add_convert_parser
-from .errors import USER_ERRORS, CLIError, report
+from .errors import CLIError, is_user_error, report
 from .evaluate import add_eval_parser, add_make_shapes_parser
 from .export import add_export_parser, run_export
 from .generate import add_generate_parser, add_info_parser
+from .sample_set import add_sample_set_parser
 from .sampling_flags import add_sampling_arguments, sampling_arguments
+from .sheet import add_sheet_parser
 from .tokenize import add_tokenize_parser, run_tokenize
 from .train import add_train_parser, run_train
 from .train_vqvae import add_train_vqvae_parser, run_train_vqvae
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_make_shapes_parser(sub)
     add_convert_parser(sub)
     add_eval_parser(sub)
+    add_sample_set_parser(sub)
+    add_sheet_parser(sub)
     for add, run in (
         (add_train_vqvae_parser, run_train_vqvae),
         (add_tokenize_parser, run_tokenize),
@@ -47,5 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (*USER_ERRORS, KeyboardInterrupt) as err:
+    except BaseException as err:
+        if not is_user_error(err):
+            raise
         return report(err)

@@ -35,9 +35,10 @@ def add_convert_parser(sub: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from ..io import check_output_path
     from ..pipeline import VQDiffusionPipeline
 
-    out = Path(args.out_dir)
+    out = check_output_path(args.out_dir, folder=True, what="output directory")
     if out.exists() and any(out.iterdir()):
         raise CLIError(f"{out} exists and is not empty; choose a new output directory")
     src = Path(args.src)

@@ -1,29 +1,62 @@
-"""``vqdiffusion eval`` (score a model on an evaluation suite) and ``vqdiffusion make-shapes`` (the synthetic
-shapes data set)."""
+"""``vqdiffusion eval`` (the suites: ``shapes`` scores a model; ``fid`` and ``clipscore`` score a folder of samples)
+and ``vqdiffusion make-shapes`` (the synthetic shapes data set)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 from .errors import CLIError
 from .generate import DEFAULT_MODEL
 from .sampling_flags import add_sampling_arguments, sampling_arguments
 
+SUITES = ["shapes", "fid", "clipscore"]
+BATCH_SIZES = {"shapes": 16, "fid": 50, "clipscore": 32}
+# The flags each suite requires.
+REQUIRED = {"fid": ("samples", "reference", "inception_weights"), "clipscore": ("samples", "clip")}
+
 
 def add_eval_parser(sub: Any) -> None:
-    ev = sub.add_parser("eval", help="score a model on an evaluation suite (shapes)")
-    ev.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model directory or built-in model (default {DEFAULT_MODEL})"
+    ev = sub.add_parser(
+        "eval",
+        help="score a model or a folder of samples (suites: shapes, fid, clipscore)",
+        description="shapes: generate with --model and score text faithfulness on the synthetic shapes prompts. "
+        "fid: FID (and KID, IS) of --samples against --reference with a local --inception-weights file. "
+        "clipscore: CLIP score of the captioned images in --samples with a local --clip model folder.",
     )
-    ev.add_argument("--suite", default="shapes", choices=["shapes"], help="evaluation suite (default shapes)")
-    ev.add_argument("--n", type=int, default=256, help="images per prompt set (default 256)")
+    ev.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"shapes: model directory or built-in model (default {DEFAULT_MODEL})"
+    )
+    ev.add_argument("--suite", default="shapes", choices=SUITES, help="evaluation suite (default shapes)")
+    ev.add_argument("--n", type=int, default=256, help="shapes: images per prompt set (default 256)")
     add_sampling_arguments(ev)
-    ev.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
-    ev.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    ev.add_argument("--out", default="eval_shapes", help="folder for report.json and samples.png")
+    ev.add_argument(
+        "--batch-size", type=int, default=None, help="images per batch (default: shapes 16, fid 50, clipscore 32)"
+    )
+    ev.add_argument("--seed", type=int, default=0, help="random seed (shapes sampling; KID subsets, IS splits)")
+    ev.add_argument("--out", default=None, help="folder for report.json (default eval_SUITE)")
     ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    images = ev.add_argument_group("fid and clipscore")
+    images.add_argument("--samples", metavar="DIR", help="folder of generated images (e.g. from sample-set)")
+    images.add_argument("--reference", metavar="DIR_OR_NPZ", help="fid: folder of real images or saved statistics")
+    images.add_argument(
+        "--inception-weights",
+        metavar="FILE",
+        help="fid: local Inception file: inception-2015-12-05.pt (TorchScript) or pt_inception-2015-12-05-*.pth",
+    )
+    images.add_argument("--save-reference-stats", metavar="FILE.npz", help="fid: save the reference statistics")
+    images.add_argument("--kid", action="store_true", help="fid: also KID (saved statistics then hold the features)")
+    images.add_argument("--isc", action="store_true", help="fid: also the Inception Score of the samples")
+    images.add_argument("--kid-subsets", type=int, default=100, help="fid: KID subsets (default 100)")
+    images.add_argument("--kid-subset-size", type=int, default=1000, help="fid: images per KID subset (default 1000)")
+    images.add_argument("--isc-splits", type=int, default=10, help="fid: Inception Score splits (default 10)")
+    images.add_argument("--clip", metavar="DIR", help="clipscore: local CLIP model folder (transformers layout)")
+    images.add_argument(
+        "--clip-prefix", default="", help='clipscore: text put before each caption (Hessel et al.: "A photo depicts ")'
+    )
     ev.set_defaults(run=cmd_eval)
 
 
@@ -43,12 +76,27 @@ def add_make_shapes_parser(sub: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.batch_size < 1:
-        raise CLIError(f"--n and --batch-size must be >= 1, got {args.n}, {args.batch_size}")
+    if args.batch_size is None:
+        args.batch_size = BATCH_SIZES[args.suite]
+    if args.out is None:
+        args.out = f"eval_{args.suite}"
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for dest in REQUIRED.get(args.suite, ()):
+        if getattr(args, dest) is None:
+            raise CLIError(f"--suite {args.suite} needs --{dest.replace('_', '-')}")
+    if args.suite == "fid":
+        return _eval_fid(args)
+    if args.suite == "clipscore":
+        return _eval_clipscore(args)
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
     sampling = sampling_arguments(args)
     from ..eval.suite import evaluate_shapes, format_table, write_report
+    from ..io import check_output_path
     from ..pipeline import VQDiffusionPipeline
 
+    check_output_path(args.out, folder=True, what="--out")  # before the evaluation, not after it
     pipe = VQDiffusionPipeline.from_pretrained(args.model, device=args.device)
     report = evaluate_shapes(
         pipe,
@@ -66,6 +114,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json_path)
     print(grid_path)
     return 0
+
+
+def _write_json(report: dict[str, Any], out: str) -> Path:
+    from ..io import atomic_write_text
+
+    return atomic_write_text(Path(out) / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+def _eval_fid(args: argparse.Namespace) -> int:
+    for flag, value in (
+        ("--kid-subsets", args.kid_subsets),
+        ("--kid-subset-size", args.kid_subset_size),
+        ("--isc-splits", args.isc_splits),
+    ):
+        if value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
+    from ..eval.fid import evaluate_fid
+
+    report = evaluate_fid(
+        args.samples,
+        args.reference,
+        args.inception_weights,
+        kid=args.kid,
+        isc=args.isc,
+        batch_size=args.batch_size,
+        device=args.device,
+        kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
+        isc_splits=args.isc_splits,
+        seed=args.seed,
+        save_reference=args.save_reference_stats,
+        progress=not args.quiet,
+    )
+    report["settings"]["manifest"] = _manifest_settings(args.samples)
+    metrics = report["metrics"]
+    line = f"FID {metrics['fid']:.4f}"
+    if "kid_mean" in metrics:
+        line += f"  KID {metrics['kid_mean']:.6f} +- {metrics['kid_std']:.6f}"
+    if "isc_mean" in metrics:
+        line += f"  IS {metrics['isc_mean']:.4f} +- {metrics['isc_std']:.4f}"
+    reference = report["reference"]
+    print(f"{line}  ({report['samples']['num_images']} samples, reference {reference['num_images']} images)")
+    if "saved_to" in reference:
+        print(f"reference statistics: {reference['saved_to']}")
+    print(_write_json(report, args.out))
+    return 0
+
+
+def _eval_clipscore(args: argparse.Namespace) -> int:
+    from ..eval.clipscore import clip_score
+
+    report = clip_score(
+        args.samples,
+        args.clip,
+        batch_size=args.batch_size,
+        device=args.device,
+        prefix=args.clip_prefix,
+        progress=not args.quiet,
+    )
+    report["settings"]["manifest"] = _manifest_settings(args.samples)
+    metrics = report["metrics"]
+    print(
+        f"CLIP score {metrics['clip_score']:.4f} (w = 2.5; 100 * cos scale: {metrics['clip_score_100']:.2f})  "
+        f"({report['samples']['num_images']} images)"
+    )
+    print(_write_json(report, args.out))
+    return 0
+
+
+def _manifest_settings(folder: str) -> dict[str, Any] | None:
+    """The sample-set settings (model, sampling options, seeds) of the folder, for the report."""
+    from ..eval.folder import read_manifest
+
+    manifest = read_manifest(folder)
+    return None if manifest is None else manifest.get("settings")
 
 
 def cmd_make_shapes(args: argparse.Namespace) -> int:

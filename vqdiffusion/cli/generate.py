@@ -26,6 +26,12 @@ def add_generate_parser(sub: Any) -> None:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
     gen.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per sampling run (default: all at once, or as many as fit in free memory)",
+    )
+    gen.add_argument(
         "--output",
         default="vqdiffusion.png",
         help="an image file (several images become one grid) or a directory (numbered files)",
@@ -44,51 +50,72 @@ def add_info_parser(sub: Any) -> None:
     info.set_defaults(run=cmd_info)
 
 
-def _check_generate_args(args: argparse.Namespace) -> None:
+def _output_kind(args: argparse.Namespace) -> str:
+    """How ``--output`` is written, checked before anything is computed: ``"file"`` (one image or a grid),
+    ``"device"`` (an existing device or pipe such as /dev/stdout: one PNG written to it directly) or
+    ``"folder"`` (numbered files)."""
+    from ..io import check_output_path, is_special_file
+
+    out = Path(args.output)
+    if is_special_file(out):
+        return "device"
+    if out.suffix:
+        if out.suffix.lower() not in IMAGE_SUFFIXES:
+            raise CLIError(f"--output {out}: unsupported image type {out.suffix!r} (use .png or a directory)")
+        check_output_path(out, what="--output")
+        return "file"
+    if out.is_file():
+        raise CLIError(
+            f"--output {out} is an existing file without an image suffix; give a name ending in .png (one image or "
+            "a grid) or a folder (numbered files)"
+        )
+    check_output_path(out, folder=True, what="--output")
+    return "folder"
+
+
+def _check_generate_args(args: argparse.Namespace) -> str:
     if not args.prompt.strip():
         raise CLIError('the prompt is empty; give a text prompt, e.g. vqdiffusion generate "a red circle"')
     if args.num_images < 1:
         raise CLIError(f"--num-images must be >= 1, got {args.num_images}")
-    out = Path(args.output)
-    if out.suffix and out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise CLIError(f"--output {out}: unsupported image type {out.suffix!r} (use .png or a directory)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return _output_kind(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    _check_generate_args(args)
+    kind = _check_generate_args(args)
     sampling = sampling_arguments(args)
     import torch
 
+    from ..devices import resolve_device
+    from ..io import atomic_write_with
     from ..pipeline import VQDiffusionPipeline, make_grid
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError("--device cuda requested but CUDA is not available")
+    device = resolve_device(args.device)
     pipe = VQDiffusionPipeline.from_pretrained(args.model)
-    pipe.to(args.device, torch.bfloat16 if args.bf16 else None)
+    pipe.to(device, torch.bfloat16 if args.bf16 else None)
     steps = args.num_inference_steps
     if steps is not None and steps > pipe.schedule.num_timesteps:
         raise CLIError(f"--steps must be in [1, {pipe.schedule.num_timesteps}] for this model, got {steps}")
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     result = pipe(
         args.prompt,
         num_images_per_prompt=args.num_images,
         generator=generator,
         progress=not args.quiet,
+        batch_size=args.batch_size,
         **sampling,
     )
     out = Path(args.output)
-    if out.suffix:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image = result.images[0] if len(result.images) == 1 else make_grid(result.images)
-        image.save(out)
-        written = [out]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
         written = []
         for i, image in enumerate(result.images):
-            path = out / f"{i:04d}.png"
-            image.save(path)
-            written.append(path)
+            written.append(atomic_write_with(out / f"{i:04d}.png", image.save))
+    else:
+        image = result.images[0] if len(result.images) == 1 else make_grid(result.images)
+        save = image.save if kind == "file" else lambda path: image.save(path, format="PNG")
+        written = [atomic_write_with(out, save)]  # a device is written directly; its errors are raised
     for path in written:
         print(path)
     return 0

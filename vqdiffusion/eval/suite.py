@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data.shapes import PROMPT_SETS, canonical_caption, prompt_set, render
-from ..io import atomic_write_text
+from ..io import atomic_write_text, atomic_write_with, check_output_path
 from .shapes import evaluate
 
 # Renders for the tokenizer check use a seed offset, so they are not the training images of a data set
@@ -97,14 +97,14 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pat
     from ..pipeline import make_grid
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_path(out, folder=True)
     json_path = out / "report.json"
     data = {k: v for k, v in report.items() if k != "samples"}
     atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
     rows = [images[:8] for images in report["samples"].values()]
     tiles = [image for row in rows for image in row + [row[-1].copy()] * (8 - len(row))]
     grid_path = out / "samples.png"
-    make_grid(tiles, columns=8).save(grid_path)
+    atomic_write_with(grid_path, make_grid(tiles, columns=8).save)
     return json_path, grid_path
 
 
