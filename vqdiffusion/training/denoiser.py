@@ -35,6 +35,7 @@ from .distributed import DistributedContext, setup_distributed
 from .export import export_pipeline
 from .loop import LoopSettings, SumWindow, checkpoint_to_resume, run_loop
 from .metrics import CSVLogger
+from .output_dir import claim_output_dir
 
 __all__ = ["train_denoiser"]
 
@@ -76,7 +77,8 @@ def train_denoiser(config: DenoiserTrainConfig, *, resume: bool | str | os.PathL
     """
     world, device = setup_distributed(config.device)
     try:
-        return _train(config, resume, world, device)
+        with claim_output_dir(config.output_dir, enabled=world.main):  # one run per output folder
+            return _train(config, resume, world, device)
     finally:
         world.close()
 

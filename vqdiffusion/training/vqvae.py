@@ -25,6 +25,7 @@ from ..models.vqvae import VQVAE, save_vqvae
 from .batching import StepBatchSampler
 from .loop import LoopSettings, checkpoint_to_resume, run_loop
 from .metrics import CSVLogger
+from .output_dir import claim_output_dir
 from .runtime import resolve_device
 from .vqvae_config import VQVAETrainConfig
 from .vqvae_trainer import VQVAETrainer
@@ -89,7 +90,14 @@ def train_vqvae(config: VQVAETrainConfig, *, resume: bool | str | os.PathLike = 
             ``True`` continues from the latest ``output_dir/checkpoints/step_*.safetensors``; a path continues
             from that checkpoint.  A resumed run produces the same parameters as an uninterrupted one (bit
             for bit on CPU) as long as only the resumable fields change.
+
+    Only one run may use ``output_dir`` at a time (:func:`~vqdiffusion.training.output_dir.claim_output_dir`).
     """
+    with claim_output_dir(config.output_dir):
+        return _train(config, resume)
+
+
+def _train(config: VQVAETrainConfig, resume: bool | str | os.PathLike) -> Path:
     out = Path(config.output_dir)
     ckpt_dir = out / "checkpoints"
     device = resolve_device(config.device)
