@@ -1,0 +1,231 @@
+"""A folder of numbered samples for evaluation (``vqdiffusion sample-set``): PNGs and a manifest, resumable.
+
+Image ``i`` (file ``{i:06d}.png``) has the condition ``conditions[(i // images_per_prompt) % len(conditions)]``
+(a caption, a class label, or nothing for unconditional models) and is sampled with its own generator,
+``torch.Generator(device).manual_seed(seed + i)``.  A pipeline call with one generator per image gives an
+image that does not depend on the batch it is in, so image ``i`` is the same whether the run is done at
+once, in pieces, or with another batch size, and a run that stopped resumes by skipping the files that
+exist (each PNG is written atomically, so an existing file is a complete one).
+
+``manifest.json`` holds the settings (model, every sampling option, seed rule, device, dtype, the
+conditions' hash) and one entry per planned image (``file``, ``index``, ``seed`` and ``prompt`` or
+``label``); a run into a folder whose manifest has other settings is refused rather than mixing two
+distributions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..io import atomic_write_text, atomic_write_with
+from ..models.conditions import ConditionKind
+from .folder import MANIFEST_FILE, read_manifest
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "SEED_RULE",
+    "image_file",
+    "parse_labels",
+    "read_prompts",
+    "write_sample_set",
+]
+
+MANIFEST_FORMAT = "vqdiffusion-sample-set"
+MANIFEST_VERSION = 1
+SEED_RULE = "image i is sampled with torch.Generator(device).manual_seed(seed + i)"
+
+
+def image_file(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def read_prompts(path: str | os.PathLike, *, first_caption_per_image: bool = False) -> list[str]:
+    """Captions from a text file (one per line; blank lines skipped) or a JSON file: COCO-style captions
+    (``{"annotations": [{"image_id": ..., "caption": ...}, ...]}``, in file order) or a list of strings.
+
+    ``first_caption_per_image`` keeps one caption per COCO ``image_id`` (its first in the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: {err}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            prompts, seen = [], set()
+            for number, ann in enumerate(data["annotations"]):
+                if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
+                    raise ValueError(f"{path}: annotation {number} has no 'caption' string")
+                if first_caption_per_image:
+                    if ann.get("image_id") in seen:
+                        continue
+                    seen.add(ann.get("image_id"))
+                prompts.append(" ".join(ann["caption"].split()))
+        elif isinstance(data, list) and all(isinstance(p, str) for p in data):
+            prompts = [" ".join(p.split()) for p in data]
+        else:
+            raise ValueError(f"{path}: expected COCO captions ({{'annotations': [...]}}) or a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def parse_labels(text: str) -> list[int]:
+    """Class labels from ``"0-999"``, ``"1,5,7"`` or a mix (``"0-9,207"``); ranges include both ends."""
+    labels: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        low, dash, high = part.partition("-")
+        try:
+            if dash:
+                first, last = int(low), int(high)
+                if first > last:
+                    raise ValueError
+                labels.extend(range(first, last + 1))
+            else:
+                labels.append(int(part))
+        except ValueError:
+            raise ValueError(f"--class-labels: {part!r} is not a label or a range a-b (e.g. 0-999 or 1,5,7)") from None
+    if any(label < 0 for label in labels):
+        raise ValueError("--class-labels: labels must be >= 0")
+    return labels
+
+
+def _conditions_hash(conditions: list[str] | list[int] | None) -> str:
+    return hashlib.sha256(json.dumps(conditions).encode("utf-8")).hexdigest()
+
+
+def _check_conditions(pipe: Any, conditions: list[str] | list[int] | None) -> None:
+    kind = pipe.condition_kind
+    if kind == ConditionKind.TEXT and not (conditions and all(isinstance(c, str) for c in conditions)):
+        raise ValueError("this model is a text model: give captions (--prompts FILE)")
+    if kind == ConditionKind.CLASS:
+        if not conditions or not all(isinstance(c, int) and not isinstance(c, bool) for c in conditions):
+            raise ValueError(
+                f"this model is class-conditional: give labels (--class-labels 0-{pipe.num_class_labels - 1})"
+            )
+        bad = [c for c in conditions if c >= pipe.num_class_labels]
+        if bad:
+            raise ValueError(f"--class-labels: {bad[0]} is not a label of this model (0..{pipe.num_class_labels - 1})")
+    if kind == ConditionKind.NONE and conditions is not None:
+        raise ValueError("this model is unconditional: give only --num N (no --prompts or --class-labels)")
+
+
+def write_sample_set(
+    pipe: Any,
+    out_dir: str | os.PathLike,
+    *,
+    conditions: list[str] | list[int] | None,
+    num: int | None = None,
+    images_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+    sampling: dict[str, Any] | None = None,
+    model: str = "",
+    conditions_source: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sample images ``0 .. num - 1`` into ``out_dir`` (see the module docstring), skipping those already there.
+
+    ``num`` defaults to ``len(conditions) * images_per_prompt``; it is required for an unconditional model
+    (``conditions=None``).  ``sampling`` holds the pipeline's sampling keywords (the model's defaults fill the
+    rest; the manifest records the resolved options).  Returns ``{"written", "skipped", "num", "out_dir"}``.
+    """
+    _check_conditions(pipe, conditions)
+    if images_per_prompt < 1 or batch_size < 1:
+        raise ValueError(f"--images-per-prompt and --batch-size must be >= 1, got {images_per_prompt}, {batch_size}")
+    if num is None:
+        if conditions is None:
+            raise ValueError("an unconditional model needs --num N")
+        num = len(conditions) * images_per_prompt
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}")
+    sampling = dict(sampling or {})
+    options = pipe.sampling_options(**sampling)
+    settings = {
+        "model": model,
+        "condition": str(pipe.condition_kind.value),
+        "sampling": options.to_dict(),
+        "seed": seed,
+        "seed_rule": SEED_RULE,
+        "images_per_prompt": images_per_prompt,
+        "device": pipe.device.type,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "conditions": None
+        if conditions is None
+        else {"source": conditions_source, "count": len(conditions), "sha256": _conditions_hash(conditions)},
+    }
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    old = read_manifest(out)
+    total = num
+    if old is not None:
+        _check_same_settings(out, old.get("settings"), settings)
+        total = max(num, len(old["images"]))
+
+    def condition(i: int) -> str | int | None:
+        return None if conditions is None else conditions[(i // images_per_prompt) % len(conditions)]
+
+    def entry(i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"file": image_file(i), "index": i, "seed": seed + i}
+        c = condition(i)
+        if isinstance(c, str):
+            item["prompt"] = c
+        elif c is not None:
+            item["label"] = c
+        return item
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "settings": settings,
+        "images": [entry(i) for i in range(total)],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+
+    pending = [i for i in range(num) if not (out / image_file(i)).is_file()]
+    bar = tqdm(total=num, initial=num - len(pending), desc="sample-set", unit="img", disable=not progress)
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start : start + batch_size]
+        generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
+        if conditions is None:
+            result = pipe(None, num_images_per_prompt=len(chunk), generator=generators, progress=False, **sampling)
+        else:
+            prompts = [condition(i) for i in chunk]
+            result = pipe(prompts, generator=generators, progress=False, **sampling)
+        for i, image in zip(chunk, result.images, strict=True):
+            atomic_write_with(out / image_file(i), lambda tmp, image=image: image.save(tmp, format="PNG"))
+        bar.update(len(chunk))
+    bar.close()
+    return {"written": len(pending), "skipped": num - len(pending), "num": num, "out_dir": str(out)}
+
+
+def _check_same_settings(out: Path, old: Any, new: dict[str, Any]) -> None:
+    if old == new:
+        return
+    if not isinstance(old, dict):
+        raise ValueError(f"{out / MANIFEST_FILE} has no settings; use another --out")
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    key = differ[0]
+    raise ValueError(
+        f"{out} was sampled with other settings ({key}: {json.dumps(old.get(key))} there, {json.dumps(new.get(key))} "
+        "now); use another --out, or the same settings to resume"
+    )
