@@ -8,9 +8,9 @@ once, in pieces, or with another batch size, and a run that stopped resumes by s
 exist (each PNG is written atomically, so an existing file is a complete one).
 
 ``manifest.json`` holds the settings (model, every sampling option, seed rule, device, dtype, the
-conditions' hash) and one entry per planned image (``file``, ``index``, ``seed`` and ``prompt`` or
-``label``); a run into a folder whose manifest has other settings is refused rather than mixing two
-distributions.
+conditions' count and hash), where the conditions came from, and one entry per planned image (``file``,
+``index``, ``seed`` and ``prompt`` or ``label``; the PNG exists once the image is done).  A run into a
+folder whose manifest has other settings is refused rather than mixing two distributions.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def write_sample_set(
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "conditions": None
         if conditions is None
-        else {"source": conditions_source, "count": len(conditions), "sha256": _conditions_hash(conditions)},
+        else {"count": len(conditions), "sha256": _conditions_hash(conditions)},
     }
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -196,6 +196,7 @@ def write_sample_set(
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "settings": settings,
+        "conditions_source": conditions_source,  # where they came from; not compared on resume (the hash is)
         "images": [entry(i) for i in range(total)],
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -223,9 +224,12 @@ def _check_same_settings(out: Path, old: Any, new: dict[str, Any]) -> None:
         return
     if not isinstance(old, dict):
         raise ValueError(f"{out / MANIFEST_FILE} has no settings; use another --out")
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    key = differ[0]
+    key = min(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    there, now = old.get(key), new.get(key)
+    if isinstance(there, dict) and isinstance(now, dict):
+        inner = min(k for k in set(there) | set(now) if there.get(k) != now.get(k))
+        key, there, now = f"{key}.{inner}", there.get(inner), now.get(inner)
     raise ValueError(
-        f"{out} was sampled with other settings ({key}: {json.dumps(old.get(key))} there, {json.dumps(new.get(key))} "
-        "now); use another --out, or the same settings to resume"
+        f"{out} was sampled with other settings ({key}: {json.dumps(there)} there, {json.dumps(now)} now); use "
+        "another --out, or the same settings to resume"
     )
