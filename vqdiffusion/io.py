@@ -36,8 +36,11 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], object], 
     if is_special_file(path):
         return _write_directly(path, write)
     check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    except OSError as err:
+        raise _naming(err, path, err.filename) from err
     os.close(fd)
     try:
         try:

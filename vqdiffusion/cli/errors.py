@@ -69,8 +69,8 @@ def message_of(err: BaseException) -> str:
         detail = _first_line(err)
         detail = f" ({detail})" if detail and detail != type(err).__name__ else ""
         return (
-            f"out of memory{detail}; ask for less at once (fewer --num-images, a smaller --batch-size) or use a "
-            "machine with more memory"
+            f"out of memory{detail}; ask for less at once (fewer images, a smaller batch or size) or use a machine "
+            "with more memory"
         )
     if isinstance(err, RecursionError):
         return f"the input is nested too deeply to process ({_first_line(err)}); it is not a vqdiffusion file"

@@ -85,6 +85,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for dest in REQUIRED.get(args.suite, ()):
         if getattr(args, dest) is None:
             raise CLIError(f"--suite {args.suite} needs --{dest.replace('_', '-')}")
+    from ..devices import resolve_device
+    from ..io import check_output_path
+
+    resolve_device(args.device)  # every suite: before anything is loaded or computed
+    check_output_path(args.out, folder=True, what="--out")
     if args.suite == "fid":
         return _eval_fid(args)
     if args.suite == "clipscore":
@@ -93,10 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     sampling = sampling_arguments(args)
     from ..eval.suite import evaluate_shapes, format_table, write_report
-    from ..io import check_output_path
     from ..pipeline import VQDiffusionPipeline
 
-    check_output_path(args.out, folder=True, what="--out")  # before the evaluation, not after it
     pipe = VQDiffusionPipeline.from_pretrained(args.model, device=args.device)
     report = evaluate_shapes(
         pipe,

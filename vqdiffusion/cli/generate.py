@@ -90,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from ..devices import resolve_device
     from ..io import atomic_write_with
-    from ..pipeline import VQDiffusionPipeline, make_grid
+    from ..pipeline import VQDiffusionPipeline, check_grid_size, make_grid
 
     device = resolve_device(args.device)
     pipe = VQDiffusionPipeline.from_pretrained(args.model)
@@ -98,6 +98,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = args.num_inference_steps
     if steps is not None and steps > pipe.schedule.num_timesteps:
         raise CLIError(f"--steps must be in [1, {pipe.schedule.num_timesteps}] for this model, got {steps}")
+    if kind == "file" and args.num_images > 1:  # before sampling: the grid must be an image one can write
+        cfg, factor = pipe.denoiser.config, pipe.vqvae.config.downsample_factor
+        check_grid_size(args.num_images, cfg.width * factor, cfg.height * factor)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     result = pipe(
         args.prompt,

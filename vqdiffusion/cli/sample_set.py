@@ -56,8 +56,13 @@ def run_sample_set(args: argparse.Namespace) -> int:
     sampling = sampling_arguments(args)
     import torch
 
+    from ..devices import resolve_device
     from ..eval.sample_set import parse_labels, read_prompts, write_sample_set
+    from ..io import check_output_path
     from ..pipeline import VQDiffusionPipeline
+
+    device = resolve_device(args.device)  # before any file is read
+    check_output_path(args.out, folder=True, what="--out")
 
     conditions: list[str] | list[int] | None = None
     source = None
@@ -67,10 +72,8 @@ def run_sample_set(args: argparse.Namespace) -> int:
     elif args.class_labels is not None:
         conditions = parse_labels(args.class_labels)
         source = args.class_labels
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError("--device cuda requested but CUDA is not available")
     pipe = VQDiffusionPipeline.from_pretrained(args.model)
-    pipe.to(args.device, torch.bfloat16 if args.bf16 else None)
+    pipe.to(device, torch.bfloat16 if args.bf16 else None)
     summary = write_sample_set(
         pipe,
         args.out,

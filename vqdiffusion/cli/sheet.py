@@ -24,12 +24,13 @@ def add_sheet_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run_sheet(args: argparse.Namespace) -> int:
     from ..eval.sheet import contact_sheet
-    from ..io import atomic_write_with
+    from ..io import atomic_write_with, check_output_path
 
     folder = Path(args.folder)
     out = Path(args.out) if args.out else folder.resolve().with_name(folder.resolve().name + "-sheet.png")
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out {out}: the sheet is a .png file")
+    check_output_path(out, what="--out")
     sheet = contact_sheet(
         folder,
         columns=args.columns,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..devices import available_memory, format_bytes
+from ..pipeline import MAX_GRID_PIXELS
 from .folder import captions_of, list_images, read_rgb
 
 __all__ = ["contact_sheet"]
@@ -54,6 +56,17 @@ def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
     return lines
 
 
+def _check_size(width: int, height: int) -> None:
+    """ValueError for a sheet larger than :data:`MAX_GRID_PIXELS` or than the memory available."""
+    pixels = width * height
+    free = available_memory("cpu")
+    if pixels > MAX_GRID_PIXELS or (free is not None and 3 * pixels > 0.5 * free):
+        raise ValueError(
+            f"the sheet would be {width} x {height} pixels ({format_bytes(3 * pixels)}); the limit is "
+            f"{MAX_GRID_PIXELS} pixels within the free memory: use a smaller --thumb, --columns or --max-images"
+        )
+
+
 def contact_sheet(
     folder: str | os.PathLike,
     *,
@@ -77,7 +90,9 @@ def contact_sheet(
     line_height = font_size + 3
     text_height = caption_lines * line_height + _PAD if captions else 0
     cell_w, cell_h = thumb + 2 * _PAD, thumb + 2 * _PAD + text_height
-    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), _BACKGROUND)
+    width, height = columns * cell_w, rows * cell_h
+    _check_size(width, height)
+    sheet = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     labels = captions_of(folder, paths, strict=False) if captions else [None] * len(paths)
     for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
