@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import available_memory, format_bytes
 from ..io import atomic_write_text, atomic_write_with
 from ..models.conditions import ConditionKind
 from .folder import MANIFEST_FILE, read_manifest
@@ -62,7 +63,7 @@ def read_prompts(path: str | os.PathLike, *, first_caption_per_image: bool = Fal
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
             prompts, seen = [], set()
@@ -86,22 +87,28 @@ def read_prompts(path: str | os.PathLike, *, first_caption_per_image: bool = Fal
     return prompts
 
 
+# More class labels than any class-conditional model has (ImageNet: 1000); a longer list is a typo.
+MAX_LABELS = 1_000_000
+# Memory of one planned image in the manifest while it is built (its dict and its JSON text), an upper estimate.
+_MANIFEST_BYTES_PER_IMAGE = 1000
+
+
 def parse_labels(text: str) -> list[int]:
-    """Class labels from ``"0-999"``, ``"1,5,7"`` or a mix (``"0-9,207"``); ranges include both ends."""
+    """Class labels from ``"0-999"``, ``"1,5,7"`` or a mix (``"0-9,207"``); ranges include both ends (at most
+    :data:`MAX_LABELS` labels in all)."""
     labels: list[int] = []
     for part in text.split(","):
         part = part.strip()
         low, dash, high = part.partition("-")
         try:
-            if dash:
-                first, last = int(low), int(high)
-                if first > last:
-                    raise ValueError
-                labels.extend(range(first, last + 1))
-            else:
-                labels.append(int(part))
+            first, last = (int(low), int(high)) if dash else (int(part), int(part))
         except ValueError:
-            raise ValueError(f"--class-labels: {part!r} is not a label or a range a-b (e.g. 0-999 or 1,5,7)") from None
+            first, last = 1, 0
+        if first > last:
+            raise ValueError(f"--class-labels: {part!r} is not a label or a range a-b (e.g. 0-999 or 1,5,7)")
+        if len(labels) + last + 1 - first > MAX_LABELS:
+            raise ValueError(f"--class-labels: {text!r} gives more than {MAX_LABELS} labels")
+        labels.extend(range(first, last + 1))
     if any(label < 0 for label in labels):
         raise ValueError("--class-labels: labels must be >= 0")
     return labels
@@ -156,6 +163,12 @@ def write_sample_set(
         num = len(conditions) * images_per_prompt
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
+    free = available_memory("cpu")
+    if free is not None and num * _MANIFEST_BYTES_PER_IMAGE > 0.5 * free:
+        raise ValueError(
+            f"--num {num}: the manifest of {num} images needs about {format_bytes(num * _MANIFEST_BYTES_PER_IMAGE)} "
+            f"of memory, but {format_bytes(free)} are available; sample fewer images (--num)"
+        )
     sampling = dict(sampling or {})
     options = pipe.sampling_options(**sampling)
     settings = {
