@@ -1,0 +1,682 @@
+"""Every input a user can give is refused cleanly: one ``error: ...`` line naming the value and the fix, exit
+code 2, never a traceback and never a silent success (docs: README "Command line").
+
+``CASES`` is the table for the command line: (argv, expected exit code, words the message must contain).
+A new command gets the same coverage by adding rows.  ``{...}`` in argv names a path of the ``paths``
+fixture: the tiny models (``text`` in our layout, ``diffusers`` in diffusers'), damaged copies of them
+(``{v[NAME]}``, built on first use by ``VARIANTS[NAME]``), a regular file ``afile``, a read-only folder
+``ro`` and so on.  ``API_CASES`` is the same table for the Python API (exception type and words).  The
+training runs' own failures (a second run on the same ``--out``, SIGKILL during a checkpoint write, a full
+disk during a save) are tests of their own at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from support.data import make_caption_folder, make_token_dir
+
+from vqdiffusion import VQDiffusionPipeline
+from vqdiffusion.cli import main
+from vqdiffusion.devices import DeviceError
+from vqdiffusion.diffusion import MaskReplaceSchedule
+from vqdiffusion.formats.components import PipelineComponents
+from vqdiffusion.formats.diffusers import save_diffusers
+from vqdiffusion.formats.ours import save_ours
+from vqdiffusion.io import OutputPathError, atomic_write_bytes, check_output_path
+from vqdiffusion.models.conditions import CLIPTextCondition, LearnedNullCondition
+from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
+from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig
+from vqdiffusion.sampling import SamplingOptions
+from vqdiffusion.training.checkpoint import find_latest_checkpoint, load_checkpoint
+from vqdiffusion.training.output_dir import OutputDirInUseError, claim_output_dir
+
+REPO = Path(__file__).resolve().parents[1]
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+HAS_DEV_FULL = os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)
+NO_CUDA = not torch.cuda.is_available()
+DEEP = 5000  # JSON nesting far beyond Python's recursion limit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny models and their damaged copies
+# ---------------------------------------------------------------------------------------------------------
+def _text_components(tiny_clip_dirs) -> PipelineComponents:
+    torch.manual_seed(0)
+    vq = VQVAEConfig(
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        embed_dim=4,
+        num_embeddings=16,
+        encoder_attention=(False, False),
+        decoder_attention=(False, False),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=8,
+    )
+    text = CLIPTextCondition.from_pretrained(*tiny_clip_dirs, pad_token_id=0)
+    return PipelineComponents(
+        vqvae=VQVAE(vq),
+        denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=text.hidden_size)),
+        schedule=MaskReplaceSchedule.paper_mask_and_replace(16, 100),
+        text_encoder=text,
+        null_condition=LearnedNullCondition(0.1 * torch.randn(text.max_length, text.hidden_size)),
+        defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0),
+    )
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _edit_weights(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+def _nan_in_first_matrix(state: dict[str, torch.Tensor]) -> None:
+    key = next(k for k, v in sorted(state.items()) if v.ndim == 2)
+    state[key][0, 0] = float("nan")
+
+
+def _as_int(state: dict[str, torch.Tensor]) -> None:
+    for key in state:
+        state[key] = (state[key] * 100).to(torch.int32)
+
+
+def _deep(path: Path, opener: str = "[", closer: str = "]") -> None:
+    path.write_text(opener * DEEP + closer * DEEP)
+
+
+def _v1_class_index(root: Path) -> None:
+    index = {"format": "vqdiffusion-pipeline", "format_version": 1, "condition": "class"}
+    (root / "vqdiffusion.json").write_text(json.dumps({**index, "null_condition": "learned", "null_class_label": 4}))
+
+
+# name -> (the model folder it starts from, the edit)
+VARIANTS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "deep_config": ("text", lambda m: _deep(m / "denoiser" / "config.json")),
+    "deep_index": ("text", lambda m: (m / "vqdiffusion.json").write_text('{"a":' * DEEP + "1" + "}" * DEEP)),
+    "deep_vqvae_config": ("text", lambda m: _deep(m / "vqvae" / "config.json", '{"a":', "}")),
+    "deep_diffusers_index": ("diffusers", lambda m: _deep(m / "model_index.json")),
+    "huge_T": (
+        "text",
+        lambda m: (
+            _edit_json(m / "denoiser" / "config.json", num_timesteps=10**9),
+            _edit_json(m / "schedule.json", num_timesteps=10**9),
+        ),
+    ),
+    "huge_T_schedule": ("text", lambda m: _edit_json(m / "schedule.json", num_timesteps=10**9)),
+    "huge_width": ("text", lambda m: _edit_json(m / "denoiser" / "config.json", dim=10**6)),
+    "huge_layers": ("text", lambda m: _edit_json(m / "denoiser" / "config.json", num_layers=10**9)),
+    "huge_codebook": ("text", lambda m: _edit_json(m / "vqvae" / "config.json", num_embeddings=10**10)),
+    "huge_vq_blocks": ("text", lambda m: _edit_json(m / "vqvae" / "config.json", layers_per_block=10**9)),
+    "huge_diffusers_T": (
+        "diffusers",
+        lambda m: (
+            _edit_json(m / "transformer" / "config.json", num_embeds_ada_norm=10**9),
+            _edit_json(m / "scheduler" / "scheduler_config.json", num_train_timesteps=10**9),
+        ),
+    ),
+    "huge_diffusers_width": (
+        "diffusers",
+        lambda m: _edit_json(m / "transformer" / "config.json", attention_head_dim=10**6),
+    ),
+    "nan_weights": ("text", lambda m: _edit_weights(m / "denoiser" / "model.safetensors", _nan_in_first_matrix)),
+    "nan_vqvae": ("text", lambda m: _edit_weights(m / "vqvae" / "model.safetensors", _nan_in_first_matrix)),
+    "nan_null": ("text", lambda m: _edit_weights(m / "null_condition.safetensors", _nan_in_first_matrix)),
+    "nan_diffusers": (
+        "diffusers",
+        lambda m: _edit_weights(m / "transformer" / "diffusion_pytorch_model.safetensors", _nan_in_first_matrix),
+    ),
+    "int_weights": ("text", lambda m: _edit_weights(m / "denoiser" / "model.safetensors", _as_int)),
+    "int_null": ("text", lambda m: _edit_weights(m / "null_condition.safetensors", _as_int)),
+    "defaults_nan": ("text", lambda m: (m / "defaults.json").write_text('{"guidance_scale": NaN}')),
+    "defaults_steps": ("text", lambda m: _edit_json(m / "defaults.json", num_inference_steps=1000)),
+    "defaults_sampler": ("text", lambda m: _edit_json(m / "defaults.json", sampler="greedy")),
+    "defaults_guidance": ("text", lambda m: _edit_json(m / "defaults.json", guidance_scale=1e30)),
+    "defaults_temperature": ("text", lambda m: _edit_json(m / "defaults.json", temperature=1e-300)),
+    "index_null": ("text", lambda m: _edit_json(m / "vqdiffusion.json", condition={"kind": "text", "null": None})),
+    "index_null_kind": (
+        "text",
+        lambda m: _edit_json(
+            m / "vqdiffusion.json",
+            condition={"kind": "text", "dim": 32, "seq_len": 77, "pad_token_id": 0, "null": "none"},
+        ),
+    ),
+    "index_v1_class_null": ("class", _v1_class_index),
+    "truncated_weights": ("text", lambda m: (m / "denoiser" / "model.safetensors").write_bytes(b"\x00" * 10)),
+}
+
+
+class _Variants:
+    """``paths["v"][NAME]``: the folder of variant NAME, built on first use."""
+
+    def __init__(self, root: Path, bases: dict[str, Path]) -> None:
+        self.root, self.bases, self.built = root, bases, {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self.built:
+            base, edit = VARIANTS[name]
+            folder = self.root / name
+            shutil.copytree(self.bases[base], folder)
+            edit(folder)
+            self.built[name] = str(folder)
+        return self.built[name]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, tiny_clip_dirs):
+    root = tmp_path_factory.mktemp("bad_inputs")
+    components = _text_components(tiny_clip_dirs)
+    save_ours(components, root / "text")
+    save_diffusers(components, root / "diffusers")
+    torch.manual_seed(1)
+    class_model = PipelineComponents(
+        vqvae=components.vqvae,
+        denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=None, num_class_labels=5)),
+        schedule=components.schedule,
+        null_class_label=4,
+        defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0),
+    )
+    save_ours(class_model, root / "class")
+    (root / "afile").write_text("a regular file\n")
+    files = root / "files"
+    (files / "empty").mkdir(parents=True)
+    (files / "prompts.txt").write_text("a red circle\na blue square\n")
+    (files / "empty.txt").write_text("\n")
+    _deep(files / "deep.json")
+    read_only = root / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    tokens, _ = make_token_dir(root / "tokens_data")
+    images = make_caption_folder(root / "images")
+    bases = {"text": root / "text", "diffusers": root / "diffusers", "class": root / "class"}
+    yield {
+        **{name: str(path) for name, path in bases.items()},
+        "v": _Variants(root / "variants", bases),
+        "afile": str(root / "afile"),
+        "files": str(files),
+        "ro": str(read_only),
+        "tokens": str(tokens),
+        "images": str(images),
+        "root": str(root),
+    }
+    read_only.chmod(0o755)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command-line table
+# ---------------------------------------------------------------------------------------------------------
+def gen(*extra: str, model: str = "{text}") -> list[str]:
+    """``generate`` on a tiny model, 2 steps, into a fresh file unless ``extra`` says otherwise."""
+    out = [] if "--output" in extra else ["--output", "{tmp}/out.png"]
+    return ["generate", "a red circle", "--model", model, "--steps", "2", *out, *extra]
+
+
+def ev(*extra: str) -> list[str]:
+    out = [] if "--out" in extra else ["--out", "{tmp}/eval"]
+    return ["eval", "--model", "{text}", "--n", "1", "--steps", "2", *out, *extra]
+
+
+def ss(*extra: str, model: str = "{text}", prompts: bool = True) -> list[str]:
+    """``sample-set`` on a tiny model, 2 steps."""
+    out = [] if "--out" in extra else ["--out", "{tmp}/samples"]
+    given = ["--prompts", "{files}/prompts.txt"] if prompts and "--prompts" not in extra else []
+    return ["sample-set", "--model", model, *given, "--steps", "2", *out, *extra]
+
+
+TRAIN = ["train", "{tokens}", "--preset", "tiny", "--train-text-model", "--cond-dim", "32", "--text-heads", "2"]
+TRAIN += ["--text-max-length", "16", "--batch-size", "4", "--steps", "1", "--device", "cpu"]
+TRAIN_VQVAE = ["train-vqvae", "{images}", "--image-size", "8", "--batch-size", "2", "--steps", "1", "--device", "cpu"]
+
+SS = ["sample-set", "--model", "{text}", "--out", "{tmp}/s", "--quiet"]
+FID = ["eval", "--suite", "fid", "--samples", "{images}", "--reference", "{images}", "--out", "{tmp}/e"]
+CLIPSCORE = ["eval", "--suite", "clipscore", "--samples", "{images}", "--out", "{tmp}/e"]
+
+ROOT_SKIP = pytest.mark.skipif(IS_ROOT, reason="root may write into read-only folders")
+CUDA_ONLY_SKIP = pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")
+DEV_FULL_SKIP = pytest.mark.skipif(not HAS_DEV_FULL, reason="no /dev/full character device")
+SYS_SKIP = pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="no /sys")
+
+
+def row(id_: str, argv: list[str], words: tuple[str, ...], code: int = 2, marks=()):
+    return pytest.param(argv, code, words, id=id_, marks=marks)
+
+
+CASES = [
+    # -- prompts, flags and sampling values ---------------------------------------------------------
+    row("empty-prompt", ["generate", "   ", "--model", "{text}"], ("prompt is empty",)),
+    row("steps-0", gen("--steps", "0"), ("--steps", "positive integer")),
+    row("steps-above-T", gen("--steps", "101"), ("--steps", "[1, 100]")),
+    row("truncation-0", gen("--truncation", "0"), ("--truncation", "(0, 1]")),
+    row("truncation-1.2", gen("--truncation", "1.2"), ("--truncation",)),
+    row("num-images-0", gen("--num-images", "0"), ("--num-images", ">= 1")),
+    row("num-images-huge-grid", gen("--num-images", str(10**12)), ("a grid of 1000000000000 images", "to a folder")),
+    row("num-images-huge", gen("--num-images", str(10**12), "--output", "{tmp}/many"), ("images need about", "fewer")),
+    row("batch-size-0", gen("--batch-size", "0"), ("--batch-size", ">= 1")),
+    row("guidance-1e308", gen("--guidance", "1e308"), ("--guidance", "[0, 1000]", "1e+308")),
+    row("guidance-1e30", gen("--guidance", "1e30"), ("--guidance", "[0, 1000]", "1e+30")),
+    row("guidance-inf", gen("--guidance", "inf"), ("--guidance", "inf")),
+    row("guidance-nan", gen("--guidance", "nan"), ("--guidance", "nan")),
+    row("guidance-negative", gen("--guidance", "-1"), ("--guidance",)),
+    row("prior-weight-negative", gen("--prior-weight", "-1"), ("--prior-weight",)),
+    row("prior-weight-huge", gen("--sampler", "purity", "--prior-weight", "1e30"), ("--prior-weight", "1000")),
+    row("prior-weight-ancestral", gen("--prior-weight", "1"), ("prior_weight", "purity")),
+    row("temperature-0", gen("--temperature", "0"), ("--temperature",)),
+    row("temperature-tiny", gen("--temperature", "1e-300"), ("--temperature", "0.001")),
+    row("tokens-per-call-ancestral", gen("--tokens-per-call", "4"), ("tokens_per_call", "budget sampler")),
+    row("unsupported-image-type", gen("--output", "{tmp}/out.txt"), ("unsupported image type", ".txt")),
+    # -- output paths ---------------------------------------------------------------------------------
+    row("output-parent-is-file", gen("--output", "{afile}/o.png"), ("afile is a file, not a folder",)),
+    row("output-deep-parent-is-file", gen("--output", "{afile}/a/b/o.png"), ("afile is a file",)),
+    row("output-is-file-without-suffix", gen("--output", "{afile}"), ("without an image suffix", ".png")),
+    row(
+        "output-folder-is-file-numbered", gen("--num-images", "2", "--output", "{afile}"), ("without an image suffix",)
+    ),
+    row("output-is-folder-with-suffix", gen("--output", "{tmp}/dir.png", "--num-images", "1"), ("is a folder",)),
+    row("output-read-only-dir", gen("--output", "{ro}/o.png"), ("permission denied",), marks=ROOT_SKIP),
+    row("output-read-only-subdir", gen("--output", "{ro}/sub/o.png"), ("permission denied",), marks=ROOT_SKIP),
+    row(
+        "output-read-only-numbered",
+        gen("--num-images", "2", "--output", "{ro}"),
+        ("permission denied",),
+        marks=ROOT_SKIP,
+    ),
+    row("output-sys", gen("--output", "/sys/o.png"), ("/sys/o.png", "choose a location"), marks=SYS_SKIP),
+    row("output-sys-subdir", gen("--output", "/sys/vqd/o.png"), ("/sys/vqd", "choose a location"), marks=SYS_SKIP),
+    row("output-dev-full", gen("--output", "/dev/full"), ("no space left", "/dev/full"), marks=DEV_FULL_SKIP),
+    row("eval-out-parent-is-file", ev("--out", "{afile}/e"), ("--out", "afile is a file")),
+    row("eval-out-is-file", ev("--out", "{afile}"), ("--out", "is a file, not a folder")),
+    row("eval-out-read-only", ev("--out", "{ro}/e"), ("permission denied",), marks=ROOT_SKIP),
+    row("convert-out-parent-is-file", ["convert", "{text}", "{afile}/c"], ("afile is a file",)),
+    row("convert-out-is-file", ["convert", "{text}", "{afile}"], ("is a file, not a folder",)),
+    row("convert-out-read-only", ["convert", "{text}", "{ro}/c"], ("permission denied",), marks=ROOT_SKIP),
+    row("convert-out-not-empty", ["convert", "{text}", "{root}"], ("not empty",)),
+    row("train-out-parent-is-file", [*TRAIN, "--out", "{afile}/run"], ("--out", "afile is a file")),
+    row("train-out-read-only", [*TRAIN, "--out", "{ro}/run"], ("permission denied",), marks=ROOT_SKIP),
+    row("train-vqvae-out-parent-is-file", [*TRAIN_VQVAE, "--out", "{afile}/run"], ("--out", "afile is a file")),
+    row(
+        "tokenize-out-parent-is-file",
+        ["tokenize", "{images}", "--vqvae", "{text}/vqvae", "--out", "{afile}/t"],
+        ("afile",),
+    ),
+    row("train-resume-nothing", [*TRAIN, "--out", "{tmp}/fresh", "--resume"], ("no checkpoint",)),
+    row("export-missing-checkpoint", ["export", "{tmp}/nope.safetensors", "{tmp}/m"], ("not found",)),
+    row("export-not-a-checkpoint", ["export", "{afile}", "{tmp}/m"], ("afile",)),
+    row("make-shapes-n-0", ["make-shapes", "{tmp}/s", "--n", "0"], ("--n", ">= 1")),
+    row("make-shapes-out-parent-is-file", ["make-shapes", "{afile}/s", "--n", "1"], ("afile",)),
+    # -- sample-set, sheet and the image-folder eval suites -------------------------------------------
+    row("sample-set-out-parent-is-file", ss("--out", "{afile}/s"), ("--out", "afile is a file")),
+    row("sample-set-prompts-empty", ss("--prompts", "{files}/empty.txt"), ("holds no prompts",)),
+    row("sample-set-prompts-deep-json", ss("--prompts", "{files}/deep.json"), ("deep.json", "not valid JSON")),
+    row("sample-set-num-huge", ss("--num", str(10**12)), ("--num 1000000000000", "sample fewer images")),
+    row("sample-set-batch-size-0", ss("--batch-size", "0"), ("--batch-size", ">= 1")),
+    row("sample-set-guidance-1e30", ss("--guidance", "1e30"), ("--guidance",)),
+    row("sample-set-labels-garbage", ss("--class-labels", "x-3", model="{class}", prompts=False), ("'x-3'",)),
+    row(
+        "sample-set-labels-huge",
+        ss("--class-labels", "0-1000000000000", model="{class}", prompts=False),
+        ("more than",),
+    ),
+    row("sheet-thumb-huge", ["sheet", "{images}", "--thumb", "1000000", "--out", "{tmp}/s.png"], ("smaller --thumb",)),
+    row("sheet-out-parent-is-file", ["sheet", "{images}", "--out", "{afile}/s.png"], ("afile is a file",)),
+    row("fid-needs-flags", ["eval", "--suite", "fid"], ("--suite fid needs",)),
+    row("fid-device-meta", [*FID, "--inception-weights", "{afile}", "--device", "meta"], ("device 'meta'",)),
+    row("fid-out-parent-is-file", [*FID, "--inception-weights", "{afile}", "--out", "{afile}/e"], ("afile is a file",)),
+    row("clipscore-device-foo", [*CLIPSCORE, "--clip", "{tmp}/no", "--device", "foo"], ("device 'foo'",)),
+    # -- devices ----------------------------------------------------------------------------------------
+    row("device-foo", gen("--device", "foo"), ("device 'foo'", "use cpu")),
+    row("device-meta", gen("--device", "meta"), ("device 'meta'", "not supported")),
+    row("device-mps", gen("--device", "mps"), ("device 'mps'",)),
+    row("device-empty", gen("--device", ""), ("device ''", "empty")),
+    row("device-cuda", gen("--device", "cuda"), ("device 'cuda'", "CUDA is not available"), marks=CUDA_ONLY_SKIP),
+    row("device-cuda-index", gen("--device", "cuda:99"), ("cuda:99",)),
+    row("eval-device-foo", ev("--device", "foo"), ("device 'foo'",)),
+    row("eval-device-cuda", ev("--device", "cuda"), ("CUDA is not available",), marks=CUDA_ONLY_SKIP),
+    row("eval-n-0", ev("--n", "0"), ("--n", ">= 1")),
+    row("train-device-foo", [*TRAIN, "--out", "{tmp}/run", "--device", "foo"], ("device 'foo'",)),
+    row("train-vqvae-device-meta", [*TRAIN_VQVAE, "--out", "{tmp}/run", "--device", "meta"], ("device 'meta'",)),
+    row(
+        "tokenize-device-foo",
+        ["tokenize", "{images}", "--vqvae", "{text}/vqvae", "--out", "{tmp}/t", "--device", "x"],
+        ("device 'x'",),
+    ),
+    # -- model folders --------------------------------------------------------------------------------
+    row("model-missing", gen(model="{tmp}/nope"), ("not found",)),
+    row("model-is-file", gen(model="{afile}"), ("is a file, not a model directory",)),
+    row("model-builtin-unknown", gen(model="builtin:nope"), ("unknown built-in model",)),
+    row("info-missing", ["info", "{tmp}/nope"], ("not found",)),
+    row("model-truncated-weights", ["info", "{v[truncated_weights]}"], ("not a valid safetensors file",)),
+    row("config-nested-deep", gen(model="{v[deep_config]}"), ("config.json", "nested too deeply")),
+    row("index-nested-deep", ["info", "{v[deep_index]}"], ("vqdiffusion.json", "nested too deeply")),
+    row("vqvae-config-nested-deep", ["info", "{v[deep_vqvae_config]}"], ("vqvae", "nested too deeply")),
+    row(
+        "diffusers-index-nested-deep", ["info", "{v[deep_diffusers_index]}"], ("model_index.json", "nested too deeply")
+    ),
+    row("config-T-1e9", ["info", "{v[huge_T]}"], ("timestep_embedding", "(100, 32)", "(1000000000, 32)")),
+    row("schedule-T-1e9", ["info", "{v[huge_T_schedule]}"], ("schedule.json", "num_timesteps=1000000000", "T=100")),
+    row("config-width-1e6", ["info", "{v[huge_width]}"], ("shape", "(1000000,")),
+    row("config-layers-1e9", ["info", "{v[huge_layers]}"], ("num_layers=1000000000", "holds only")),
+    row("config-codebook-1e10", ["info", "{v[huge_codebook]}"], ("codebook", "(10000000000, 4)")),
+    row("vqvae-blocks-1e9", ["info", "{v[huge_vq_blocks]}"], ("layers_per_block", "holds only")),
+    row("diffusers-T-1e9", ["info", "{v[huge_diffusers_T]}"], ("transformer", "1000000000")),
+    row("diffusers-width-1e6", ["info", "{v[huge_diffusers_width]}"], ("transformer", "shape")),
+    row("weights-nan", gen(model="{v[nan_weights]}"), ("denoiser", "NaN or infinite", "re-export")),
+    row("vqvae-weights-nan", ["info", "{v[nan_vqvae]}"], ("vqvae", "NaN or infinite")),
+    row("null-condition-nan", ["info", "{v[nan_null]}"], ("null_condition.safetensors", "NaN or infinite")),
+    row("diffusers-weights-nan", ["info", "{v[nan_diffusers]}"], ("transformer", "NaN or infinite")),
+    row("weights-int", gen(model="{v[int_weights]}"), ("torch.int32", "not as floating point")),
+    row("null-condition-int", ["info", "{v[int_null]}"], ("null_condition.safetensors", "floating point")),
+    row("defaults-nan", ["info", "{v[defaults_nan]}"], ("defaults.json", "guidance_scale", "nan")),
+    row("defaults-steps-above-T", ["info", "{v[defaults_steps]}"], ("defaults.json", "num_inference_steps", "1000")),
+    row("defaults-sampler", ["info", "{v[defaults_sampler]}"], ("defaults.json", "sampler", "greedy")),
+    row("defaults-guidance-1e30", ["info", "{v[defaults_guidance]}"], ("defaults.json", "guidance_scale")),
+    row("defaults-temperature", ["info", "{v[defaults_temperature]}"], ("defaults.json", "temperature")),
+    row("index-null-none", ["info", "{v[index_null]}"], ("vqdiffusion.json", "null must be one of")),
+    row("index-null-none-text", ["info", "{v[index_null_kind]}"], ("vqdiffusion.json", "null='none'")),
+    row("index-v1-null-on-class", ["info", "{v[index_v1_class_null]}"], ("null_condition is for text models",)),
+    # -- sample-set, eval --suite fid / clipscore, sheet -------------------------------------------------
+    row("ss-text-needs-prompts", [*SS, "--class-labels", "0-3"], ("text model", "--prompts")),
+    row("ss-prompts-missing", [*SS, "--prompts", "{tmp}/nope.txt"], ("prompts file not found",)),
+    row("ss-prompts-binary", [*SS, "--prompts", "{text}/denoiser/model.safetensors"], ("not UTF-8 text",)),
+    row("ss-num-0", [*SS, "--prompts", "{afile}", "--num", "0"], ("--num", ">= 1")),
+    row("ss-out-is-file", [*SS, "--prompts", "{afile}", "--out", "{afile}"], ("--out", "is a file")),
+    row("ss-device-foo", [*SS, "--prompts", "{afile}", "--device", "foo"], ("device 'foo'",)),
+    row("ss-class-needs-labels", [*SS, "--model", "{class}", "--prompts", "{afile}"], ("class-conditional",)),
+    row("ss-label-out-of-range", [*SS, "--model", "{class}", "--class-labels", "0-9"], ("not a label of", "0..3")),
+    row("ss-label-syntax", [*SS, "--model", "{class}", "--class-labels", "3-1"], ("not a label or a range",)),
+    row("fid-needs-weights", FID, ("needs --inception-weights",)),
+    row("fid-weights-missing", [*FID, "--inception-weights", "{tmp}/no.pt"], ("Inception weights file not found",)),
+    row("fid-weights-not-a-network", [*FID, "--inception-weights", "{afile}"], ("neither a TorchScript Inception",)),
+    row("fid-reference-missing", [*FID, "--reference", "{tmp}/no", "--inception-weights", "{afile}"], ("not found",)),
+    row("fid-kid-subsets-0", [*FID, "--inception-weights", "{afile}", "--kid-subsets", "0"], ("--kid-subsets",)),
+    row("fid-batch-size-0", [*FID, "--inception-weights", "{afile}", "--batch-size", "0"], ("--batch-size", ">= 1")),
+    row("clipscore-needs-clip", CLIPSCORE, ("needs --clip",)),
+    row("clipscore-clip-missing", [*CLIPSCORE, "--clip", "{tmp}/no"], ("CLIP model folder not found",)),
+    row("clipscore-not-clip", [*CLIPSCORE, "--clip", "{text}"], ("not a CLIP model folder",)),
+    row(
+        "clipscore-samples-missing",
+        [*CLIPSCORE, "--samples", "{tmp}/no", "--clip", "{text}/text_encoder"],
+        ("samples folder", "not found"),
+    ),
+    row("sheet-missing", ["sheet", "{tmp}/no"], ("not found",)),
+    row("sheet-not-a-folder", ["sheet", "{afile}"], ("not a folder of images",)),
+    row("sheet-no-images", ["sheet", "{tmp}", "--out", "{tmp}/s.png"], ("holds no images",)),
+    row("sheet-not-png", ["sheet", "{images}", "--out", "{tmp}/s.jpg"], (".png",)),
+    row("sheet-thumb-2", ["sheet", "{images}", "--thumb", "2", "--out", "{tmp}/s.png"], ("thumb >= 8",)),
+]
+
+
+def _format(argv: list[str], paths: dict, tmp: Path) -> list[str]:
+    return [a.format(tmp=tmp, **paths) for a in argv]
+
+
+@pytest.mark.parametrize(("argv", "code", "words"), CASES)
+def test_bad_input_is_one_line(paths, tmp_path, capsys, argv, code, words) -> None:
+    (tmp_path / "dir.png").mkdir()
+    args = _format(argv, paths, tmp_path)
+    if args[0] in ("generate", "eval", "train", "train-vqvae", "tokenize", "sample-set"):
+        args.append("--quiet")
+    assert main(args) == code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "out.png").exists()  # nothing written on failure
+
+
+def test_table_covers_every_command() -> None:
+    """Each command of the CLI has rows in the table (a new command needs its bad inputs here too)."""
+    from vqdiffusion.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    commands = set(sub.choices)
+    covered = {p.values[0][0] for p in CASES}
+    assert commands - covered == set()
+
+
+def test_a_traceback_is_kept_for_bugs(monkeypatch) -> None:
+    """Only user errors become one line: a bug (here a TypeError) still raises."""
+    import vqdiffusion.cli.generate as generate
+
+    def broken(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(generate, "_check_generate_args", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["generate", "x"])
+
+
+def test_corrupt_model_subprocess_has_no_traceback(paths) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vqdiffusion.cli", "info", paths["v"]["huge_T"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same refusals in the Python API
+# ---------------------------------------------------------------------------------------------------------
+def _load(name: str):
+    return lambda p: VQDiffusionPipeline.from_pretrained(p["v"][name])
+
+
+def _call(**kwargs):
+    return lambda p: VQDiffusionPipeline.from_pretrained(p["text"])("x", progress=False, **kwargs)
+
+
+API_CASES = [
+    pytest.param(_load("huge_T"), ValueError, ("timestep_embedding",), id="T-1e9"),
+    pytest.param(_load("huge_codebook"), ValueError, ("codebook",), id="codebook-1e10"),
+    pytest.param(_load("nan_weights"), ValueError, ("NaN",), id="nan-weights"),
+    pytest.param(_load("int_weights"), ValueError, ("int32",), id="int-weights"),
+    pytest.param(_load("defaults_steps"), ValueError, ("num_inference_steps",), id="defaults-steps"),
+    pytest.param(_load("deep_config"), ValueError, ("nested too deeply",), id="deep-json"),
+    pytest.param(
+        lambda p: VQDiffusionPipeline.from_pretrained(p["text"], device="foo"), DeviceError, ("'foo'",), id="device"
+    ),
+    pytest.param(
+        lambda p: VQDiffusionPipeline.from_pretrained(p["text"]).to("meta"), DeviceError, ("meta",), id="to-meta"
+    ),
+    pytest.param(_call(guidance_scale=1e30), ValueError, ("guidance_scale",), id="guidance-1e30"),
+    pytest.param(_call(temperature=1e-300), ValueError, ("temperature",), id="temperature-tiny"),
+    pytest.param(_call(num_images_per_prompt=10**12), ValueError, ("images need about",), id="num-images-huge"),
+    pytest.param(_call(batch_size=0), ValueError, ("batch_size",), id="batch-size-0"),
+    pytest.param(
+        lambda p: check_output_path(Path(p["afile"]) / "x.png"), OutputPathError, ("is a file",), id="out-path"
+    ),
+    pytest.param(
+        lambda p: check_output_path(p["afile"], folder=True), NotADirectoryError, ("not a folder",), id="out-dir"
+    ),
+    pytest.param(
+        lambda p: atomic_write_bytes("/dev/full", b"x" * 100_000),
+        OSError,
+        ("No space left",),
+        id="dev-full",
+        marks=DEV_FULL_SKIP,
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "kind", "words"), API_CASES)
+def test_api_refuses_with_a_message(paths, call, kind, words) -> None:
+    with pytest.raises(kind) as info:
+        call(paths)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_dev_full_stays_a_device() -> None:
+    """Writing to a device never replaces it by a file (the atomic rename would)."""
+    if not HAS_DEV_FULL:
+        pytest.skip("no /dev/full character device")
+    with pytest.raises(OSError) as info:
+        atomic_write_bytes("/dev/full", b"x" * 100_000)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_batches_give_the_same_images_with_one_generator_per_image(paths) -> None:
+    pipe = VQDiffusionPipeline.from_pretrained(paths["text"])
+
+    def run(**kwargs):
+        gens = [torch.Generator().manual_seed(i) for i in range(6)]
+        return pipe(["a", "b"], num_images_per_prompt=3, generator=gens, progress=False, output_type="tokens", **kwargs)
+
+    assert torch.equal(run().tokens, run(batch_size=4).tokens)
+    assert pipe.plan_batches(5, batch_size=2) == [(0, 2), (2, 4), (4, 5)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training runs: one per --out, SIGKILL during a checkpoint write, a full disk during a save
+# ---------------------------------------------------------------------------------------------------------
+TRAIN_FLAGS = TRAIN[2:] + ["--lr", "1e-3", "--lr-warmup", "1", "--log-every", "1", "--sample-every", "100000"]
+
+_HOLD_LOCK = """
+import sys, time
+from vqdiffusion.training.output_dir import claim_output_dir
+lock = claim_output_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+# A training run whose second checkpoint write stops half-way (the test kills it there).
+_STALL_SECOND_SAVE = """
+import sys, time
+from pathlib import Path
+import vqdiffusion.training.checkpoint as checkpoint
+real_save, calls = checkpoint.save_file, []
+
+def stalling_save(tensors, path, metadata=None):
+    calls.append(path)
+    if len(calls) < 2:
+        return real_save(tensors, path, metadata=metadata)
+    real_save(tensors, path, metadata=metadata)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])  # half of the file is on disk
+    Path(sys.argv[1]).write_text("stalled")
+    time.sleep(120)
+
+checkpoint.save_file = stalling_save
+from vqdiffusion.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _python(code: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(condition: Callable[[], bool], process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdout.close()
+    process.stderr.close()
+
+
+def test_second_run_on_the_same_out_is_refused(paths, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    holder = _python(_HOLD_LOCK, str(out))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = [*_format(["train", "{tokens}", *TRAIN_FLAGS], paths, tmp_path), "--out", str(out), "--quiet"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "in use by another training run" in err and f"process {holder.pid}" in err
+        assert not (out / "checkpoints").exists()  # the refused run touched nothing
+        with pytest.raises(OutputDirInUseError):
+            claim_output_dir(out)
+    finally:
+        _kill(holder)
+    with claim_output_dir(out):  # the kernel dropped the killed holder's lock: no stale lock
+        pass
+
+
+def test_sigkill_during_a_checkpoint_write_loses_nothing(paths, tmp_path, capsys) -> None:
+    out, marker = tmp_path / "run", tmp_path / "stalled"
+    flags = _format(TRAIN_FLAGS, paths, tmp_path)
+    args = ["train", paths["tokens"], *flags, "--out", str(out), "--steps", "3", "--save-every", "1", "--quiet"]
+    run = _python(_STALL_SECOND_SAVE, str(marker), *args)
+    try:
+        _wait_for(marker.exists, run)
+    finally:
+        _kill(run)
+    ckpt_dir = out / "checkpoints"
+    leftovers = [p.name for p in ckpt_dir.iterdir() if p.name.startswith(".")]
+    assert len(leftovers) == 1 and ".tmp" in leftovers[0]  # the half-written file kept its temporary name
+    assert find_latest_checkpoint(ckpt_dir).name == "step_00000001.safetensors"
+    _, meta = load_checkpoint(ckpt_dir / "step_00000001.safetensors")
+    assert meta["step"] == 1
+    # --resume continues from the last complete checkpoint and removes the leftover
+    assert main(["train", paths["tokens"], *flags, "--out", str(out), "--steps", "3", "--resume", "--quiet"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000002.safetensors", "step_00000003.safetensors"]
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(paths, tmp_path, capsys, monkeypatch) -> None:
+    import vqdiffusion.training.checkpoint as checkpoint
+
+    real_save, calls = checkpoint.save_file, []
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) < 2:
+            return real_save(tensors, path, metadata=metadata)
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    out = tmp_path / "run"
+    flags = _format(TRAIN_FLAGS, paths, tmp_path)
+    args = ["train", paths["tokens"], *flags, "--out", str(out), "--steps", "3", "--save-every", "1", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on the device while writing ") and len(err.splitlines()) == 1
+    assert "step_00000002.safetensors" in err and "free some space" in err
+    ckpt_dir = out / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000001.safetensors"]  # no partial file
+    assert load_checkpoint(ckpt_dir / "step_00000001.safetensors")[1]["step"] == 1
