@@ -161,6 +161,11 @@ VARIANTS: dict[str, tuple[str, Callable[[Path], None]]] = {
         ),
     ),
     "index_v1_class_null": ("class", _v1_class_index),
+    "text_huge_mlp": ("text", lambda m: _edit_json(m / "text_encoder" / "config.json", intermediate_size=10**7)),
+    "text_huge_layers": ("text", lambda m: _edit_json(m / "text_encoder" / "config.json", num_hidden_layers=10**9)),
+    "text_nan": ("text", lambda m: _edit_weights(m / "text_encoder" / "model.safetensors", _nan_in_first_matrix)),
+    "text_int": ("text", lambda m: _edit_weights(m / "text_encoder" / "model.safetensors", _as_int)),
+    "text_deep_config": ("text", lambda m: _deep(m / "text_encoder" / "config.json", '{"a":', "}")),
     "truncated_weights": ("text", lambda m: (m / "denoiser" / "model.safetensors").write_bytes(b"\x00" * 10)),
 }
 
@@ -390,6 +395,11 @@ CASES = [
     row("vqvae-weights-nan", ["info", "{v[nan_vqvae]}"], ("vqvae", "NaN or infinite")),
     row("null-condition-nan", ["info", "{v[nan_null]}"], ("null_condition.safetensors", "NaN or infinite")),
     row("diffusers-weights-nan", ["info", "{v[nan_diffusers]}"], ("transformer", "NaN or infinite")),
+    row("text-encoder-mlp-1e7", ["info", "{v[text_huge_mlp]}"], ("fc1", "(64,)", "(10000000,)")),
+    row("text-encoder-layers-1e9", ["info", "{v[text_huge_layers]}"], ("num_hidden_layers=1000000000",)),
+    row("text-encoder-nan", ["info", "{v[text_nan]}"], ("text_encoder", "NaN or infinite")),
+    row("text-encoder-int", ["info", "{v[text_int]}"], ("text_encoder", "not as floating point")),
+    row("text-encoder-config-deep", ["info", "{v[text_deep_config]}"], ("text_encoder", "config.json")),
     row("weights-int", gen(model="{v[int_weights]}"), ("torch.int32", "not as floating point")),
     row("null-condition-int", ["info", "{v[int_null]}"], ("null_condition.safetensors", "floating point")),
     row("defaults-nan", ["info", "{v[defaults_nan]}"], ("defaults.json", "guidance_scale", "nan")),

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigBase, ConfigError
+from ..io import check_finite, read_weights_header
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,42 @@ def _check_text_encoder_dir(path: Path) -> None:
         raise FileNotFoundError(f"{path / 'config.json'} not found (a CLIPTextModel folder from save_pretrained)")
     if not any((path / name).is_file() for name in TEXT_WEIGHT_FILES):
         raise FileNotFoundError(f"no text encoder weights in {path}: expected one of {list(TEXT_WEIGHT_FILES)}")
+
+
+def _check_text_encoder_sizes(path: Path) -> None:
+    """The CLIP config's sizes against its safetensors header, before transformers allocates anything: a
+    config asking for absurd sizes is refused naming the tensor and both shapes (or the layer count)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    weights = next((path / name for name in TEXT_WEIGHT_FILES if (path / name).is_file()), None)
+    if weights is None or weights.suffix != ".safetensors":
+        return
+    header = read_weights_header(weights)
+    try:
+        config = CLIPTextConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # transformers raises OSError, ValueError, JSON errors
+        raise ValueError(f"cannot read {path / 'config.json'}: {type(err).__name__}: {err}") from None
+    layers = getattr(config, "num_hidden_layers", 0)
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= len(header):
+        raise ValueError(
+            f"{path / 'config.json'}: num_hidden_layers={layers!r}, but {weights} holds {len(header)} tensors; the "
+            "config does not describe these weights"
+        )
+    try:
+        with torch.device("meta"), _no_transformers_progress_bars():
+            expected = CLIPTextModel(config).state_dict()
+    except Exception as err:  # a config transformers cannot build a model from
+        raise ValueError(f"{path / 'config.json'}: not a CLIP text model config ({type(err).__name__})") from None
+    own = {key.removeprefix("text_model."): tensor for key, tensor in expected.items()}
+    for key, tensor in header.items():
+        mine = own.get(key.removeprefix("text_model."))
+        if mine is not None and tuple(mine.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{weights}: {key} has shape {tuple(tensor.shape)} but {path / 'config.json'} expects "
+                f"{tuple(mine.shape)}"
+            )
+        if mine is not None and mine.is_floating_point() and not tensor.is_floating_point():
+            raise ValueError(f"{weights}: {key} is stored as {tensor.dtype}, not as floating point numbers")
 
 
 def _check_tokenizer_dir(path: Path) -> None:
@@ -326,6 +363,7 @@ class CLIPTextCondition(nn.Module):
         text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
         _check_text_encoder_dir(text_encoder_dir)
         _check_tokenizer_dir(tokenizer_dir)
+        _check_text_encoder_sizes(text_encoder_dir)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         except Exception as err:  # transformers raises OSError, ValueError, JSON and tokenizers errors
@@ -342,6 +380,7 @@ class CLIPTextCondition(nn.Module):
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
             raise ValueError(f"{text_encoder_dir}: the weights lack {len(missing)} parameter(s), e.g. {missing[:3]}")
+        check_finite(model.state_dict(), str(text_encoder_dir))
         if dtype is not None:
             model = model.to(dtype)
         return cls(model, tokenizer, pad_token_id=pad_token_id)
