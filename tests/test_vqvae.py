@@ -414,3 +414,28 @@ def test_int32_tokens_decode_like_int64() -> None:
     tokens = torch.randint(0, 16, (1, 2, 3), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(model.decode_tokens(tokens.int()), model.decode_tokens(tokens))
+
+
+def test_replicate_encoder_padding_gives_a_flat_image_one_code() -> None:
+    """With zero padding the encoder sees a frame around the image, so a flat image gets other latents along
+    the borders; replicating the edge makes every latent of a flat image the same (random weights)."""
+    import dataclasses
+
+    import torch
+
+    from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig
+    from vqdiffusion.testing import randomize_
+
+    base = dataclasses.replace(VQVAEConfig.preset("tiny"), sample_size=32, num_embeddings=64)
+    zeros = randomize_(VQVAE(base), 0).eval()
+    replicate = VQVAE(dataclasses.replace(base, encoder_padding="replicate")).eval()
+    replicate.load_state_dict(zeros.state_dict())  # same weights, same state-dict keys
+    flat = torch.full((1, 3, 32, 32), -1.0)
+    z_zeros, z_rep = zeros.encode_latents(flat)[0], replicate.encode_latents(flat)[0]  # [D, 4, 4]
+    assert (z_rep - z_rep[:, :1, :1]).abs().max() < 1e-5
+    assert (z_zeros - z_zeros[:, :1, :1]).abs().max() > 1e-2
+    assert replicate.encode(flat).unique().numel() == 1
+    tokens = torch.randint(0, 64, (2, 4, 4))
+    assert torch.equal(replicate.decode_tokens(tokens), zeros.decode_tokens(tokens))  # the decoder is unchanged
+    with pytest.raises(ValueError, match="encoder_padding"):
+        dataclasses.replace(base, encoder_padding="reflect")

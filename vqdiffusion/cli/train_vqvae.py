@@ -28,6 +28,7 @@ _FLAGS: FlagTable = {
     "--codebook-size": ("num_embeddings", int, "codebook size K"),
     "--layers-per-block": ("layers_per_block", int, "residual blocks per encoder level"),
     "--norm-groups": ("norm_num_groups", int, "GroupNorm groups"),
+    "--encoder-padding": ("encoder_padding", str, "zeros (default) or replicate: a flat background, one code"),
     "--batch-size": ("batch_size", int, "images per step (default 16)"),
     "--steps": ("steps", int, "optimizer steps (default 10000)"),
     "--mixed-precision": ("mixed_precision", str, "no (default) or bf16 autocast"),

@@ -13,6 +13,7 @@ diffusers is not imported here; the functions work on plain dicts and state dict
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,6 +59,7 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
 # force_upcast is a dtype hint.
 _IGNORED_DIFFUSERS_KEYS = ("scaling_factor", "lookup_from_codebook", "force_upcast")
 # diffusers hard-codes the GroupNorm epsilon of the VQModel encoder and decoder.
+logger = logging.getLogger(__name__)
 _DIFFUSERS_NORM_EPS = 1e-6
 
 
@@ -122,8 +124,15 @@ def vqvae_config_from_diffusers(config: Mapping[str, Any], *, sample_size: int |
 def vqvae_config_to_diffusers(config: VQVAEConfig) -> dict[str, Any]:
     """``VQModel`` init arguments equivalent to ``config`` (``VQModel(**result)`` builds it).
 
-    Raises :class:`ConfigError` if ``config.norm_eps`` differs from diffusers' fixed 1e-6.
+    Raises :class:`ConfigError` if ``config.norm_eps`` differs from diffusers' fixed 1e-6.  An encoder that pads
+    by replication has no diffusers equivalent: the export decodes (generates) exactly, but diffusers'
+    ``VQModel.encode`` would pad with zeros and give other tokens; a warning says so.
     """
+    if config.encoder_padding != "zeros":
+        logger.warning(
+            "encoder_padding=%r has no diffusers equivalent: decoding is exact, diffusers' encode pads with zeros",
+            config.encoder_padding,
+        )
     if config.norm_eps != _DIFFUSERS_NORM_EPS:
         raise ConfigError(
             f"diffusers' VQModel fixes the GroupNorm epsilon at {_DIFFUSERS_NORM_EPS}; "

@@ -42,6 +42,7 @@ WEIGHTS_FILE = "model.safetensors"
 # Number of distance-matrix entries (rows x K) computed at once when looking up nearest codes; bounds the
 # temporary memory of `Codebook.nearest` to about 64 MiB in float32 whatever the batch size.
 _DISTANCE_CHUNK_ELEMENTS = 1 << 24
+ENCODER_PADDINGS = ("zeros", "replicate")
 
 
 def _is_int(value: object) -> bool:
@@ -66,6 +67,12 @@ class VQVAEConfig(ConfigBase):
         norm_eps: GroupNorm epsilon (1e-6 in taming and diffusers).
         sample_size: nominal image side the model was trained at; any multiple of ``downsample_factor`` is
             accepted at run time.
+        encoder_padding: how the encoder's convolutions pad: ``"zeros"`` (taming, diffusers, the authors) or
+            ``"replicate"`` (a copy of the edge).  Zero padding makes the encoder see a frame around every
+            image, so a flat background gets different codes along the borders (a black 64 x 64 image maps to
+            17-44 distinct codes with zero padding); with ``"replicate"`` a flat image gives one latent, and so
+            one code, everywhere.  The decoder always pads with zeros: decoding, and so generation, is the
+            same computation as diffusers' ``VQModel``.
     """
 
     block_out_channels: tuple[int, ...]
@@ -81,6 +88,7 @@ class VQVAEConfig(ConfigBase):
     norm_num_groups: int = 32
     norm_eps: float = 1e-6
     sample_size: int = 256
+    encoder_padding: str = "zeros"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -108,6 +116,10 @@ class VQVAEConfig(ConfigBase):
         if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool):
             raise ConfigError(f"{name}: norm_eps must be a number, got {self.norm_eps!r}")
         check_positive(name, norm_eps=self.norm_eps)
+        if self.encoder_padding not in ENCODER_PADDINGS:
+            raise ConfigError(
+                f"{name}: encoder_padding must be one of {list(ENCODER_PADDINGS)}, got {self.encoder_padding!r}"
+            )
         if not isinstance(self.mid_attention, bool):
             raise ConfigError(f"{name}: mid_attention must be true or false, got {self.mid_attention!r}")
         levels = len(self.block_out_channels)
@@ -234,14 +246,16 @@ class SpatialSelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W: zero-pad one row/column at the bottom/right, then a 3x3 stride-2 conv (no padding)."""
+    """Halve H and W: pad one row/column at the bottom/right (zeros, or a copy of the edge with
+    ``pad_mode="replicate"``), then a 3x3 stride-2 conv (no padding)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.pad_mode = "constant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode=self.pad_mode))
 
 
 class Upsample(nn.Module):
@@ -327,6 +341,13 @@ class Encoder(nn.Module):
         self.mid = MidBlock(ch[-1], config.mid_attention, groups, eps)
         self.out_norm = nn.GroupNorm(groups, ch[-1], eps=eps)
         self.out_conv = nn.Conv2d(ch[-1], config.latent_channels, 3, padding=1)
+        if config.encoder_padding == "replicate":
+            # a flat image then gives the same latent at every position, borders included
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d) and module.padding != (0, 0):
+                    module.padding_mode = "replicate"
+                elif isinstance(module, Downsample):
+                    module.pad_mode = "replicate"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -45,8 +45,8 @@ class VQVAETrainConfig(ConfigBase):
         model_preset: a :meth:`VQVAEConfig.preset` name the next fields override.
         block_out_channels: channels per level (level count = ``len``); when the level count differs from
             the preset's, self-attention is placed at the lowest resolution level only.
-        latent_channels, embed_dim, num_embeddings, layers_per_block, norm_num_groups: overrides (None
-            keeps the preset's value).
+        latent_channels, embed_dim, num_embeddings, layers_per_block, norm_num_groups, encoder_padding:
+            overrides (None keeps the preset's value; see :class:`VQVAEConfig`).
         batch_size, steps: images per step and number of optimizer steps.
         mixed_precision: ``"no"``, ``"bf16"`` (encoder, decoder and losses under bfloat16 autocast; the
             nearest-code search and the EMA codebook stay float32).
@@ -93,6 +93,7 @@ class VQVAETrainConfig(ConfigBase):
     num_embeddings: int | None = None
     layers_per_block: int | None = None
     norm_num_groups: int | None = None
+    encoder_padding: str | None = None
     batch_size: int = 16
     steps: int = 10000
     mixed_precision: str = "no"
@@ -204,6 +205,7 @@ class VQVAETrainConfig(ConfigBase):
             "num_embeddings": self.num_embeddings,
             "layers_per_block": self.layers_per_block,
             "norm_num_groups": self.norm_num_groups,
+            "encoder_padding": self.encoder_padding,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         if self.block_out_channels is not None:
