@@ -343,6 +343,7 @@ def convert_authors_checkpoint(
         raise ConversionError(f"{vq_where}: tokenizer grid {vq_model.config.token_shape} != config {cfg.token_shape}")
 
     defaults = _defaults(cfg, null_condition is not None or (null_label is not None and not null_is_mean))
+    defaults["num_inference_steps"] = schedule.num_timesteps  # the authors sample with every step
     pipe = VQDiffusionPipeline(
         vqvae=vq_model,
         denoiser=denoiser,

@@ -106,7 +106,11 @@ def load_diffusers(root: Path, *, text_pad_token_id: int | None | Literal["auto"
         schedule=schedule,
         text_encoder=text_encoder,
         null_condition=null_condition,
-        defaults=SamplingOptions(guidance_scale=DEFAULT_GUIDANCE_SCALE if null_condition is not None else 1.0),
+        defaults=SamplingOptions(
+            # diffusers' 100 steps (all T of a model with fewer)
+            num_inference_steps=min(SamplingOptions.num_inference_steps, schedule.num_timesteps),
+            guidance_scale=DEFAULT_GUIDANCE_SCALE if null_condition is not None else 1.0,
+        ),
     )
 
 
