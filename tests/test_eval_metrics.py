@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import urllib.request
 import warnings
 from pathlib import Path
@@ -314,3 +315,19 @@ def test_bad_clip_inputs_give_one_line(capsys, clip_dir, tmp_path) -> None:
     assert "CLIP model folder not found" in capsys.readouterr().err
     assert main([*argv, "--clip", str(clip_dir)]) == 2
     assert "no caption" in capsys.readouterr().err
+
+
+def test_without_torchmetrics_the_fid_suite_says_which_extra(capsys, folders, inception, monkeypatch) -> None:
+    """A missing optional dependency is one line naming the extra, not a traceback."""
+    for name in [m for m in sys.modules if m == "torchmetrics" or m.startswith("torchmetrics.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+    class NoTorchmetrics:  # an import finder that behaves as if the package were not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torchmetrics":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(sys, "meta_path", [NoTorchmetrics(), *sys.meta_path])
+    ok = ["--samples", str(folders["close"]), "--reference", str(folders["reference"])]
+    err = bad_fid_input(capsys, [*ok, "--inception-weights", str(inception)])
+    assert "pip install 'vqdiffusion[eval]'" in err

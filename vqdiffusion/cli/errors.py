@@ -28,6 +28,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FloatingPointError,
     RecursionError,  # input nested deeper than any of our files
     MemoryError,
+    ModuleNotFoundError,  # an optional dependency that is not installed; our messages say which extra
 )
 
 # Phrases of torch's allocation failures (RuntimeErrors): the CPU allocator and CUDA's out of memory.

@@ -375,6 +375,7 @@ def evaluate_fid(
     ``save_reference`` writes the reference statistics of a reference folder (with the features when ``kid``)
     for later runs.
     """
+    _torchmetrics()  # a missing torchmetrics is named before any work
     import torchmetrics
 
     if batch_size < 1:
