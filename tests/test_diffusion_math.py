@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,6 +217,20 @@ def test_sample_categorical_frequencies_and_generators() -> None:
     both = sample_categorical(lp, gens)
     alone = sample_categorical(lp[1:], [torch.Generator().manual_seed(4)])
     assert torch.equal(both[1:], alone)
+
+
+def test_sample_categorical_is_an_exact_float64_inverse_cdf() -> None:
+    """One float64 uniform per position, mapped through the float64 CDF (issue: float32 Gumbel draws can never
+    exceed about 16.6 and under-sample rare classes).  Rebuilt independently in numpy from the same stream,
+    with probabilities only float64 resolves: two classes of 1e-9 near 0.5 of the cumulative mass."""
+    probs = np.array([0.5 - 1e-9, 1e-9, 1e-9, 0.5 - 1e-9])
+    log_probs = torch.from_numpy(np.log(probs))[None, :, None].expand(1, 4, 50_000)
+    got = sample_categorical(log_probs, torch.Generator().manual_seed(7))
+    u = torch.rand((1, 50_000), generator=torch.Generator().manual_seed(7), dtype=torch.float64).numpy()[0]
+    cdf = np.cumsum(probs)
+    expected = np.searchsorted(cdf, (1.0 - u) * cdf[-1], side="left")
+    assert np.array_equal(got[0].numpy(), expected)
+
 
 
 def reference_truncation(log_p: torch.Tensor, rate: float) -> torch.Tensor:

@@ -164,24 +164,38 @@ class MaskReplaceSchedule(ConfigBase):
 # ---------------------------------------------------------------------------------------------------------
 # Random numbers with an explicit generator (or one generator per batch row)
 # ---------------------------------------------------------------------------------------------------------
-def _rand(shape: Sequence[int], generator: Generator, device: torch.device) -> torch.Tensor:
-    """Uniform [0, 1) float32 noise; a list of generators gives row b of the batch from generator b."""
+def _rand(
+    shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Uniform [0, 1) noise, float64 unless asked; a list of generators gives row b of the batch from
+    generator b.
+
+    The draws are float64 because float32 uniforms have a resolution of 2^-24: a Gumbel -log(-log U) built
+    on them never exceeds about 16.6 and is coarse near its top, and an inverse-CDF draw cannot resolve a
+    class of probability below about 1e-7 (Zheng et al. 2024, "Masked diffusion models are secretly
+    time-agnostic masked models and exploit inaccurate categorical sampling").
+    """
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(tuple(shape), generator=generator, device=device)
+        return torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per image")
-    return torch.cat([torch.rand((1, *shape[1:]), generator=g, device=device) for g in generator])
+    return torch.cat([torch.rand((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
 
 
 def sample_categorical(log_probs: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     """Sample one class per position from ``log_probs`` [B, C, N] (dim 1 = classes) -> [B, N] long.
 
-    Gumbel-max: argmax_c (log p_c + G_c) with G = -log(-log U) is distributed as p.  Unnormalised inputs
-    are fine.
+    Inverse CDF with one float64 uniform per position: with p_c = exp(log p_c - max) (unnormalised inputs are
+    fine), F_c = sum_{j <= c} p_j accumulated in float64 and v = (1 - U) F_C in (0, F_C], the draw is the first
+    class whose cumulative mass reaches v.  Classes of zero mass (log p = -inf) are never drawn.  The float64
+    uniform and sum resolve probabilities far below float32's 2^-24 (see :func:`_rand`); one uniform per
+    position instead of one per class (Gumbel-max) keeps it as cheap.
     """
-    u = _rand(log_probs.shape, generator, log_probs.device)
-    gumbel = -torch.log(-torch.log(u))
-    return (log_probs.float() + gumbel).argmax(dim=1)
+    B, C, N = log_probs.shape
+    p = (log_probs - log_probs.amax(dim=1, keepdim=True)).exp_().transpose(1, 2)  # [B, N, C]
+    cdf = p.cumsum(dim=2, dtype=torch.float64)
+    v = (1.0 - _rand((B, N), generator, log_probs.device)) * cdf[..., -1]  # [B, N] in (0, F_C]
+    return torch.searchsorted(cdf, v.unsqueeze(-1)).squeeze(-1).clamp_(max=C - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +242,7 @@ def q_sample(
     table = _cumulative_table(schedule, x0.device)[t + 1]  # [B, 3]
     gbar = table[:, 2:3]
     replace = gbar + K * table[:, 1:2]  # cumulative threshold for mask-or-replace
-    u = _rand((B, 2, N), generator, x0.device).double()
+    u = _rand((B, 2, N), generator, x0.device)
     random_token = (u[:, 1] * K).long().clamp_(max=K - 1)
     x_t = torch.where(u[:, 0] < replace, random_token, x0)
     return torch.where(u[:, 0] < gbar, torch.full_like(x0, K), x_t)
@@ -478,8 +492,8 @@ def select_positions(weights: torch.Tensor, count: int, generator: Generator = N
     chosen = torch.zeros((B, N), dtype=torch.bool, device=weights.device)
     if count == 0:
         return chosen
-    u = _rand((B, N), generator, weights.device)
-    keys = weights.float().log() - torch.log(-torch.log(u))
+    u = _rand((B, N), generator, weights.device)  # float64: see _rand
+    keys = weights.double().log() - torch.log(-torch.log(u))
     return chosen.scatter_(1, keys.topk(count, dim=1).indices, True)
 
 
