@@ -1,9 +1,11 @@
 """eval --suite fid / clipscore: the plumbing around torchmetrics and transformers' CLIP, on local random networks.
 
-The Inception stand-in is a TorchScript module with the calling convention of ``inception-2015-12-05.pt``
-(uint8 images in, resizing inside, ``return_features`` / ``no_output_bias``); the real file's architecture
-is inside the file, so no architecture code of ours is under test.  The CLIP model is a random
-``CLIPModel`` saved with the tiny tokenizer.  Every test runs with the network cut off.
+Two Inception files: a small TorchScript stand-in with the calling convention of ``inception-2015-12-05.pt``
+(uint8 images in, resizing inside, ``return_features`` / ``no_output_bias``; that file carries its own
+architecture), and our FID Inception-v3 (``vqdiffusion.eval.inception``, the architecture of pytorch-fid's
+``pt_inception-2015-12-05-6726825d.pth``) with seeded random weights, saved as a state dict and loaded by path.
+The CLIP model is a random ``CLIPModel`` saved with the tiny tokenizer.  Every test runs with the network cut
+off.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from vqdiffusion.cli import main
 from vqdiffusion.eval.fid import ReferenceStats, compute_fid, folder_features, load_inception
+from vqdiffusion.eval.folder import ImageBatches, list_images
 
 pytest.importorskip("torchmetrics")
 
@@ -101,9 +104,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def run_fid(capsys, samples: Path, reference: Path, inception: Path, out: Path, *extra: str) -> dict:
+def run_fid(capsys, samples: Path, reference: Path, inception: Path, out: Path, *extra: str, batch: int = 16) -> dict:
     argv = ["eval", "--suite", "fid", "--samples", str(samples), "--reference", str(reference)]
-    argv += ["--inception-weights", str(inception), "--batch-size", "16", "--out", str(out), "--quiet", *extra]
+    argv += ["--inception-weights", str(inception), "--batch-size", str(batch), "--out", str(out), "--quiet", *extra]
     assert main(argv) == 0
     assert "FID " in capsys.readouterr().out
     return json.loads((out / "report.json").read_text())
@@ -222,15 +225,182 @@ def test_bad_fid_inputs_give_one_line(capsys, folders, inception, tmp_path) -> N
     assert "holds no images" in err
 
 
-def test_a_torch_fidelity_state_dict_needs_torch_fidelity(capsys, folders, tmp_path) -> None:
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+# -- our FID Inception-v3 on a pytorch-fid state dict ------------------------------------------------------
 
-    if _TORCH_FIDELITY_AVAILABLE:
-        pytest.skip("torch-fidelity is installed")
+# Names and shapes of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (torchvision's Inception3 layout without
+# AuxLogits, 1008 classes): 94 conv + BatchNorm layers with conv.weight, bn.weight, bn.bias, bn.running_mean and
+# bn.running_var each (the file holds no num_batches_tracked), and fc.weight, fc.bias: 94 * 5 + 2 = 472 tensors.
+PUBLISHED_SHAPES = {
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+    "Conv2d_1a_3x3.bn.running_mean": (32,),
+    "Conv2d_2b_3x3.conv.weight": (64, 32, 3, 3),
+    "Conv2d_3b_1x1.conv.weight": (80, 64, 1, 1),
+    "Conv2d_4a_3x3.bn.running_var": (192,),
+    "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1),
+    "Mixed_5b.branch5x5_2.conv.weight": (64, 48, 5, 5),
+    "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+    "Mixed_5d.branch_pool.conv.weight": (64, 288, 1, 1),
+    "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+    "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+    "Mixed_6b.branch7x7dbl_2.conv.weight": (128, 128, 7, 1),
+    "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+    "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+    "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+    "Mixed_7b.branch3x3dbl_1.conv.weight": (448, 1280, 1, 1),
+    "Mixed_7c.branch3x3_2b.conv.weight": (384, 384, 3, 1),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    "Mixed_7c.branch_pool.bn.bias": (192,),
+    "fc.weight": (1008, 2048),
+    "fc.bias": (1008,),
+}
+# torchvision documents 27,161,264 parameters for inception_v3 (AuxLogits, 1000 classes).  AuxLogits holds
+# 768*128 + 2*128 (conv0) + 128*768*5*5 + 2*768 (conv1) + 768*1000 + 1000 (fc) = 3,326,696 of them; 1008
+# classes add 8 * (2048 + 1) = 16,392.
+FID_INCEPTION_PARAMETERS = 27_161_264 - 3_326_696 + 16_392  # 23,850,960
+
+
+def random_fid_inception(seed: int):
+    """Our FID Inception-v3 with seeded random weights that keep activations of order 1 (He-normal convs) and
+    BatchNorm statistics and affine parameters that are far from the identity."""
+    from vqdiffusion.eval.inception import FIDInceptionV3
+
+    generator = torch.Generator().manual_seed(seed)
+    model = FIDInceptionV3()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+            elif isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(c, generator=generator))
+                module.running_mean.copy_(0.2 * torch.randn(c, generator=generator))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=generator))
+        model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=generator) / 2048**0.5)
+        model.fc.bias.copy_(torch.randn(1008, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def fid_inception_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random network's weights saved as the published file is: a flat dict without the BatchNorm counters."""
+    state = random_fid_inception(0).state_dict()
+    path = tmp_path_factory.mktemp("fid_inception") / "pt_inception-random.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Few images: every one goes through the full 299 x 299 network on the CPU."""
+    root = tmp_path_factory.mktemp("fid_images_small")
+    return {
+        "reference": write_images(root / "reference", 4, seed=0),
+        "shifted": write_images(root / "shifted", 4, seed=1, shift=70),
+    }
+
+
+def test_the_fid_inception_has_the_published_layout(fid_inception_file, tmp_path) -> None:
+    from vqdiffusion.eval.inception import FIDInceptionV3, load_fid_inception
+
+    state = torch.load(fid_inception_file, weights_only=True)
+    assert len(state) == 472 and not any(k.startswith("AuxLogits") for k in state)
+    assert {k: tuple(state[k].shape) for k in PUBLISHED_SHAPES} == PUBLISHED_SHAPES
+    model = FIDInceptionV3()
+    assert sum(p.numel() for p in model.parameters()) == FID_INCEPTION_PARAMETERS
+    result = model.load_state_dict(state, strict=True)  # the published file lacks only the BatchNorm counters
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = load_fid_inception(fid_inception_file)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+    full = tmp_path / "full.pth"  # a state_dict() of the module itself, with the counters, loads too
+    torch.save(loaded.state_dict(), full)
+    assert len(torch.load(full, weights_only=True)) == 472 + 94
+    assert torch.equal(load_fid_inception(full).fc.bias, state["fc.bias"])
+
+
+def test_the_fid_inception_features_follow_pytorch_fid(fid_inception_file, small_folders) -> None:
+    network = load_inception(fid_inception_file)
+    assert network.backend == "pytorch-fid"
+    images = next(iter(ImageBatches(list_images(small_folders["reference"])[:2], 2)))
+    features, log_probs = network.features_and_log_probs(images)
+    assert features.shape == (2, 2048) and features.dtype == torch.float64 and torch.isfinite(features).all()
+    assert features.std(dim=0).mean() > 1e-3  # the random network does not collapse the images
+    assert torch.equal(network.features(images), features)  # deterministic
+    model = network.module
+    with torch.no_grad():  # pytorch-fid's protocol written out: [0, 1], bilinear to 299, then 2x - 1
+        x = F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+        by_hand = model.pool3(x).double()
+        unbiased = (by_hand.float() @ model.fc.weight.t()).double().log_softmax(dim=1)
+    assert torch.equal(features, by_hand)
+    assert log_probs.shape == (2, 1008) and torch.allclose(log_probs, unbiased, atol=1e-5)
+
+
+def low_rank_compute_fid(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
+    """torchmetrics' ``_compute_fid`` for covariances of low rank (a few images), exactly: tr sqrt(S1 S2) is
+    unchanged when both are restricted to an orthonormal basis holding their ranges (checked).  torchmetrics'
+    ``eigvals`` of the 2048 x 2048 product takes about 30 s on two busy cores; the formula itself is checked
+    against an independent computation above."""
+    probe = torch.randn(sigma1.shape[0], 16, dtype=sigma1.dtype, generator=torch.Generator().manual_seed(0))
+    basis = torch.linalg.qr(torch.cat([sigma1 @ probe, sigma2 @ probe], dim=1)).Q
+    small = [basis.T @ sigma @ basis for sigma in (sigma1, sigma2)]
+    for sigma, inner in zip((sigma1, sigma2), small, strict=True):
+        assert torch.allclose(basis @ inner @ basis.T, sigma, rtol=0, atol=1e-9 * float(sigma.abs().max()))
+    root_trace = torch.linalg.eigvals(small[0] @ small[1]).sqrt().real.sum()
+    return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace
+
+
+def test_fid_with_the_state_dict_orders_folders(
+    capsys, fid_inception_file, small_folders, tmp_path, monkeypatch
+) -> None:
+    import torchmetrics.image.fid
+
+    monkeypatch.setattr(torchmetrics.image.fid, "_compute_fid", low_rank_compute_fid)
+    stats = tmp_path / "reference.npz"
+    extra = ("--kid", "--kid-subsets", "2", "--kid-subset-size", "2")
+    same = run_fid(
+        capsys,
+        small_folders["reference"],
+        small_folders["reference"],
+        fid_inception_file,
+        tmp_path / "same",
+        "--save-reference-stats",
+        str(stats),
+        *extra,
+        batch=2,
+    )
+    assert same["inception"]["backend"] == "pytorch-fid" and same["inception"]["feature_dim"] == 2048
+    assert "align_corners=False" in same["inception"]["preprocessing"]
+    far = run_fid(
+        capsys,
+        small_folders["shifted"],
+        stats,
+        fid_inception_file,
+        tmp_path / "far",
+        *extra,
+        "--isc",
+        "--isc-splits",
+        "2",
+        batch=2,
+    )
+    assert abs(same["metrics"]["fid"]) < 1e-6 * far["metrics"]["fid"]
+    assert far["metrics"]["fid"] > 0 and far["metrics"]["kid_mean"] > same["metrics"]["kid_mean"]
+    assert 1.0 <= far["metrics"]["isc_mean"] <= 1008 and far["settings"]["isc"]["classes"] == 1008
+
+
+def test_a_state_dict_that_is_not_the_fid_inception_is_refused(capsys, folders, tmp_path) -> None:
     state = tmp_path / "pt_inception-2015-12-05-stand-in.pth"
     torch.save({"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}, state)
-    with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
+    with pytest.raises(ValueError, match="weights do not match"):
         load_inception(state)
+    ok = ["--samples", str(folders["close"]), "--reference", str(folders["reference"])]
+    assert "FID Inception-v3 state dict" in bad_fid_input(capsys, [*ok, "--inception-weights", str(state)])
+    from vqdiffusion.eval.inception import FIDInceptionV3, fid_inception_from_state_dict
+
+    damaged = FIDInceptionV3().state_dict()
+    damaged["Mixed_6c.branch7x7_2.conv.weight"][3, 1, 0, 2] = float("nan")
+    with pytest.raises(ValueError, match="Mixed_6c.branch7x7_2.conv.weight holds 1 NaN"):
+        fid_inception_from_state_dict(damaged, "damaged.pth")
 
 
 # -- CLIP score ----------------------------------------------------------------------------------------------

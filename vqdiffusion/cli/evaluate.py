@@ -45,7 +45,8 @@ def add_eval_parser(sub: Any) -> None:
     images.add_argument(
         "--inception-weights",
         metavar="FILE",
-        help="fid: local Inception file: inception-2015-12-05.pt (TorchScript) or pt_inception-2015-12-05-*.pth",
+        help="fid: local Inception file: inception-2015-12-05.pt (TorchScript) or pt_inception-2015-12-05-*.pth "
+        "(pytorch-fid's state dict, run by our FID Inception-v3 with pytorch-fid's resizing)",
     )
     images.add_argument("--save-reference-stats", metavar="FILE.npz", help="fid: save the reference statistics")
     images.add_argument("--kid", action="store_true", help="fid: also KID (saved statistics then hold the features)")

@@ -12,11 +12,12 @@ Two kinds of file are accepted (:func:`load_inception`):
   ((x - 128) / 128); features are ``net(x, return_features=True)`` (2048-d pool features), IS uses
   ``net(x, no_output_bias=True)`` (1008-way softmax without the output bias, as the original IS code).
   Needs nothing beyond torch.
-* ``"torch-fidelity"``: a state dict of the FID Inception of pytorch-fid / torch-fidelity
-  (``pt_inception-2015-12-05-6726825d.pth``), run by torch-fidelity's ``FeatureExtractorInceptionV3``
-  through torchmetrics' ``NoTrainInceptionV3`` with TensorFlow-1-compatible bilinear resizing
-  (``antialias=False``, torch-fidelity's default protocol; torchmetrics' own default antialiases).
-  Needs ``torch-fidelity`` and a torchvision that imports beside the installed torch.
+* ``"pytorch-fid"``: the state dict of the FID Inception of pytorch-fid and torch-fidelity
+  (``pt_inception-2015-12-05-6726825d.pth``), run by our own :class:`~vqdiffusion.eval.inception.FIDInceptionV3`
+  (the same TensorFlow graph as the TorchScript file) with pytorch-fid's protocol: uint8 / 255, bilinear
+  ``F.interpolate`` to 299 x 299 (``align_corners=False``, no antialiasing), ``2 x - 1``; 2048-d pool3
+  features; IS over the softmax of the 1008 logits without the output bias (torch-fidelity's
+  ``logits_unbiased``).  Needs nothing beyond torch (neither torch-fidelity nor torchvision).
 
 Images are read as 8-bit RGB (the quantisation of the PNG files ``sample-set`` writes) and never resized
 here: each network resizes to 299 x 299 as stated above.  Reference statistics are saved as ``.npz`` with
@@ -41,8 +42,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import atomic_write_with
+from ..io import atomic_write_with, load_weights
 from .folder import ImageBatches, list_images
+from .inception import PROTOCOL, FIDInceptionV3, fid_inception_from_state_dict
 
 __all__ = [
     "BACKENDS",
@@ -57,15 +59,14 @@ __all__ = [
     "load_inception",
 ]
 
-BACKENDS = ("torchscript", "torch-fidelity")
+BACKENDS = ("torchscript", "pytorch-fid")
 STATS_FORMAT = "vqdiffusion-fid-reference"
 STATS_VERSION = 1
 #: How each backend prepares an image; recorded in every report.
 PREPROCESSING = {
     "torchscript": "uint8 RGB into the network, which resizes bilinearly to 299x299 (align_corners=False, no "
     "antialiasing) and scales (x - 128) / 128",
-    "torch-fidelity": "uint8 RGB, resized to 299x299 with torch-fidelity's TensorFlow-1-compatible bilinear "
-    "interpolation (no antialiasing), scaled (x - 128) / 128",
+    "pytorch-fid": PROTOCOL,
 }
 
 
@@ -107,22 +108,36 @@ class InceptionNetwork:
     sha256: str
     device: torch.device
     module: nn.Module
-    logits_module: nn.Module | None = None  # torch-fidelity: a second head for the IS logits
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device)
-        out = self.module(x, return_features=True) if self.backend == "torchscript" else self.module(x)
-        return out.reshape(x.shape[0], -1).double().cpu()
+        return self.features_and_log_probs(images, log_probs=False)[0]
 
     @torch.inference_mode()
     def log_probs(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.features_and_log_probs(images, log_probs=True)[1]
+        assert out is not None
+        return out
+
+    @torch.inference_mode()
+    def features_and_log_probs(
+        self, images: torch.Tensor, *, log_probs: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both at once: our own network computes the pool features once for both."""
         x = images.to(self.device)
+        n = x.shape[0]
         if self.backend == "torchscript":
-            probs = self.module(x, no_output_bias=True).reshape(x.shape[0], -1).double()
-            return probs.clamp_min(1e-30).log().cpu()
-        assert self.logits_module is not None
-        return self.logits_module(x).reshape(x.shape[0], -1).double().log_softmax(dim=1).cpu()
+            features = self.module(x, return_features=True).reshape(n, -1)
+            if not log_probs:
+                return features.double().cpu(), None
+            probs = self.module(x, no_output_bias=True).reshape(n, -1).double()
+            return features.double().cpu(), probs.clamp_min(1e-30).log().cpu()
+        assert isinstance(self.module, FIDInceptionV3)
+        features = self.module(x)
+        if not log_probs:
+            return features.double().cpu(), None
+        logits = self.module.logits(features, bias=False)
+        return features.double().cpu(), logits.double().log_softmax(dim=1).cpu()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -134,7 +149,9 @@ class InceptionNetwork:
 
 
 def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") -> InceptionNetwork:
-    """Load the Inception network from a local file: a TorchScript archive, or a torch-fidelity state dict."""
+    """Load the Inception network from a local file: a TorchScript archive (``inception-2015-12-05.pt``), or
+    a state dict of the FID Inception (``pt_inception-2015-12-05-*.pth``), run by our
+    :class:`~vqdiffusion.eval.inception.FIDInceptionV3`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights file not found: {path}")
@@ -150,35 +167,15 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
             raise ValueError(f"{path}: not a loadable TorchScript Inception ({str(err).splitlines()[0]})") from None
         return InceptionNetwork("torchscript", path, sha, device, module)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for foreign or damaged files
+        state = load_weights(path)
+    except ValueError:
         raise ValueError(
             f"{path} is neither a TorchScript Inception (inception-2015-12-05.pt) nor a weights-only state dict "
-            f"(pt_inception-2015-12-05-*.pth); torch.load failed with {type(err).__name__}"
+            "(pt_inception-2015-12-05-*.pth)"
         ) from None
-    if not isinstance(state, dict) or "fc.weight" not in state:
+    if "fc.weight" not in state:
         raise ValueError(f"{path}: a state dict without 'fc.weight' is not the FID Inception's")
-    _torchmetrics()
-    from torchmetrics.image.fid import NoTrainInceptionV3
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
-    if not _TORCH_FIDELITY_AVAILABLE:
-        raise ModuleNotFoundError(
-            f"{path} is a state dict for torch-fidelity's Inception: pip install torch-fidelity (it needs a "
-            "torchvision built for this torch), or use the TorchScript file inception-2015-12-05.pt",
-            name="torch_fidelity",
-        )
-
-    def head(feature: str) -> nn.Module:
-        net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=[feature],
-            feature_extractor_weights_path=str(path),
-            antialias=False,
-        )
-        return net.to(device).eval()
-
-    return InceptionNetwork("torch-fidelity", path, sha, device, head("2048"), head("logits_unbiased"))
+    return InceptionNetwork("pytorch-fid", path, sha, device, fid_inception_from_state_dict(state, str(path), device))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -218,9 +215,10 @@ def folder_features(
     batches = ImageBatches(paths, batch_size, what=what)
     features, logits = [], []
     for images in tqdm(batches, desc=f"inception: {Path(folder).name}", unit="batch", disable=not progress):
-        features.append(network.features(images))
-        if log_probs:
-            logits.append(network.log_probs(images))
+        found, found_log_probs = network.features_and_log_probs(images, log_probs=log_probs)
+        features.append(found)
+        if found_log_probs is not None:
+            logits.append(found_log_probs)
     assert batches.size is not None
     return FolderFeatures(
         Path(folder), len(paths), batches.size, torch.cat(features), torch.cat(logits) if log_probs else None
