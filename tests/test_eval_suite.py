@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from vqdiffusion.data.shapes import parse_caption, render
-from vqdiffusion.eval.suite import evaluate_shapes, format_table, tokenizer_psnr, write_report
+from vqdiffusion.eval.suite import evaluate_shapes, format_table, write_report
+from vqdiffusion.eval.tokenizer import tokenizer_psnr
 
 
 class BlackTokenizer(torch.nn.Module):
@@ -48,11 +49,13 @@ class RenderingPipeline:
 
 
 def test_perfect_model_scores_one_and_blank_model_zero(tmp_path: Path) -> None:
-    perfect = evaluate_shapes(RenderingPipeline(True), num_per_set=10, batch_size=4, progress=False)
+    perfect = evaluate_shapes(RenderingPipeline(True), num_per_set=10, batch_size=4, progress=False, diagnostics=False)
     for summary in perfect["sets"].values():
         assert summary["n"] == 10 and summary["fully_correct"] == 1.0 and summary["color"] == 1.0
     blank = RenderingPipeline(False)
-    report = evaluate_shapes(blank, num_per_set=5, batch_size=4, progress=False, num_inference_steps=7)
+    report = evaluate_shapes(
+        blank, num_per_set=5, batch_size=4, progress=False, diagnostics=False, num_inference_steps=7
+    )
     assert all(s["fully_correct"] == 0.0 and s["count"] == 0.0 for s in report["sets"].values())
     assert blank.calls[0] == {"num_inference_steps": 7}
     json_path, grid_path = write_report(perfect, tmp_path)

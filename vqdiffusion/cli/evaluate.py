@@ -99,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     sampling = sampling_arguments(args)
     from ..eval.suite import evaluate_shapes, format_table, write_report
+    from ..eval.tokenizer import format_tokenizer_diagnostics, format_x0_entropy
     from ..pipeline import VQDiffusionPipeline
 
     pipe = VQDiffusionPipeline.from_pretrained(args.model, device=args.device)
@@ -115,6 +116,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"seconds per image: {report['seconds_per_image']:.3f}")
     psnr = report["tokenizer_psnr"]
     print("tokenizer PSNR on fresh renders: " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items()))
+    print(format_tokenizer_diagnostics(report["tokenizer"]))
+    print(format_x0_entropy(report["denoiser_x0_entropy"]))
     print(json_path)
     print(grid_path)
     return 0

@@ -13,47 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..data.shapes import PROMPT_SETS, canonical_caption, prompt_set, render
+from ..data.shapes import PROMPT_SETS, canonical_caption, prompt_set
 from ..io import atomic_write_text, atomic_write_with, check_output_path
 from .shapes import evaluate
-
-# Renders for the tokenizer check use a seed offset, so they are not the training images of a data set
-# made with the same seed.
-_RENDER_SEED_OFFSET = 1_000_003
-
-
-@torch.no_grad()
-def tokenizer_psnr(vqvae: Any, *, num_images: int = 256, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
-    """Mean per-image PSNR (dB, peak 1 on [0, 1]) of the VQ tokenizer's reconstructions of fresh renders.
-
-    Two sets of ``num_images`` renders: ``"seen_pairs"`` (one or two objects of training colour-shape pairs,
-    as the ``single_seen``/``two_objects`` prompt sets) and ``"heldout_pairs"`` (held-out pairs).  The
-    reconstruction is quantised to 8 bits, as a saved image is.
-    """
-    device = next(vqvae.parameters()).device
-    rng = np.random.default_rng(seed + _RENDER_SEED_OFFSET)
-    half = num_images // 2
-    sets = {
-        "seen_pairs": prompt_set("single_seen", num_images - half, seed) + prompt_set("two_objects", half, seed),
-        "heldout_pairs": prompt_set("heldout", num_images, seed),
-    }
-    out: dict[str, float] = {}
-    for name, scenes in sets.items():
-        values = []
-        for i in range(0, len(scenes), batch_size):
-            pixels = np.stack(
-                [np.asarray(render(scene, rng), dtype=np.float32) / 255.0 for scene in scenes[i : i + batch_size]]
-            )
-            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)
-            recon = (vqvae.decode_tokens(vqvae.encode(images * 2 - 1).to(device)).float() + 1) / 2
-            recon = (recon.clamp(0, 1) * 255).round() / 255
-            mse = (recon - images).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
-            values.append(-10.0 * torch.log10(mse))
-        out[name] = float(torch.cat(values).mean())
-    return out
+from .tokenizer import denoiser_x0_entropy, tokenizer_diagnostics, tokenizer_psnr
 
 
 def evaluate_shapes(
@@ -64,14 +29,17 @@ def evaluate_shapes(
     batch_size: int = 16,
     sets: tuple[str, ...] = PROMPT_SETS,
     progress: bool = True,
+    diagnostics: bool = True,
     **sampling: Any,
 ) -> dict[str, Any]:
     """Run the shapes suite with ``pipe`` (a :class:`~vqdiffusion.VQDiffusionPipeline`).
 
     ``sampling`` is passed to the pipeline call (``num_inference_steps``, ``guidance_scale``, ...).
     Returns ``{"sets": {name: summary}, "seconds_per_image": float, "samples": {name: [PIL images]},
-    "tokenizer_psnr": {...}}`` (see :func:`tokenizer_psnr`); the samples are the first 16 images of each set
-    (for a grid).
+    "tokenizer_psnr": {...}}`` (see :func:`~vqdiffusion.eval.tokenizer.tokenizer_psnr`); the samples are the
+    first 16 images of each set (for a grid).  With ``diagnostics`` also ``"tokenizer"``
+    (:func:`~vqdiffusion.eval.tokenizer.tokenizer_diagnostics`, whose PSNR is ``"tokenizer_psnr"``) and
+    ``"denoiser_x0_entropy"`` (:func:`~vqdiffusion.eval.tokenizer.denoiser_x0_entropy`).
     """
     if num_per_set < 1 or batch_size < 1:
         raise ValueError(f"num_per_set and batch_size must be >= 1, got {num_per_set}, {batch_size}")
@@ -88,7 +56,12 @@ def evaluate_shapes(
         report["samples"][name] = images[:16]
         total_images += len(images)
     report["seconds_per_image"] = (time.perf_counter() - start) / total_images
-    report["tokenizer_psnr"] = tokenizer_psnr(pipe.vqvae, num_images=num_per_set, seed=seed)
+    if diagnostics:
+        report["tokenizer"] = tokenizer_diagnostics(pipe.vqvae, psnr_images=num_per_set, seed=seed)
+        report["tokenizer_psnr"] = report["tokenizer"]["psnr"]
+        report["denoiser_x0_entropy"] = denoiser_x0_entropy(pipe, seed=seed)
+    else:
+        report["tokenizer_psnr"] = tokenizer_psnr(pipe.vqvae, num_images=num_per_set, seed=seed)
     return report
 
 
