@@ -8,7 +8,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from support.data import make_blocks_dir
 
 from vqdiffusion.cli.train_vqvae import add_train_vqvae_parser, run_train_vqvae
 from vqdiffusion.config import ConfigError
@@ -151,15 +151,7 @@ PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 0,
 @pytest.fixture(scope="module")
 def blocks_dir(tmp_path_factory):
     """Twelve 16x16 PNGs of four solid 8x8 blocks (black twice as likely as each colour)."""
-    root = tmp_path_factory.mktemp("blocks")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        image = np.zeros((16, 16, 3), np.uint8)
-        for y in (0, 8):
-            for x in (0, 8):
-                image[y : y + 8, x : x + 8] = PALETTE[rng.integers(len(PALETTE))]
-        Image.fromarray(image).save(root / f"{i}.png")
-    return root
+    return make_blocks_dir(tmp_path_factory.mktemp("blocks"), PALETTE, 12)
 
 
 def make_config(data_dir, out_dir, **overrides):

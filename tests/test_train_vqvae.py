@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from support.data import make_blocks_dir
 
 from vqdiffusion.cli.train_vqvae import add_train_vqvae_parser, run_train_vqvae
 from vqdiffusion.config import ConfigError
@@ -45,15 +46,7 @@ PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 
 @pytest.fixture(scope="module")
 def blocks_dir(tmp_path_factory):
     """Eight 16x16 PNGs made of four solid 8x8 blocks with colours from a 6-colour palette."""
-    root = tmp_path_factory.mktemp("blocks")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        image = np.zeros((16, 16, 3), np.uint8)
-        for y in (0, 8):
-            for x in (0, 8):
-                image[y : y + 8, x : x + 8] = PALETTE[rng.integers(len(PALETTE))]
-        Image.fromarray(image).save(root / f"{i}.png")
-    return root
+    return make_blocks_dir(tmp_path_factory.mktemp("blocks"), PALETTE, 8)
 
 
 def make_config(data_dir, out_dir, **overrides):

@@ -40,3 +40,16 @@ def make_token_dir(root: Path, size: int = 8, count: int = 8) -> tuple[Path, Pat
     data_dir = make_caption_folder(root / "data", size=size, count=count)
     tokens = tokenize_dataset(data_dir, vqvae_dir, root / "tokens", image_size=size, device="cpu", progress=False)
     return tokens, vqvae_dir
+
+
+def make_blocks_dir(root: Path, palette: np.ndarray, count: int, seed: int = 0) -> Path:
+    """``count`` 16x16 PNGs of four solid 8x8 blocks, each block's colour drawn from the rows of ``palette``."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = np.zeros((16, 16, 3), np.uint8)
+        for y in (0, 8):
+            for x in (0, 8):
+                image[y : y + 8, x : x + 8] = palette[rng.integers(len(palette))]
+        Image.fromarray(image).save(root / f"{i}.png")
+    return root
