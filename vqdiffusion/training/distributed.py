@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .runtime import resolve_device
+from ..devices import resolve_device
 
 __all__ = ["DistributedContext", "all_gather_rows", "setup_distributed", "wrap_ddp"]
 

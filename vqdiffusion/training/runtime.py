@@ -1,5 +1,4 @@
-"""Run-time settings shared by the trainers: device resolution (:func:`vqdiffusion.devices.resolve_device`,
-re-exported), autocast and global seeding."""
+"""Run-time settings shared by the trainers: autocast and global seeding (devices: :mod:`vqdiffusion.devices`)."""
 
 from __future__ import annotations
 
@@ -9,9 +8,7 @@ import random
 import numpy as np
 import torch
 
-from ..devices import resolve_device
-
-__all__ = ["MIXED_PRECISION", "autocast_context", "resolve_device", "seed_everything"]
+__all__ = ["MIXED_PRECISION", "autocast_context", "seed_everything"]
 
 
 MIXED_PRECISION = ("no", "bf16", "fp16")

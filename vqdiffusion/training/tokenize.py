@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data.folders import RESIZE_MODES, ClassFolder, ImageCaptionFolder, ImageFolder
 from ..data.tokens import META_FILE, TOKEN_KINDS, token_dtype, write_token_folder
-from .runtime import resolve_device
+from ..devices import resolve_device
 
 __all__ = ["tokenize_dataset"]
 

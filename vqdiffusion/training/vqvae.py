@@ -20,13 +20,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ..data.folders import ImageFolder
+from ..devices import resolve_device
 from ..io import atomic_write_with
 from ..models.vqvae import VQVAE, save_vqvae
 from .batching import StepBatchSampler
 from .loop import LoopSettings, checkpoint_to_resume, run_loop
 from .metrics import CSVLogger
 from .output_dir import claim_output_dir
-from .runtime import resolve_device
 from .vqvae_config import VQVAETrainConfig
 from .vqvae_trainer import VQVAETrainer
 
