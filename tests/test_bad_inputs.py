@@ -28,6 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.data import make_caption_folder, make_token_dir
+from support.weights import TINY_VQ_CONFIG
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
@@ -39,7 +40,7 @@ from vqdiffusion.formats.ours import save_ours
 from vqdiffusion.io import OutputPathError, atomic_write_bytes, check_output_path
 from vqdiffusion.models.conditions import CLIPTextCondition, LearnedNullCondition
 from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
-from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig
+from vqdiffusion.models.vqvae import VQVAE
 from vqdiffusion.sampling import SamplingOptions
 from vqdiffusion.training.checkpoint import find_latest_checkpoint, load_checkpoint
 from vqdiffusion.training.output_dir import OutputDirInUseError, claim_output_dir
@@ -56,17 +57,7 @@ DEEP = 5000  # JSON nesting far beyond Python's recursion limit
 # ---------------------------------------------------------------------------------------------------------
 def _text_components(tiny_clip_dirs) -> PipelineComponents:
     torch.manual_seed(0)
-    vq = VQVAEConfig(
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        embed_dim=4,
-        num_embeddings=16,
-        encoder_attention=(False, False),
-        decoder_attention=(False, False),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=8,
-    )
+    vq = TINY_VQ_CONFIG
     text = CLIPTextCondition.from_pretrained(*tiny_clip_dirs, pad_token_id=0)
     return PipelineComponents(
         vqvae=VQVAE(vq),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.weights import TINY_VQ_CONFIG
 
 import vqdiffusion
 from vqdiffusion import VQDiffusionPipeline
@@ -18,21 +19,11 @@ from vqdiffusion.formats.components import PipelineComponents
 from vqdiffusion.formats.ours import FORMAT_VERSION, INDEX_FILE, load_ours, read_index, save_ours
 from vqdiffusion.models.conditions import CLIPTextCondition, ConditionConfig, LearnedNullCondition
 from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
-from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig
+from vqdiffusion.models.vqvae import VQVAE
 from vqdiffusion.sampling import SamplingOptions
 
 BUILTIN = Path(vqdiffusion.__file__).parent / "assets" / "shapes"
-VQ_CONFIG = VQVAEConfig(
-    block_out_channels=(8, 8),
-    latent_channels=4,
-    embed_dim=4,
-    num_embeddings=16,
-    encoder_attention=(False, False),
-    decoder_attention=(False, False),
-    layers_per_block=1,
-    norm_num_groups=4,
-    sample_size=8,
-)
+VQ_CONFIG = TINY_VQ_CONFIG
 
 
 def _components(kind: str, tiny_clip_dirs=None, *, null: bool = True) -> PipelineComponents:

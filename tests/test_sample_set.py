@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from support.weights import TINY_VQ_CONFIG
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
@@ -17,20 +18,10 @@ from vqdiffusion.eval.sheet import contact_sheet
 from vqdiffusion.formats.components import PipelineComponents
 from vqdiffusion.models.conditions import CLIPTextCondition, LearnedNullCondition
 from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
-from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig
+from vqdiffusion.models.vqvae import VQVAE
 from vqdiffusion.sampling import SamplingOptions
 
-VQ_CONFIG = VQVAEConfig(
-    block_out_channels=(8, 8),
-    latent_channels=4,
-    embed_dim=4,
-    num_embeddings=16,
-    encoder_attention=(False, False),
-    decoder_attention=(False, False),
-    layers_per_block=1,
-    norm_num_groups=4,
-    sample_size=8,
-)
+VQ_CONFIG = TINY_VQ_CONFIG
 PROMPTS = ["a red cat", "the blue dog", "a green bird on a table"]
 
 

@@ -42,3 +42,17 @@ def make_vqvae_dir(root: Path, seed: int = 0) -> Path:
         z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         model.codebook.weight.copy_(z[torch.randperm(z.shape[0])[:16]])
     return save_vqvae(model, root)
+
+
+# A VQ-VAE small enough for any test: two levels of 8 channels, 16 codes, 8x8 images -> 4x4 tokens.
+TINY_VQ_CONFIG = VQVAEConfig(
+    block_out_channels=(8, 8),
+    latent_channels=4,
+    embed_dim=4,
+    num_embeddings=16,
+    encoder_attention=(False, False),
+    decoder_attention=(False, False),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=8,
+)

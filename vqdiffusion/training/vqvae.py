@@ -24,7 +24,7 @@ from ..devices import resolve_device
 from ..io import atomic_write_with
 from ..models.vqvae import VQVAE, save_vqvae
 from .batching import StepBatchSampler
-from .loop import LoopSettings, checkpoint_to_resume, run_loop
+from .loop import LoopSettings, SumWindow, checkpoint_to_resume, run_loop
 from .metrics import CSVLogger
 from .output_dir import claim_output_dir
 from .vqvae_config import VQVAETrainConfig
@@ -50,34 +50,30 @@ def _save_samples(model: VQVAE, images: torch.Tensor, path: Path) -> None:
     atomic_write_with(path, Image.fromarray(np.ascontiguousarray(grid)).save)
 
 
-class CodebookWindow:
-    """Logging window of tokenizer training: means of ``loss``, ``rec``, ``commit`` and ``psnr``, plus the
-    codebook usage (fraction of the K codes assigned at least once), the perplexity exp(H) of the token
-    histogram and the number of dead-code restarts, all over the window."""
+class CodebookWindow(SumWindow):
+    """Logging window of tokenizer training: the means of :class:`SumWindow` (``loss``, ``rec``, ``commit``,
+    ``psnr``, ``samples_per_s``), plus the codebook usage (fraction of the K codes assigned at least once),
+    the perplexity exp(H) of the token histogram and the number of dead-code restarts over the window."""
 
-    def __init__(self, num_codes: int, device: torch.device) -> None:
+    def __init__(self, num_codes: int, device: torch.device, batch_size: int) -> None:
         self.usage = torch.zeros(num_codes, dtype=torch.long, device=device)
         self.restarts = torch.zeros((), dtype=torch.long, device=device)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        super().__init__(("loss", "rec", "commit", "psnr"), batch_size)
 
     def add(self, result: dict[str, torch.Tensor]) -> None:
-        for key in ("loss", "rec", "commit", "psnr"):
-            self.sums[key] = self.sums[key] + result[key] if key in self.sums else result[key].clone()
+        super().add(result)
         self.usage += torch.bincount(result["tokens"].reshape(-1), minlength=self.usage.shape[0])
         self.restarts += result["restarted"].sum()
-        self.count += 1
 
     def summary(self) -> dict[str, float]:
-        values = {k: float(v) / self.count for k, v in self.sums.items()}
         probs = self.usage.double() / self.usage.sum().clamp_min(1)
         entropy = float(-(probs * probs.clamp_min(1e-30).log()).sum())
+        values = super().summary()
         values["codebook_usage"] = float((self.usage > 0).double().mean())
         values["perplexity"] = math.exp(entropy)
         values["restarts"] = float(self.restarts)
         self.usage.zero_()
         self.restarts.zero_()
-        self.sums, self.count = {}, 0
         return values
 
 
@@ -140,7 +136,7 @@ def _train(config: VQVAETrainConfig, resume: bool | str | os.PathLike) -> Path:
             (batch["image"] for batch in loader),
             settings,
             ckpt_dir,
-            CodebookWindow(trainer.model.config.num_embeddings, device),
+            CodebookWindow(trainer.model.config.num_embeddings, device, config.batch_size),
             log=metrics_log.log,
             sample=lambda step: _save_samples(trainer.model, sample_images, out / "samples" / f"step_{step:08d}.png"),
             after_save=lambda step: save_vqvae(trainer.model, out / "vqvae"),
