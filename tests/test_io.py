@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -49,3 +51,26 @@ def test_writer_taking_a_path_sees_the_target_extension(tmp_path):
     with Image.open(target) as loaded:
         assert loaded.format == "PNG" and loaded.size == (3, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path) -> None:
+    """mkstemp's private 0600 must not leak into the written files: new files follow the umask, replaced files
+    keep their mode."""
+    import os
+    import stat
+
+    from vqdiffusion.io import atomic_write_bytes, save_safetensors
+
+    mask = os.umask(0o022)
+    try:
+        fresh = atomic_write_bytes(tmp_path / "new.bin", b"x")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        weights = save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")  # its writer recreates the file
+        assert stat.S_IMODE(Path(weights).stat().st_mode) == 0o644
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        atomic_write_bytes(kept, b"new")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_bytes() == b"new"
+    finally:
+        os.umask(mask)

@@ -45,6 +45,9 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], object], 
     try:
         try:
             write(Path(tmp))
+            # mkstemp makes the file private (0600, and some writers recreate it so): give it the mode a plain
+            # open() would, the replaced file's or 0666 less the umask for a new one
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask())
             if fsync:
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
@@ -84,6 +87,13 @@ def is_special_file(path: str | os.PathLike) -> bool:
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_directly(path: Path, write: Callable[[Path], object]) -> Path:
