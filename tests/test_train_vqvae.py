@@ -149,9 +149,26 @@ def test_lr_schedule():
         lr_at(0, 1.0, 0, 10, "linear")
 
 
+def test_ema_warmup_decays_by_hand():
+    """d_n = min(decay, (1 + n) / (10 + n)): updates 0, 1, 2 use 0.1, 2/11, 0.25; later ones decay."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.25)
+    expected = 0.0
+    for n, value in enumerate([1.0, 2.0, 3.0, 4.0]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+        d = [0.1, 2 / 11, 0.25, 0.25][n]
+        expected = d * expected + (1 - d) * value
+        assert ema.shadow["weight"].item() == pytest.approx(expected, rel=1e-6)
+    assert ema.num_updates == 4
+
+
 def test_ema_of_parameters():
     model = torch.nn.Linear(2, 1)
-    ema = EMA(model, decay=0.75)
+    ema = EMA(model, decay=0.75, warmup=False)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(4.0)

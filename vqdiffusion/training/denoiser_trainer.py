@@ -380,6 +380,7 @@ class DenoiserTrainer:
             self.scaler.load_state_dict(meta["scaler"])
         restore_rng_state(tensors, meta["rng"], "rng")
         self.step = int(meta["step"])
+        self.ema.num_updates = self.step  # one EMA update per optimizer step: the warm-up continues
         if self.world_size > 1:
             seed_everything(step_seed(self.config.seed * self.world_size + self.rank, self.step))
 

@@ -13,15 +13,19 @@ __all__ = ["EMA"]
 class EMA:
     """Exponential moving average of a model's floating-point parameters.
 
-    ``shadow <- decay * shadow + (1 - decay) * param`` on each :meth:`update`; the shadow tensors live on
-    the parameters' devices and dtypes.  :meth:`state_dict` maps parameter names to shadow tensors (a
+    ``shadow <- d_n * shadow + (1 - d_n) * param`` on the n-th :meth:`update` (n = 0, 1, ...), with
+    ``d_n = min(decay, (1 + n) / (10 + n))`` when ``warmup`` (the usual EMA warm-up: early averages are not
+    dominated by the random initial weights; with decay 0.998 and no warm-up, 30% of the average after 600
+    updates is still the initialisation) and ``d_n = decay`` otherwise.  The shadow tensors live on the
+    parameters' devices and dtypes; ``num_updates`` is n, which a resumed run must restore.  :meth:`state_dict` maps parameter names to shadow tensors (a
     parameter-only model state dict); :meth:`copy_to` writes them into a model.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.num_updates = 0
         self.shadow = {name: p.detach().clone() for name, p in model.named_parameters() if p.is_floating_point()}
 
@@ -35,10 +39,15 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the averages one step towards ``model``'s current parameters."""
-        weight = 1.0 - self.decay
+        weight = 1.0 - self.current_decay()
         for name, param in self._params(model).items():
             self.shadow[name].lerp_(param.detach(), weight)
         self.num_updates += 1
+
+    def current_decay(self) -> float:
+        """d_n of the next update."""
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
