@@ -13,7 +13,8 @@ and plot fully-correct rate against training samples seen.
         --markdown docs/recipe_shapes.md --json docs/recipe_shapes.json --plot docs/recipe_curve.png
 
 ``--variant NAME=FLAGS`` adds a variant (flags as one string, e.g. ``--variant "lr2e-3=--lr 2e-3"``);
-``TOKENS=DIR`` inside a variant's flags switches its token folder (a tokenizer variant).
+``TOKENS=DIR`` inside a variant's flags switches its token folder (a tokenizer variant).  A variant that sets
+``--batch-size`` trains for ``--steps * --batch-size / its batch`` steps, so every run sees as many samples.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ VARIANTS: dict[str, str] = {
     "wide4x256": "--layers 4 --dim 256 --heads 4 --cond-dim 256",
     "text4": "--text-layers 4",
     "drop0.2": "--cond-drop-prob 0.2",
+    "bs128": "--batch-size 128",
+    "text_wide256": "--cond-dim 256",
 }
 SAMPLING = {"num_inference_steps": 50, "guidance_scale": 3.0, "truncation_rate": 1.0, "sampler": "ancestral"}
 
@@ -74,7 +77,11 @@ def parse_flags(text: str) -> tuple[dict[str, str], list[str]]:
 
 def train_command(tokens: str, out: Path, variant: str, steps: int, batch: int, points: int) -> list[str]:
     flags, _ = parse_flags(BASE)
-    flags.update(parse_flags(variant)[0])
+    own = parse_flags(variant)[0]
+    flags.update(own)
+    if "--batch-size" in own:  # the same budget in samples: fewer steps of a larger batch
+        steps = max(1, steps * batch // int(own["--batch-size"]))
+        batch = int(own["--batch-size"])
     every = max(1, steps // points)
     flags.update({"--steps": str(steps), "--batch-size": str(batch), "--save-every": str(every)})
     flags.update({"--keep-checkpoints": str(points + 1), "--sample-every": str(every), "--log-every": "50"})
