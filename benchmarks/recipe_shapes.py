@@ -13,8 +13,10 @@ and plot fully-correct rate against training samples seen.
         --markdown docs/recipe_shapes.md --json docs/recipe_shapes.json --plot docs/recipe_curve.png
 
 ``--variant NAME=FLAGS`` adds a variant (flags as one string, e.g. ``--variant "lr2e-3=--lr 2e-3"``);
-``TOKENS=DIR`` inside a variant's flags switches its token folder (a tokenizer variant).  A variant that sets
-``--batch-size`` trains for ``--steps * --batch-size / its batch`` steps, so every run sees as many samples.
+``TOKENS=DIR`` inside a variant's flags switches its token folder (a tokenizer variant); ``RUN=DIR`` scores
+the checkpoints of a run trained elsewhere (e.g. ``scripts/train_default.sh``'s denoiser) without training.
+A variant that sets ``--batch-size`` trains for ``--steps * --batch-size / its batch`` steps, so every run
+sees as many samples.
 """
 
 from __future__ import annotations
@@ -110,10 +112,11 @@ def score_checkpoint(path: Path, n: int, batch: int) -> dict[str, Any]:
 
 
 def run_variant(name: str, flags: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    out = Path(args.out) / name
-    tokens = next((e.split("=", 1)[1] for e in parse_flags(flags)[1] if e.startswith("TOKENS=")), args.tokens)
+    extras = dict(e.split("=", 1) for e in parse_flags(flags)[1])
+    out = Path(extras["RUN"]) if "RUN" in extras else Path(args.out) / name
+    tokens = extras.get("TOKENS", args.tokens)
     log = out / "train_wall.json"
-    if not (out / "model" / "vqdiffusion.json").is_file():
+    if "RUN" not in extras and not (out / "model" / "vqdiffusion.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         argv = train_command(tokens, out, flags, args.steps, args.batch_size, args.points)
         print(f"[{name}] {shlex.join(argv[2:])}", flush=True)
