@@ -10,7 +10,6 @@ tokenizer, the layout of a pipeline's ``vqvae`` folder), ``metrics.csv``, ``samp
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..data.folders import ImageFolder
 from ..devices import resolve_device
+from ..eval.tokenizer import code_perplexity
 from ..io import atomic_write_with
 from ..models.vqvae import VQVAE, save_vqvae
 from .batching import StepBatchSampler
@@ -66,11 +66,9 @@ class CodebookWindow(SumWindow):
         self.restarts += result["restarted"].sum()
 
     def summary(self) -> dict[str, float]:
-        probs = self.usage.double() / self.usage.sum().clamp_min(1)
-        entropy = float(-(probs * probs.clamp_min(1e-30).log()).sum())
         values = super().summary()
         values["codebook_usage"] = float((self.usage > 0).double().mean())
-        values["perplexity"] = math.exp(entropy)
+        values["perplexity"] = code_perplexity(self.usage) if bool(self.usage.any()) else float("nan")
         values["restarts"] = float(self.restarts)
         self.usage.zero_()
         self.restarts.zero_()
