@@ -58,6 +58,8 @@ VARIANTS: dict[str, str] = {
     "bs128": "--batch-size 128",
     "text_wide256": "--cond-dim 256",
 }
+# per-set attribute rates kept beside the fully-correct count: they separate runs that are all near 0 correct
+ATTRIBUTES = ("shape", "color", "size", "position", "count")
 SAMPLING = {"num_inference_steps": 50, "guidance_scale": 3.0, "truncation_rate": 1.0, "sampler": "ancestral"}
 
 
@@ -100,7 +102,12 @@ def score_checkpoint(path: Path, n: int, batch: int) -> dict[str, Any]:
     report = evaluate_shapes(pipe, num_per_set=n, seed=0, batch_size=batch, progress=False, **SAMPLING)
     meta = read_checkpoint_meta(path)
     sets = {
-        name: {"correct": round(s["fully_correct"] * s["n"]), "n": int(s["n"])} for name, s in report["sets"].items()
+        name: {
+            "correct": round(s["fully_correct"] * s["n"]),
+            "n": int(s["n"]),
+            **{key: float(s[key]) for key in ATTRIBUTES if key in s},
+        }
+        for name, s in report["sets"].items()
     }
     return {
         "step": int(meta["step"]),
@@ -128,7 +135,7 @@ def run_variant(name: str, flags: str, args: argparse.Namespace) -> list[dict[st
     rows = []
     for path in sorted((out / "checkpoints").glob("step_*.safetensors")):
         cache = out / f"score_{path.stem}_n{args.n}.json"
-        if not cache.is_file():
+        if not cache.is_file() or "shape" not in next(iter(json.loads(cache.read_text())["sets"].values())):
             print(f"[{name}] scoring {path.name}", flush=True)
             cache.write_text(json.dumps(score_checkpoint(path, args.n, args.eval_batch)))
         rows.append({"variant": name, "flags": flags, **json.loads(cache.read_text())})
@@ -138,11 +145,22 @@ def run_variant(name: str, flags: str, args: argparse.Namespace) -> list[dict[st
     return rows
 
 
+def attribute_summary(sets: dict[str, Any]) -> str:
+    """Shape / colour / position rates over every expected object of every set (weighted by prompts)."""
+    parts = []
+    for key, label in (("shape", "shape"), ("color", "colour"), ("position", "pos")):
+        rated = [(s[key], s["n"]) for s in sets.values() if key in s]
+        if rated:
+            parts.append(f"{label} {100 * sum(r * n for r, n in rated) / sum(n for _, n in rated):.0f}%")
+    return ", ".join(parts)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| variant | flags | samples seen | " + " | ".join(PROMPT_SETS) + " | train min |"
-    lines = [head, "|" + "---|" * (4 + len(PROMPT_SETS))]
+    head = "| variant | flags | samples seen | " + " | ".join(PROMPT_SETS) + " | attributes | train min |"
+    lines = [head, "|" + "---|" * (5 + len(PROMPT_SETS))]
     for row in rows:
         cells = [format_rate(row["sets"][s]["correct"], row["sets"][s]["n"]) for s in PROMPT_SETS]
+        cells.append(attribute_summary(row["sets"]))
         minutes = "" if row["train_minutes"] is None else f"{row['train_minutes']:.0f}"
         flags = row["flags"] or "(base)"
         start = f"| {row['variant']} | `{flags}` | {row['samples_seen']} | "
