@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Rebuild the built-in model (vqdiffusion/assets/shapes) from nothing, on a CPU.
+# Rebuild the built-in model (vqdiffusion/assets/shapes) from nothing.
 #
-#   bash scripts/train_default.sh [WORK_DIR]        (default WORK_DIR: runs/default)
+#   bash scripts/train_default.sh [--device DEVICE] [WORK_DIR]     (defaults: --device cpu, runs/default)
 #
-# Stages: the shapes data set -> the VQ tokenizer -> tokens -> the denoiser with a jointly trained text
-# model -> export (float16 weights, the recommended sampling defaults) into the package.  Each stage
-# checkpoints; run the script again after an interruption and it resumes where it stopped.  Measured on
-# the project's 2-core CPU: see "The built-in model" in README.md.
+# Stages: the shapes data set -> the VQ tokenizer (K = 256, replicate padding: docs/tokenizer_experiments.md)
+# -> tokens -> the denoiser with a jointly trained text model (docs/recipe_shapes.md) -> export (float16
+# weights, the recommended sampling defaults) into the package.  Each stage checkpoints; run the script again
+# after an interruption and it resumes where it stopped.  DEVICE is cpu (the recipe's machine: a 2-core CPU),
+# cuda or cuda:N; the same flags train the same model on either (up to floating-point differences).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${1:-runs/default}
+DEVICE=cpu
+WORK=runs/default
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=${2:?--device needs a value: cpu, cuda or cuda:N}; shift 2 ;;
+    --device=*) DEVICE=${1#--device=}; shift ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    -*) echo "error: unknown option $1 (use --device DEVICE and an optional WORK_DIR)" >&2; exit 2 ;;
+    *) WORK=$1; shift ;;
+  esac
+done
 ASSET=vqdiffusion/assets/shapes
 mkdir -p "$WORK"
 
@@ -22,25 +33,27 @@ stamp "1/5 data set"
 
 stamp "2/5 tokenizer"
 [ -f "$WORK/vq.done" ] || {
-  vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") \
+  vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
     --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --embed-dim 32 \
-    --codebook-size 1024 --norm-groups 16 --batch-size 16 --steps 3000 --lr 4e-4 --lr-warmup 100 \
-    --lr-schedule cosine --mixed-precision bf16 --save-every 250 --sample-every 500 --log-every 50
+    --codebook-size 256 --norm-groups 16 --encoder-padding replicate --batch-size 16 --steps 3000 --lr 4e-4 \
+    --lr-warmup 100 --lr-schedule cosine --mixed-precision bf16 --save-every 250 --sample-every 500 --log-every 50
   touch "$WORK/vq.done"
 }
 
 stamp "3/5 tokens"
 [ -f "$WORK/tokens.done" ] || {
-  vqdiffusion tokenize "$WORK/data" --vqvae "$WORK/vq/vqvae" --out "$WORK/tokens" --overwrite && touch "$WORK/tokens.done"
+  vqdiffusion tokenize "$WORK/data" --vqvae "$WORK/vq/vqvae" --out "$WORK/tokens" --overwrite --device "$DEVICE" \
+    && touch "$WORK/tokens.done"
 }
 
 stamp "4/5 denoiser"
 [ -f "$WORK/dm.done" ] || {
-  vqdiffusion train "$WORK/tokens" --out "$WORK/dm" $(resume "$WORK/dm") \
+  vqdiffusion train "$WORK/tokens" --out "$WORK/dm" $(resume "$WORK/dm") --device "$DEVICE" \
     --preset small --layers 6 --dim 192 --heads 4 --cond-dim 192 --train-text-model --text-vocab words \
     --text-layers 2 --text-heads 4 --text-max-length 32 --batch-size 64 --lr 8e-4 --lr-warmup 200 \
-    --lr-schedule cosine --min-lr 1e-5 --aux-weight 0.05 --ema-decay 0.998 --mixed-precision bf16 \
-    --steps 3000 --save-every 200 --sample-every 1000 --log-every 50 --seed 0
+    --lr-schedule cosine --min-lr 1e-5 --aux-weight 0.05 --ema-decay 0.998 --cond-drop-prob 0.1 \
+    --mixed-precision bf16 --steps 15000 --save-every 500 --keep-checkpoints 31 --sample-every 1500 \
+    --log-every 50 --seed 0
   touch "$WORK/dm.done"
 }
 
