@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,6 +205,7 @@ class VQDiffusionPipeline:
         temperature: float | None = None,
         tokens_per_call: int | None = None,
         batch_size: int | None = None,
+        callback: Callable[[int, int], None] | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``: one string or a list (text models), a list of class labels
         (class-conditional models), or None (unconditional models: ``num_images_per_prompt`` images).
@@ -228,6 +230,8 @@ class VQDiffusionPipeline:
             batch_size: images per reverse-chain run (None: all at once, or as many as fit in the device's
                 free memory; see :meth:`plan_batches`).  With one ``generator`` the samples depend on it; with
                 a list of generators, one per image, they do not.
+            callback: called as ``callback(done, total)`` after each sampling step, counted over all batches
+                of the call (``total`` = steps x batches), e.g. to drive a progress bar of a user interface.
         """
         unconditional = self.condition_kind == ConditionKind.NONE
         if unconditional:
@@ -265,7 +269,7 @@ class VQDiffusionPipeline:
         per_image = isinstance(generator, (list, tuple))
         cfg = self.denoiser.config
         token_parts, image_parts = [], []
-        for start, stop in chunks:
+        for chunk_index, (start, stop) in enumerate(chunks):
             n = stop - start
             cond = None
             if encoded is not None:  # prompt-major: row r is prompt r // num_images_per_prompt
@@ -281,6 +285,7 @@ class VQDiffusionPipeline:
                 generator=generator[start:stop] if per_image else generator,
                 device=self.device,
                 progress=progress,
+                callback=_batch_callback(callback, chunk_index, len(chunks)),
             ).view(n, cfg.height, cfg.width)
             token_parts.append(tokens)
             if output_type != "tokens":
@@ -489,6 +494,19 @@ def resolve_model_path(
             "or rebuild it with scripts/train_default.sh"
         )
     return root
+
+
+def _batch_callback(
+    callback: Callable[[int, int], None] | None, index: int, batches: int
+) -> Callable[[int, int], None] | None:
+    """A per-batch step callback reporting to ``callback`` the steps done over all ``batches`` of a call."""
+    if callback is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        callback(index * total + done, batches * total)
+
+    return report
 
 
 def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
