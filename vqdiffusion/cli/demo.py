@@ -29,14 +29,13 @@ def add_demo_parser(sub: Any) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
-    from ..demo import import_gradio, launch_demo
-
-    import_gradio()  # before the model is loaded: a missing extra is reported at once
     import torch
 
+    from ..demo import import_gradio, launch_demo
     from ..devices import resolve_device
 
     device = resolve_device(args.device)
+    import_gradio()  # before the model is loaded: a missing extra is reported at once
     launch_demo(
         args.model,
         host=args.host,
