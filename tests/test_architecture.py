@@ -25,7 +25,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sampling", ("vqdiffusion.sampling",)),
     ("formats", ("vqdiffusion.formats",)),
     ("pipeline", ("vqdiffusion.pipeline",)),
-    ("drivers", ("vqdiffusion.convert", "vqdiffusion.training", "vqdiffusion.eval", "vqdiffusion.testing")),
+    (
+        "drivers",
+        ("vqdiffusion.convert", "vqdiffusion.training", "vqdiffusion.eval", "vqdiffusion.testing", "vqdiffusion.demo"),
+    ),
     ("cli", ("vqdiffusion.cli", "vqdiffusion.__main__")),
     ("package", ("vqdiffusion",)),  # the top-level __init__ only: nothing inside may import it
 ]

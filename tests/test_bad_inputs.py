@@ -430,6 +430,15 @@ CASES = [
     row("sheet-no-images", ["sheet", "{tmp}", "--out", "{tmp}/s.png"], ("holds no images",)),
     row("sheet-not-png", ["sheet", "{images}", "--out", "{tmp}/s.jpg"], (".png",)),
     row("sheet-thumb-2", ["sheet", "{images}", "--thumb", "2", "--out", "{tmp}/s.png"], ("thumb >= 8",)),
+    row("demo-port", ["demo", "--port", "-1"], ("--port must be in [0, 65535], got -1",)),
+    row("demo-device-meta", ["demo", "--device", "meta"], ("device 'meta'",)),
+    row(
+        "generate-hub-not-cached",
+        ["generate", "x", "--model", "acme/absent", "--local-files-only", "--cache-dir", "{tmp}/hub"],
+        ("acme/absent (revision main) is not in the Hugging Face cache", "local_files_only"),
+    ),
+    row("generate-label-for-text", ["generate", "--model", "{text}", "--class-label", "1"], ("text-conditional",)),
+    row("generate-prompt-for-class", ["generate", "a cat", "--model", "{class}"], ("class-conditional",)),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from .config import ConfigError
 from .devices import available_memory, format_bytes, resolve_device
 from .diffusion import Generator, MaskReplaceSchedule
 from .formats import diffusers as diffusers_format
+from .formats import hub as hub_format
 from .formats import ours as ours_format
 from .formats.components import PipelineComponents
 from .models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
@@ -203,6 +205,7 @@ class VQDiffusionPipeline:
         temperature: float | None = None,
         tokens_per_call: int | None = None,
         batch_size: int | None = None,
+        callback: Callable[[int, int], None] | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``: one string or a list (text models), a list of class labels
         (class-conditional models), or None (unconditional models: ``num_images_per_prompt`` images).
@@ -227,6 +230,8 @@ class VQDiffusionPipeline:
             batch_size: images per reverse-chain run (None: all at once, or as many as fit in the device's
                 free memory; see :meth:`plan_batches`).  With one ``generator`` the samples depend on it; with
                 a list of generators, one per image, they do not.
+            callback: called as ``callback(done, total)`` after each sampling step, counted over all batches
+                of the call (``total`` = steps x batches), e.g. to drive a progress bar of a user interface.
         """
         unconditional = self.condition_kind == ConditionKind.NONE
         if unconditional:
@@ -264,7 +269,7 @@ class VQDiffusionPipeline:
         per_image = isinstance(generator, (list, tuple))
         cfg = self.denoiser.config
         token_parts, image_parts = [], []
-        for start, stop in chunks:
+        for chunk_index, (start, stop) in enumerate(chunks):
             n = stop - start
             cond = None
             if encoded is not None:  # prompt-major: row r is prompt r // num_images_per_prompt
@@ -280,6 +285,7 @@ class VQDiffusionPipeline:
                 generator=generator[start:stop] if per_image else generator,
                 device=self.device,
                 progress=progress,
+                callback=_batch_callback(callback, chunk_index, len(chunks)),
             ).view(n, cfg.height, cfg.width)
             token_parts.append(tokens)
             if output_type != "tokens":
@@ -408,18 +414,30 @@ class VQDiffusionPipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         text_pad_token_id: int | None | Literal["auto"] = "auto",
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
     ) -> VQDiffusionPipeline:
-        """Load a model directory: ours (``vqdiffusion.json``) or diffusers' (``model_index.json``), or a
-        model shipped with the package, ``"builtin:shapes"`` (see :func:`resolve_model_path`).
+        """Load a model directory: ours (``vqdiffusion.json``) or diffusers' (``model_index.json``), a
+        model shipped with the package, ``"builtin:shapes"``, or a Hugging Face Hub id such as
+        ``"microsoft/vq-diffusion-ithq"`` (see :func:`resolve_model_path`).
+
+        Hub ids are downloaded into (or, with ``local_files_only`` or ``HF_HUB_OFFLINE=1``, only read from)
+        the Hugging Face cache (``cache_dir``, default the user's), at ``revision`` (a branch, tag or commit;
+        default ``"main"``; ``"fp16"`` is the published models' half-precision branch), fetching only the
+        files the pipeline reads (:func:`vqdiffusion.formats.hub.download_model`).  ``torch_dtype`` is
+        diffusers' name for ``dtype``.
 
         ``text_pad_token_id`` overrides the id that pads prompts after the end-of-text token ("auto":
         what the model was trained with; for a diffusers-layout directory that is the authors' 0, since the
         published models were trained with the authors' tokenizer, not diffusers' ``<|endoftext|>``
         padding; None: the tokenizer's own padding).
         """
+        dtype = _one_dtype(dtype, torch_dtype)
         if device is not None:
             device = resolve_device(device)  # before anything is read
-        root = resolve_model_path(path)
+        root = resolve_model_path(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         if not root.exists():
             raise FileNotFoundError(f"model directory not found: {root}")
         if not root.is_dir():
@@ -439,9 +457,30 @@ class VQDiffusionPipeline:
         return pipe
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A model directory, with ``"builtin:<name>"`` mapped to the package's ``assets/<name>`` folder."""
+def resolve_model_path(
+    path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A model directory: a local folder as is, ``"builtin:<name>"`` mapped to the package's ``assets/<name>``
+    folder, and a Hub id ``org/name`` (that is not an existing local path) to its snapshot folder in the
+    Hugging Face cache, downloaded if needed (:func:`vqdiffusion.formats.hub.download_model`).
+
+    ``revision``, ``cache_dir`` and ``local_files_only`` apply to Hub ids only (ValueError otherwise).
+    """
     text = os.fspath(path)
+    if hub_format.is_hub_id(text):
+        return hub_format.download_model(
+            text, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+    hub_only = {"revision": revision, "cache_dir": cache_dir}
+    given = [name for name, value in hub_only.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to Hugging Face Hub ids (org/name) only, not to the local model {text!r}"
+        )
     if not text.startswith(BUILTIN_PREFIX):
         return Path(text)
     name = text[len(BUILTIN_PREFIX) :]
@@ -455,6 +494,29 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
             "or rebuild it with scripts/train_default.sh"
         )
     return root
+
+
+def _batch_callback(
+    callback: Callable[[int, int], None] | None, index: int, batches: int
+) -> Callable[[int, int], None] | None:
+    """A per-batch step callback reporting to ``callback`` the steps done over all ``batches`` of a call."""
+    if callback is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        callback(index * total + done, batches * total)
+
+    return report
+
+
+def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` or its diffusers spelling ``torch_dtype`` (ValueError if both are given and differ)."""
+    for name, value in (("dtype", dtype), ("torch_dtype", torch_dtype)):
+        if value is not None and not isinstance(value, torch.dtype):
+            raise ValueError(f"{name} must be a torch.dtype such as torch.float16, got {value!r}")
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them (they are the same)")
+    return dtype if dtype is not None else torch_dtype
 
 
 def to_output_type(images: torch.Tensor, output_type: OutputType) -> Any:

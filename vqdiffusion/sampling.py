@@ -177,6 +177,7 @@ def sample_tokens(
     device: torch.device | str = "cpu",
     progress: bool = True,
     timesteps: Sequence[int] | None = None,
+    callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from all-[MASK] at step ``timesteps[0]`` down to x0 (paper sec. 3.3).
 
@@ -191,6 +192,8 @@ def sample_tokens(
             process; it exists to reproduce other samplers (e.g. diffusers' steps n-1..0).
         generator: one ``torch.Generator`` or a list with one per image (then each image's samples do not
             depend on the batch it is in).
+        callback: called as ``callback(done, total)`` after each of the ``total`` steps (e.g. a progress bar
+            of a user interface).
     Returns:
         [B, N] long tokens in [0, K).
     """
@@ -224,6 +227,8 @@ def sample_tokens(
             x_t = sample_categorical(log_p_x0_at(x_t, t), generator)
         else:
             x_t = sample_categorical(posterior_log_probs(schedule, log_p_x0_at(x_t, t), x_t, t, s), generator)
+        if callback is not None:
+            callback(i + 1, len(steps))
     return x_t
 
 

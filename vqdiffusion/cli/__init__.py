@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from .convert import add_convert_parser
+from .demo import add_demo_parser
 from .errors import CLIError, is_user_error, report
 from .evaluate import add_eval_parser, add_make_shapes_parser
 from .export import add_export_parser, run_export
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_sample_set_parser(sub)
     add_sheet_parser(sub)
+    add_demo_parser(sub)
     for add, run in (
         (add_train_vqvae_parser, run_train_vqvae),
         (add_tokenize_parser, run_tokenize),

@@ -16,12 +16,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def add_generate_parser(sub: Any) -> None:
     gen = sub.add_parser("generate", help="generate images from a text prompt")
-    gen.add_argument("prompt", help="the text prompt")
     gen.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"model directory (vqdiffusion or diffusers layout) or a built-in model (default {DEFAULT_MODEL})",
+        "prompt", nargs="?", default=None, help="the text prompt (none for class-conditional or unconditional models)"
     )
+    gen.add_argument(
+        "--class-label",
+        type=int,
+        default=None,
+        help="class-conditional models (e.g. ImageNet): the class label to generate, instead of a prompt",
+    )
+    add_model_arguments(gen)
     add_sampling_arguments(gen)
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
@@ -45,9 +49,39 @@ def add_generate_parser(sub: Any) -> None:
 
 def add_info_parser(sub: Any) -> None:
     info = sub.add_parser("info", help="print a model's configuration and parameter counts")
-    info.add_argument("model", help="model directory")
+    info.add_argument("model", help="model directory, built-in model or Hugging Face Hub id (org/name)")
+    add_hub_arguments(info)
 
     info.set_defaults(run=cmd_info)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (a folder, a built-in model or a Hub id) and the Hub flags."""
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=(
+            "model directory (vqdiffusion or diffusers layout), a built-in model or a Hugging Face Hub id such as "
+            f"microsoft/vq-diffusion-ithq (default {DEFAULT_MODEL})"
+        ),
+    )
+    add_hub_arguments(parser)
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of Hugging Face Hub ids (``VQDiffusionPipeline.from_pretrained``'s keywords)."""
+    parser.add_argument("--revision", default=None, help="Hub ids: branch, tag or commit (default main; fp16: half)")
+    parser.add_argument("--cache-dir", default=None, help="Hub ids: the Hugging Face cache (default the user's)")
+    parser.add_argument(
+        "--local-files-only",
+        action="store_true",
+        help="Hub ids: use the cache only, never download (also: HF_HUB_OFFLINE=1)",
+    )
+
+
+def hub_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Hub flags as ``from_pretrained`` keywords."""
+    return {"revision": args.revision, "cache_dir": args.cache_dir, "local_files_only": args.local_files_only}
 
 
 def _output_kind(args: argparse.Namespace) -> str:
@@ -74,8 +108,10 @@ def _output_kind(args: argparse.Namespace) -> str:
 
 
 def _check_generate_args(args: argparse.Namespace) -> str:
-    if not args.prompt.strip():
+    if args.prompt is not None and not args.prompt.strip():
         raise CLIError('the prompt is empty; give a text prompt, e.g. vqdiffusion generate "a red circle"')
+    if args.prompt is not None and args.class_label is not None:
+        raise CLIError("give a prompt (text models) or --class-label (class-conditional models), not both")
     if args.num_images < 1:
         raise CLIError(f"--num-images must be >= 1, got {args.num_images}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -93,8 +129,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..pipeline import VQDiffusionPipeline, check_grid_size, make_grid
 
     device = resolve_device(args.device)
-    pipe = VQDiffusionPipeline.from_pretrained(args.model)
+    pipe = VQDiffusionPipeline.from_pretrained(args.model, **hub_options(args))
     pipe.to(device, torch.bfloat16 if args.bf16 else None)
+    condition = _condition(pipe, args)
     steps = args.num_inference_steps
     if steps is not None and steps > pipe.schedule.num_timesteps:
         raise CLIError(f"--steps must be in [1, {pipe.schedule.num_timesteps}] for this model, got {steps}")
@@ -103,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_grid_size(args.num_images, cfg.width * factor, cfg.height * factor)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     result = pipe(
-        args.prompt,
+        condition,
         num_images_per_prompt=args.num_images,
         generator=generator,
         progress=not args.quiet,
@@ -124,11 +161,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _condition(pipe: Any, args: argparse.Namespace) -> str | list[int] | None:
+    """The pipeline's first argument for the model's condition kind: the prompt (text), ``[--class-label]``
+    (class-conditional) or None (unconditional); CLIError when the flags do not fit the model."""
+    kind = pipe.condition_kind
+    if kind == "text":
+        if args.prompt is None:
+            hint = " (--class-label is for class-conditional models)" if args.class_label is not None else ""
+            raise CLIError(f'this model is text-conditional: give a prompt, e.g. "a red circle"{hint}')
+        return args.prompt
+    if kind == "class":
+        n = pipe.num_class_labels
+        if args.prompt is not None or args.class_label is None:
+            raise CLIError(f"this model is class-conditional: give --class-label N, N in [0, {n}), not a prompt")
+        if not 0 <= args.class_label < n:
+            raise CLIError(f"--class-label must be in [0, {n}) for this model, got {args.class_label}")
+        return [args.class_label]
+    if args.prompt is not None or args.class_label is not None:
+        raise CLIError("this model is unconditional: it takes no prompt and no --class-label (use --num-images)")
+    return None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from ..models.conditions import ConditionKind
     from ..pipeline import VQDiffusionPipeline
 
-    pipe = VQDiffusionPipeline.from_pretrained(args.model)
+    pipe = VQDiffusionPipeline.from_pretrained(args.model, **hub_options(args))
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.modules().items()}
     report = {
         "model": str(args.model),

@@ -1,0 +1,239 @@
+"""The demo's work without a browser: DemoApp (no Gradio needed), the page built by Gradio, the pipeline's
+step callback, and two requests at once."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from support.weights import TINY_VQ_CONFIG
+
+from vqdiffusion import sampling
+from vqdiffusion.demo import SAMPLING_CONTROLS, DemoApp, build_demo
+from vqdiffusion.diffusion import MaskReplaceSchedule
+from vqdiffusion.formats.components import PipelineComponents
+from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
+from vqdiffusion.models.vqvae import VQVAE
+from vqdiffusion.pipeline import PipelineOutput, VQDiffusionPipeline
+from vqdiffusion.sampling import SamplingOptions
+
+# steps, guidance, truncation, sampler, prior weight, spacing, temperature, seed, number of images
+OPTIONS = (4, 2.0, 1.0, "ancestral", 0.0, "uniform", 1.0, 0, 2)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return VQDiffusionPipeline.from_pretrained("builtin:shapes")
+
+
+def _tiny(kind: str) -> VQDiffusionPipeline:
+    torch.manual_seed(0)
+    labels = {"class": {"num_class_labels": 5}, "none": {}}[kind]
+    return VQDiffusionPipeline.from_components(
+        PipelineComponents(
+            vqvae=VQVAE(TINY_VQ_CONFIG),
+            denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=None, **labels)),
+            schedule=MaskReplaceSchedule.paper_mask_and_replace(16, 100),
+            null_class_label=4 if kind == "class" else None,
+            defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0 if kind == "class" else 1.0),
+        )
+    )
+
+
+def _options(**changes):
+    values = dict(zip(SAMPLING_CONTROLS, OPTIONS, strict=True))
+    values.update(changes)
+    return tuple(values.values())
+
+
+def _arrays(images):
+    return [np.asarray(image) for image in images]
+
+
+def test_text_to_image_matches_the_pipeline_and_reports_progress(shapes):
+    app = DemoApp(shapes)
+    seen = []
+    result = app.text_to_image("a red circle", *_options(seed=7), progress=lambda d, t: seen.append((d, t)))
+    assert result.ok and result.status.startswith("Generated 2 images of 64 x 64 in ")
+    expected = shapes(
+        "a red circle",
+        num_inference_steps=4,
+        guidance_scale=2.0,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(7),
+        progress=False,
+    ).images
+    assert all(np.array_equal(a, b) for a, b in zip(_arrays(result.images), _arrays(expected), strict=True))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_pipeline_callback_counts_steps_over_batches(shapes):
+    seen = []
+    shapes("a", num_inference_steps=3, num_images_per_prompt=2, batch_size=1, progress=False,
+           callback=lambda d, t: seen.append((d, t)))  # fmt: skip
+    assert seen == [(i, 6) for i in range(1, 7)]
+    budget = []  # the budget samplers report every step too (also those that fill no position)
+    shapes("a", num_inference_steps=5, sampler="purity", prior_weight=1.0, tokens_per_call=7, progress=False,
+           callback=lambda d, t: budget.append((d, t)))  # fmt: skip
+    assert budget == [(i, 5) for i in range(1, 6)]
+
+
+def test_two_requests_at_once_each_get_their_own_images(shapes):
+    app = DemoApp(shapes)
+    alone = {seed: _arrays(app.text_to_image("a blue square", *_options(seed=seed)).images) for seed in (1, 2)}
+    start, results = threading.Barrier(2), {}
+
+    def request(seed: int) -> None:
+        start.wait()
+        results[seed] = app.text_to_image("a blue square", *_options(seed=seed))
+
+    threads = [threading.Thread(target=request, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(results[s].ok for s in (1, 2))
+    for seed in (1, 2):
+        assert all(np.array_equal(a, b) for a, b in zip(_arrays(results[seed].images), alone[seed], strict=True))
+    assert not np.array_equal(alone[1][0], alone[2][0])
+    assert any("after waiting" in results[s].status for s in (1, 2))  # the lock made one wait
+
+
+@pytest.mark.parametrize(
+    ("prompt", "changes", "message"),
+    [
+        ("   ", {}, "the prompt is empty"),
+        ("x", {"num_inference_steps": 500}, "Steps must be an integer in [1, 100], got 500"),
+        ("x", {"num_inference_steps": 2.5}, "Steps must be a whole number, got 2.5"),
+        ("x", {"guidance_scale": -1.0}, "Guidance must be a number in [0, 1000]"),
+        ("x", {"truncation_rate": 0.0}, "Truncation must be in (0, 1], got 0.0"),
+        ("x", {"temperature": 0.0}, "Temperature must be a finite number >= 0.001"),
+        ("x", {"sampler": "nope"}, "Sampler must be one of"),
+        ("x", {"spacing": "cubic"}, "Spacing must be one of"),
+        ("x", {"seed": -1}, "Seed must be in 0 to"),
+        ("x", {"seed": None}, "Seed must be a whole number, got None"),
+        ("x", {"num_images": 17}, "Number of images must be in 1 to 16, got 17"),
+        ("x", {"prior_weight": float("nan"), "sampler": "purity"}, "Prior weight must be a number, got nan"),
+    ],
+)
+def test_bad_inputs_are_messages(shapes, prompt, changes, message):
+    result = DemoApp(shapes).text_to_image(prompt, *_options(**changes))
+    assert not result.ok and result.images == []
+    assert result.status.startswith("**Error:** ") and message in result.status and "\n" not in result.status
+
+
+def test_prior_weight_is_ignored_unless_the_sampler_is_purity(shapes):
+    assert DemoApp(shapes).text_to_image("x", *_options(prior_weight=2.0, sampler="uniform")).ok
+
+
+def test_class_and_unconditional_models():
+    app = DemoApp(_tiny("class"))
+    assert app.text_to_image("3", *_options(num_inference_steps=2)).ok
+    assert "enter a class label, 0 to 3" in app.text_to_image("a cat", *_options()).status
+    assert "the class label must be in 0 to 3, got 4" in app.text_to_image("4", *_options()).status
+    app = DemoApp(_tiny("none"))
+    result = app.text_to_image("", *_options(guidance_scale=5.0))  # the guidance control is off for it
+    assert result.ok and len(result.images) == 2
+    assert "leave the prompt empty" in app.text_to_image("a cat", *_options()).status
+
+
+class EditingPipe:
+    """The editing API of the other branch (inpaint / variation), recording its calls."""
+
+    def __init__(self, pipe: VQDiffusionPipeline) -> None:
+        self._pipe, self.calls = pipe, []
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def _output(self, kwargs) -> PipelineOutput:
+        if "callback" in kwargs:
+            kwargs["callback"](1, 1)
+        count = kwargs["num_images_per_prompt"]
+        return PipelineOutput(images=[Image.new("RGB", (64, 64))] * count, tokens=torch.zeros(count, 8, 8))
+
+    def inpaint(self, prompt, image, mask, **options):
+        self.calls.append(("inpaint", prompt, image, mask, options))
+        return self._output(options)
+
+    def variation(self, prompt, image, strength, **options):
+        self.calls.append(("variation", prompt, image, strength, options))
+        return self._output(options)
+
+
+def test_inpaint_and_variation_call_the_editing_api(shapes):
+    pipe = EditingPipe(shapes)
+    app = DemoApp(pipe)
+    assert app.has_inpaint and app.has_variation and not DemoApp(shapes).has_inpaint
+    layer = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 64, 32))  # the top quarter painted
+    editor = {"background": Image.new("RGB", (128, 128), "red"), "layers": [layer], "composite": None}
+    seen = []
+    result = app.inpaint("a circle", editor, *_options(), progress=lambda d, t: seen.append((d, t)))
+    assert result.ok and result.status.startswith("Inpainted 2 images of 64 x 64") and seen == [(1, 1)]
+    _, prompt, image, mask, options = pipe.calls[-1]
+    assert prompt == "a circle" and image.size == (64, 64) and image.mode == "RGB"
+    expected = np.zeros((64, 64), np.uint8)
+    expected[:16, :32] = 255
+    assert mask.mode == "L" and np.array_equal(np.asarray(mask), expected)
+    assert options["num_inference_steps"] == 4 and options["num_images_per_prompt"] == 2
+    empty = {"background": Image.new("RGB", (64, 64)), "layers": [Image.new("RGBA", (64, 64))]}
+    assert "the mask is empty" in app.inpaint("a circle", empty, *_options()).status
+    assert "upload an image to inpaint" in app.inpaint("a circle", None, *_options()).status
+
+    result = app.variation("a circle", Image.new("RGB", (32, 32), "blue"), 0.4, *_options())
+    assert result.ok and result.status.startswith("Made 2 images")
+    _, prompt, image, strength, _ = pipe.calls[-1]
+    assert image.size == (64, 64) and strength == 0.4
+    assert "Strength must be in (0, 1], got 0" in app.variation("a", Image.new("RGB", (64, 64)), 0, *_options()).status
+    assert "upload an image to make variations of" in app.variation("a", None, 0.5, *_options()).status
+
+
+def test_an_unexpected_failure_is_one_line_not_a_traceback(shapes, caplog):
+    class Broken(EditingPipe):
+        def variation(self, prompt, image, strength, **options):
+            raise RuntimeError("kaboom\nline two")
+
+    result = DemoApp(Broken(shapes)).variation("a", Image.new("RGB", (64, 64)), 0.5, *_options())
+    assert result.status == "**Error:** RuntimeError: kaboom (see the server log)"
+    assert "Traceback" in caplog.text and "kaboom" in caplog.text  # logged on the server
+
+
+def test_the_page_offers_each_tab_only_when_the_pipeline_can(shapes):
+    pytest.importorskip("gradio", reason="the demo needs Gradio: pip install -e '.[demo]'")
+    plain = build_demo(DemoApp(shapes)).config
+    editing = build_demo(DemoApp(EditingPipe(shapes))).config
+    ids = {c["props"].get("elem_id") for c in plain["components"]}
+    editing_ids = {c["props"].get("elem_id") for c in editing["components"]}
+    assert "t2i-prompt" in ids and "inpaint-editor" not in ids and "variation-image" not in ids
+    assert {"inpaint-editor", "variation-image", "inpaint-generate", "variation-generate"} <= editing_ids
+    sampler = next(c for c in plain["components"] if c["props"].get("elem_id") == "t2i-sampler")
+    assert [choice[0] for choice in sampler["props"]["choices"]] == list(sampling.SAMPLERS)
+
+
+def test_missing_gradio_is_one_clear_error(monkeypatch, capsys):
+    import builtins
+
+    from vqdiffusion.cli import main
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kwargs):
+        if name == "gradio" or name.startswith("gradio."):
+            raise ModuleNotFoundError("No module named 'gradio'", name="gradio")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    monkeypatch.delitem(__import__("sys").modules, "gradio", raising=False)
+    assert main(["demo", "--port", "7861"]) == 2
+    assert 'the demo needs Gradio: pip install "vqdiffusion[demo]"' in capsys.readouterr().err
+
+
+def test_bad_port_is_one_line(capsys):
+    from vqdiffusion.cli import main
+
+    assert main(["demo", "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "error: --port must be in [0, 65535], got 70000\n"
