@@ -17,8 +17,9 @@ class EMA:
     ``d_n = min(decay, (1 + n) / (10 + n))`` when ``warmup`` (the usual EMA warm-up: early averages are not
     dominated by the random initial weights; with decay 0.998 and no warm-up, 30% of the average after 600
     updates is still the initialisation) and ``d_n = decay`` otherwise.  The shadow tensors live on the
-    parameters' devices and dtypes; ``num_updates`` is n, which a resumed run must restore.  :meth:`state_dict` maps parameter names to shadow tensors (a
-    parameter-only model state dict); :meth:`copy_to` writes them into a model.
+    parameters' devices and dtypes; ``num_updates`` is n, which a resumed run must restore.
+    :meth:`state_dict` maps parameter names to shadow tensors (a parameter-only model state dict);
+    :meth:`copy_to` writes them into a model.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = True):
