@@ -20,7 +20,7 @@ ROOT = Path(vqdiffusion.__file__).resolve().parent
 # followed by ".".  ``vqdiffusion/__init__.py`` lazily exposes the public names and may import anything.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("vqdiffusion.config", "vqdiffusion.devices", "vqdiffusion.io", "vqdiffusion.text_vocab")),
-    ("math", ("vqdiffusion.diffusion",)),
+    ("math", ("vqdiffusion.diffusion", "vqdiffusion.unmasking")),
     ("models", ("vqdiffusion.models", "vqdiffusion.data")),
     ("sampling", ("vqdiffusion.sampling",)),
     ("formats", ("vqdiffusion.formats",)),

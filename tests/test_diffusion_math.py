@@ -253,9 +253,9 @@ def reference_truncation(log_p: torch.Tensor, rate: float) -> torch.Tensor:
 @pytest.mark.parametrize("rate", [0.05, 0.5, 0.86, 0.99])
 def test_truncation_matches_full_sort_and_diffusers(rate: float) -> None:
     gen = torch.Generator().manual_seed(int(rate * 100))
-    K = 300  # larger than the first top-k guess so the doubling path runs
+    K = 300
     log_p = torch.log_softmax(torch.randn(2, K, 6, generator=gen) * 0.3, 1)
-    ours = truncate_log_probs(log_p, rate, start_k=4)
+    ours = truncate_log_probs(log_p, rate)
     torch.testing.assert_close(ours.double().exp(), reference_truncation(log_p, rate), rtol=0, atol=1e-6)
     diffusers = pytest.importorskip("diffusers")
     theirs = diffusers.VQDiffusionPipeline.truncate(None, log_p, rate)  # does not use self

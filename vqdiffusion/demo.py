@@ -55,7 +55,11 @@ OPTION_HELP: dict[str, tuple[str, str]] = {
     "num_inference_steps": ("Steps", "reverse-diffusion steps; fewer is faster (exact skip-step posterior)"),
     "guidance_scale": ("Guidance", "classifier-free guidance: higher follows the prompt more closely; 1 = off"),
     "truncation_rate": ("Truncation", "keep only the most likely tokens up to this probability mass; 1 = off"),
-    "sampler": ("Sampler", "ancestral: every token at every step; uniform / purity: a fixed number of tokens per step"),
+    "sampler": (
+        "Sampler",
+        "ancestral: every token at every step; uniform / purity: a fixed number of tokens per step; "
+        "confidence: MaskGIT; remdm: remasking; first_hitting: one call per unmasking step (mask-only models)",
+    ),
     "prior_weight": ("Prior weight", "purity sampler only: how strongly confident tokens are unmasked first"),
     "spacing": ("Spacing", "which steps of the chain run when there are fewer than its length"),
     "temperature": ("Temperature", "below 1: safer, less varied images; above 1: more varied"),

@@ -27,7 +27,7 @@ from .formats.components import PipelineComponents
 from .models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
 from .models.denoiser import Denoiser, DenoiserConfig
 from .models.vqvae import VQVAE
-from .sampling import SamplingOptions, guided_predictor, sample_tokens
+from .sampling import SAMPLER_FIELDS, SamplingOptions, guided_predictor, sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,11 @@ class VQDiffusionPipeline:
         tokens_per_call: int | None = None,
         batch_size: int | None = None,
         callback: Callable[[int, int], None] | None = None,
+        order: str | None = None,
+        masking_schedule: str | None = None,
+        choice_temperature: float | None = None,
+        remask_schedule: str | None = None,
+        remask_eta: float | None = None,
     ) -> PipelineOutput:
         """Generate images for ``prompt``: one string or a list (text models), a list of class labels
         (class-conditional models), or None (unconditional models: ``num_images_per_prompt`` images).
@@ -217,11 +222,15 @@ class VQDiffusionPipeline:
             num_inference_steps: 1..T steps (exact skip-step posterior below T).
             guidance_scale: classifier-free guidance scale; 1.0 costs one forward pass per step.
             truncation_rate: keep the most likely classes up to this mass, in (0, 1].
-            sampler: "ancestral", "uniform" or "purity" (high-quality inference, Improved VQ-Diffusion).
+            sampler: "ancestral", "uniform" or "purity" (high-quality inference, Improved VQ-Diffusion),
+                "confidence" (MaskGIT-style, not the trained chain), "remdm" (remasking) or "first_hitting"
+                (the exact chain with fewer model calls); the last two need a mask-only schedule.
             prior_weight: r of the purity sampler.
             spacing: "uniform" or "quadratic" step indices.
             temperature: temperature of p(x0 | x_t).
             tokens_per_call: budget samplers fill at most this many positions per model evaluation.
+            order, masking_schedule, choice_temperature, remask_schedule, remask_eta: sampler-specific
+                settings (see :class:`~vqdiffusion.sampling.SamplingOptions`).
             num_images_per_prompt: images per prompt (prompt-major order).
             generator: a ``torch.Generator`` (or one per image) for reproducible sampling.
             output_type: "pil", "np" ([B, H, W, 3] float in [0, 1]), "pt" ([B, 3, H, W] in [0, 1]) or
@@ -260,6 +269,11 @@ class VQDiffusionPipeline:
             "spacing": spacing,
             "temperature": temperature,
             "tokens_per_call": tokens_per_call,
+            "order": order,
+            "masking_schedule": masking_schedule,
+            "choice_temperature": choice_temperature,
+            "remask_schedule": remask_schedule,
+            "remask_eta": remask_eta,
         }
         options = self.sampling_options(**given)
 
@@ -286,6 +300,7 @@ class VQDiffusionPipeline:
                 device=self.device,
                 progress=progress,
                 callback=_batch_callback(callback, chunk_index, len(chunks)),
+                token_shape=(cfg.height, cfg.width),
             ).view(n, cfg.height, cfg.width)
             token_parts.append(tokens)
             if output_type != "tokens":
@@ -358,16 +373,15 @@ class VQDiffusionPipeline:
         """The model's defaults with the non-None ``overrides`` applied, validated for this model.
 
         Choosing another sampler than the default drops the default's sampler-specific settings that the
-        call does not give (a purity ``prior_weight``, a budget sampler's ``tokens_per_call``).
+        new sampler does not use (``SAMPLER_FIELDS``: a purity ``prior_weight``, a budget sampler's
+        ``tokens_per_call``, ...), back to the field defaults.
         """
         base = self.defaults
         sampler = overrides.get("sampler")
         if sampler is not None and sampler != base.sampler:
-            base = dataclasses.replace(
-                base,
-                prior_weight=base.prior_weight if sampler == "purity" else 0.0,
-                tokens_per_call=None if sampler == "ancestral" else base.tokens_per_call,
-            )
+            plain = {f.name: f.default for f in dataclasses.fields(SamplingOptions)}
+            unused = {f: plain[f] for f, samplers in SAMPLER_FIELDS.items() if sampler not in samplers}
+            base = dataclasses.replace(base, **unused)
         options = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         options.validate(self.schedule.num_timesteps)
         return options

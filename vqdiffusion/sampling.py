@@ -1,7 +1,8 @@
 """The reverse-process sampling loop: step subset, learned-null guidance, temperature, truncation and the
-ancestral or high-quality (purity prior) sampler combined.
+ancestral, high-quality (purity prior), confidence, remasking or first-hitting sampler combined.
 
-Each option is a typed field of :class:`SamplingOptions`; the math lives in :mod:`vqdiffusion.diffusion`.
+Each option is a typed field of :class:`SamplingOptions`; the math lives in :mod:`vqdiffusion.diffusion`
+and :mod:`vqdiffusion.unmasking`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,34 @@ from .diffusion import (
     truncate_log_probs,
     unmask_budget,
 )
+from .unmasking import (
+    MASKING_SCHEDULES,
+    ORDERS,
+    REMASK_SCHEDULES,
+    confidence_masked_counts,
+    confidence_unmask_step,
+    fill_positions,
+    first_hitting_steps,
+    halton_ranks,
+    nearest_step,
+    ordered_unmask_step,
+    remask_sigma,
+    remask_step,
+    require_mask_only,
+)
 
-SAMPLERS = ("ancestral", *PRIOR_RULES)
+SAMPLERS = ("ancestral", *PRIOR_RULES, "confidence", "remdm", "first_hitting")
+# The sampler-specific fields and the samplers that use them; any other sampler needs the field's default.
+SAMPLER_FIELDS: dict[str, tuple[str, ...]] = {
+    "prior_weight": ("purity",),
+    "tokens_per_call": PRIOR_RULES,
+    "order": ("uniform",),
+    "masking_schedule": ("confidence",),
+    "choice_temperature": ("confidence",),
+    "remask_schedule": ("remdm",),
+    "remask_eta": ("remdm",),
+}
+MAX_CHOICE_TEMPERATURE = 1000.0
 # The guidance scale of a model that does not say (SamplingOptions' default; the diffusers reader's for a
 # learned null text, which diffusers' own pipeline also defaults to).
 DEFAULT_GUIDANCE_SCALE = 5.0
@@ -56,6 +83,17 @@ class SamplingOptions(ConfigBase):
     prior_weight: r of ``sampler="purity"``: candidates come from softmax((1 + r * purity) log p(x0 | x_t)).
     tokens_per_call: with a budget sampler, fill at most this many positions per model evaluation (the
         authors' "more steps for higher quality", prior_ps); None = one evaluation per step.
+    order: ``sampler="uniform"`` only: which masked positions a step fills, ``"random"`` (uniformly without
+        replacement) or ``"halton"`` (the next ones of a randomly shifted 2-D Halton order of the grid).
+    sampler ``"confidence"``: MaskGIT / aMUSEd confidence sampling (not the trained chain): every step draws
+        candidates at all masked positions and keeps those of highest Gumbel-perturbed confidence, leaving
+        N gamma((i + 1) / n) masked; ``masking_schedule`` gamma is ``"cosine"`` or ``"linear"``,
+        ``choice_temperature`` the Gumbel scale at the start, annealed linearly to 0.
+    sampler ``"remdm"``: ReMDM remasking (mask-only schedules): each step also re-masks real tokens with
+        probability sigma_t, ``remask_schedule`` ``"cap"`` (min(eta, sigma_max)) or ``"rescale"``
+        (eta * sigma_max), eta = ``remask_eta`` in [0, 1].
+    sampler ``"first_hitting"``: the ancestral chain of a mask-only schedule, exactly, with every token's
+        unmasking step drawn first and the model called only at steps where some token unmasks.
     """
 
     num_inference_steps: int = 100
@@ -66,6 +104,11 @@ class SamplingOptions(ConfigBase):
     sampler: str = "ancestral"
     prior_weight: float = 0.0
     tokens_per_call: int | None = None
+    order: str = "random"
+    masking_schedule: str = "cosine"
+    choice_temperature: float = 4.5
+    remask_schedule: str = "cap"
+    remask_eta: float = 0.04
 
     def __post_init__(self) -> None:
         """The checks that do not depend on the model (see :meth:`validate` for the step count's upper bound).
@@ -102,10 +145,33 @@ class SamplingOptions(ConfigBase):
         if per_call is not None:
             if not _is_int(per_call) or per_call < 1:
                 raise ValueError(f"tokens_per_call must be a positive integer or None, got {per_call!r}")
-            if self.sampler == "ancestral":
+            if self.sampler not in PRIOR_RULES:
                 raise ValueError(
-                    "tokens_per_call must be None with sampler='ancestral' (it needs a budget sampler, "
+                    f"tokens_per_call must be None with sampler={self.sampler!r} (it needs a budget sampler, "
                     f"'uniform' or 'purity'); got tokens_per_call={per_call}"
+                )
+        for field, choices in (
+            ("order", ORDERS),
+            ("masking_schedule", MASKING_SCHEDULES),
+            ("remask_schedule", REMASK_SCHEDULES),
+        ):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
+        noise = self.choice_temperature
+        if not _is_number(noise) or not 0 <= noise <= MAX_CHOICE_TEMPERATURE:
+            raise ValueError(f"choice_temperature must be a number in [0, {MAX_CHOICE_TEMPERATURE:g}], got {noise!r}")
+        eta = self.remask_eta
+        if not _is_number(eta) or not 0 <= eta <= 1:
+            raise ValueError(f"remask_eta must be a number in [0, 1], got {eta!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for field, samplers in SAMPLER_FIELDS.items():
+            if field in ("prior_weight", "tokens_per_call"):
+                continue  # checked above, with their own messages
+            value = getattr(self, field)
+            if value != defaults[field] and self.sampler not in samplers:
+                raise ValueError(
+                    f"{field} must be {defaults[field]!r} unless sampler is one of {list(samplers)}; "
+                    f"got {field}={value!r} with sampler={self.sampler!r}"
                 )
 
     def validate(self, num_timesteps: int) -> None:
@@ -178,6 +244,7 @@ def sample_tokens(
     progress: bool = True,
     timesteps: Sequence[int] | None = None,
     callback: Callable[[int, int], None] | None = None,
+    token_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from all-[MASK] at step ``timesteps[0]`` down to x0 (paper sec. 3.3).
 
@@ -194,6 +261,8 @@ def sample_tokens(
             depend on the batch it is in).
         callback: called as ``callback(done, total)`` after each of the ``total`` steps (e.g. a progress bar
             of a user interface).
+        token_shape: (h, w) of the token grid, h * w = ``num_tokens`` (``order="halton"`` needs it; None:
+            a square grid).
     Returns:
         [B, N] long tokens in [0, K).
     """
@@ -211,10 +280,20 @@ def sample_tokens(
         return truncate_log_probs(log_p, options.truncation_rate)
 
     x_t = torch.full((batch_size, num_tokens), schedule.mask_id, dtype=torch.long, device=device)
+    loop = _OTHER_LOOPS.get(options.sampler)
+    if loop is not None:
+        return loop(log_p_x0_at, schedule, steps, x_t, options, generator, progress, callback)
+    rank = None
+    if options.order == "halton":
+        h, w = _grid_shape(num_tokens, token_shape)
+        rank = halton_ranks(batch_size, h, w, generator, device)
     for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress, leave=False)):
         s = steps[i + 1] if i + 1 < len(steps) else -1
         if budgets is not None:
             for count in _split(budgets[i], options.tokens_per_call):
+                if rank is not None:
+                    x_t = ordered_unmask_step(log_p_x0_at(x_t, t), x_t, count, rank, generator)
+                    continue
                 x_t = prior_unmask_step(
                     log_p_x0_at(x_t, t),
                     x_t,
@@ -238,3 +317,98 @@ def _split(total: int, chunk: int | None) -> list[int]:
         return []
     parts = 1 if chunk is None else -(-total // chunk)
     return [total // parts + (1 if j < total % parts else 0) for j in range(parts)]
+
+
+def _grid_shape(num_tokens: int, token_shape: tuple[int, int] | None) -> tuple[int, int]:
+    if token_shape is None:
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(
+                f"order='halton' needs the token grid: pass token_shape=(h, w) ({num_tokens} tokens is not square)"
+            )
+        return side, side
+    h, w = (int(v) for v in token_shape)
+    if h * w != num_tokens:
+        raise ValueError(f"token_shape {tuple(token_shape)} does not hold {num_tokens} tokens")
+    return h, w
+
+
+LogProbFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def _confidence_loop(
+    log_p_x0_at: LogProbFn,
+    schedule: MaskReplaceSchedule,
+    steps: list[int],
+    x_t: torch.Tensor,
+    options: SamplingOptions,
+    generator: Generator,
+    progress: bool,
+    callback: Callable[[int, int], None] | None,
+) -> torch.Tensor:
+    """MaskGIT / aMUSEd sampling (:func:`~vqdiffusion.unmasking.confidence_unmask_step`) over len(steps)
+    steps; the model sees the step index whose gbar_t is nearest the current masked fraction."""
+    num_steps, num_tokens = len(steps), x_t.shape[1]
+    masked = num_tokens
+    counts = confidence_masked_counts(num_tokens, num_steps, options.masking_schedule)
+    for i, after in enumerate(tqdm(counts, desc="sampling", disable=not progress, leave=False)):
+        if after < masked:  # (equal: nothing left to fill, more steps than tokens)
+            noise = options.choice_temperature * (1.0 - (i + 1) / num_steps)  # annealed to 0
+            t = nearest_step(schedule, masked / num_tokens)
+            x_t = confidence_unmask_step(log_p_x0_at(x_t, t), x_t, after, noise, generator)
+            masked = after
+        if callback is not None:
+            callback(i + 1, num_steps)
+    return x_t
+
+
+def _remdm_loop(
+    log_p_x0_at: LogProbFn,
+    schedule: MaskReplaceSchedule,
+    steps: list[int],
+    x_t: torch.Tensor,
+    options: SamplingOptions,
+    generator: Generator,
+    progress: bool,
+    callback: Callable[[int, int], None] | None,
+) -> torch.Tensor:
+    """The mask-only chain with ReMDM remasking (:func:`~vqdiffusion.unmasking.remask_step`) at every step."""
+    require_mask_only(schedule, "remdm")
+    for i, t in enumerate(tqdm(steps, desc="sampling", disable=not progress, leave=False)):
+        s = steps[i + 1] if i + 1 < len(steps) else -1
+        sigma = remask_sigma(schedule, t, s, options.remask_schedule, options.remask_eta)
+        alpha_t, alpha_s = 1.0 - schedule.cumulative_at(t)[2], 1.0 - schedule.cumulative_at(s)[2]
+        x_t = remask_step(log_p_x0_at(x_t, t), x_t, alpha_t, alpha_s, sigma, generator)
+        if callback is not None:
+            callback(i + 1, len(steps))
+    return x_t
+
+
+def _first_hitting_loop(
+    log_p_x0_at: LogProbFn,
+    schedule: MaskReplaceSchedule,
+    steps: list[int],
+    x_t: torch.Tensor,
+    options: SamplingOptions,
+    generator: Generator,
+    progress: bool,
+    callback: Callable[[int, int], None] | None,
+) -> torch.Tensor:
+    """The ancestral chain of a mask-only schedule with the unmasking steps drawn first
+    (:func:`~vqdiffusion.unmasking.first_hitting_steps`): one model call per distinct step at which a token
+    of the batch unmasks, in chain order, plus the last step, where the ancestral sampler draws x0 ~
+    p(x0 | x_t) at every position (docs/design.md §6.2); x_t does not change between those calls."""
+    require_mask_only(schedule, "first_hitting")
+    batch_size, num_tokens = x_t.shape
+    hit = first_hitting_steps(schedule, steps, batch_size, num_tokens, generator, x_t.device)
+    last = len(steps) - 1
+    calls = sorted(set(hit.flatten().tolist()) | {last})
+    for done, i in enumerate(tqdm(calls, desc="sampling", disable=not progress, leave=False), start=1):
+        fill = (hit == i) & (x_t == schedule.mask_id) if i < last else torch.ones_like(hit, dtype=torch.bool)
+        x_t = fill_positions(log_p_x0_at(x_t, steps[i]), x_t, fill, generator)
+        if callback is not None:
+            callback(done, len(calls))
+    return x_t
+
+
+_OTHER_LOOPS = {"confidence": _confidence_loop, "remdm": _remdm_loop, "first_hitting": _first_hitting_loop}
