@@ -3,7 +3,8 @@
 #
 #   bash scripts/train_default.sh [--device DEVICE] [WORK_DIR]     (defaults: --device cpu, runs/default)
 #
-# Stages: the shapes data set -> the VQ tokenizer (K = 256, replicate padding: docs/tokenizer_experiments.md)
+# Stages: the shapes data set -> the VQ tokenizer (K = 256, k-means init, distance restart, padding
+# consistency: docs/tokenizer_experiments.md)
 # -> tokens -> the denoiser with a jointly trained text model (docs/recipe_shapes.md) -> export (float16
 # weights, the recommended sampling defaults) into the package.  Each stage checkpoints; run the script again
 # after an interruption and it resumes where it stopped.  DEVICE is cpu (the recipe's machine: a 2-core CPU),
@@ -35,8 +36,9 @@ stamp "2/5 tokenizer"
 [ -f "$WORK/vq.done" ] || {
   vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
     --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --embed-dim 32 \
-    --codebook-size 256 --norm-groups 16 --encoder-padding replicate --batch-size 16 --steps 3000 --lr 4e-4 \
-    --lr-warmup 100 --lr-schedule cosine --mixed-precision bf16 --save-every 250 --sample-every 500 --log-every 50
+    --codebook-size 256 --norm-groups 16 --batch-size 16 --steps 3000 --lr 4e-4 --lr-warmup 100 \
+    --lr-schedule cosine --mixed-precision bf16 --codebook-init kmeans --code-restart distance \
+    --pad-consistency 0.1 --save-every 250 --sample-every 500 --log-every 50
   touch "$WORK/vq.done"
 }
 

@@ -24,6 +24,7 @@ from vqdiffusion.training.codebook_init import (
     lloyd_step,
     squared_distances,
 )
+from vqdiffusion.training.regularizers import crop_tokens, pad_background, pad_consistency_loss
 from vqdiffusion.training.vqvae import train_vqvae
 from vqdiffusion.training.vqvae_config import VQVAETrainConfig
 from vqdiffusion.training.vqvae_trainer import VQVAETrainer
@@ -226,10 +227,12 @@ def test_cli_flags_and_validation(blocks_dir, tmp_path, capsys):
     common = [str(blocks_dir), "--out", str(tmp_path / "run"), "--image-size", "16", "--batch-size", "4", "--quiet"]
     flags = ["--codebook-l2", "--embed-dim", "4", "--codebook-init", "kmeans", "--kmeans-images", "8"]
     flags += ["--kmeans-iters", "3", "--code-restart", "distance", "--steps", "2", "--device", "cpu"]
+    flags += ["--pad-consistency", "0.5", "--pad-consistency-images", "2"]
     assert run_train_vqvae(parser.parse_args(["train-vqvae", *common, *flags])) == 0
     saved = VQVAETrainConfig.load_json(tmp_path / "run" / "train_config.json")
     assert saved.codebook_l2 and saved.codebook_init == "kmeans" and saved.kmeans_iters == 3
     assert saved.code_restart == "distance" and saved.kmeans_images == 8
+    assert saved.pad_consistency == 0.5 and saved.pad_consistency_images == 2
     # a resumed run keeps the checkpoint's options without repeating the flags
     args = parser.parse_args(["train-vqvae", *common, "--steps", "3", "--resume", "--device", "cpu"])
     assert run_train_vqvae(args) == 0
@@ -239,3 +242,40 @@ def test_cli_flags_and_validation(blocks_dir, tmp_path, capsys):
         make_config(blocks_dir, tmp_path, kmeans_images=0)
     with pytest.raises(ConfigError, match="codebook_l2"):
         make_config(blocks_dir, tmp_path, codebook_l2=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Padding consistency
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_pad_background_crop_and_pad_consistency_loss():
+    images = torch.zeros(2, 3, 4, 4)
+    padded = pad_background(images, 2)
+    assert padded.shape == (2, 3, 8, 8)
+    assert (padded[..., :2, :] == -1).all() and (padded[..., 2:6, 2:6] == 0).all()
+    z = torch.ones(2, 5, 3, 3)
+    z_padded = torch.full((2, 5, 5, 5), 7.0)  # the border ring (1 token) differs ...
+    z_padded[..., 1:4, 1:4] = 1.0  # ... the centre equals z
+    assert torch.equal(crop_tokens(z_padded, 1), z)
+    assert torch.equal(pad_consistency_loss(z, z_padded, 1), torch.zeros(2))
+    z_padded[1, :, 1:4, 1:4] = 3.0  # second example off by 2 everywhere: squared difference 4, scale (1 + 9) / 2
+    assert torch.allclose(pad_consistency_loss(z, z_padded, 1), torch.tensor([0.0, 4.0 / 5.0]))
+    # scale-free: the same relative error at 10x the scale
+    assert torch.allclose(pad_consistency_loss(10 * z, 10 * z_padded, 1), torch.tensor([0.0, 0.8]))
+    with pytest.raises(ValueError, match="do not match"):
+        pad_consistency_loss(z, z_padded, 0)
+    with pytest.raises(ValueError, match="cannot crop"):
+        crop_tokens(z, 2)
+
+
+def test_pad_consistency_term_trains_and_changes_nothing_when_off(blocks_dir, tmp_path):
+    off = make_config(blocks_dir, tmp_path, codebook_init="data", codebook_l2=False, code_restart="uniform")
+    on = dataclasses_replace(off, pad_consistency=1.0, pad_consistency_images=2)
+    batch = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a, b = VQVAETrainer(off), VQVAETrainer(on)
+    ra, rb = a.train_step(batch), b.train_step(batch)
+    # same reconstruction terms at step 0 (same init, same batch); the total loss adds weight * L_pad > 0
+    assert torch.equal(ra["rec"], rb["rec"]) and float(rb["loss"]) > float(ra["loss"])
+    with pytest.raises(ConfigError, match="pad_consistency"):
+        dataclasses_replace(off, pad_consistency=-1.0)

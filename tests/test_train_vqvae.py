@@ -307,8 +307,12 @@ def _full_state(trainer):
 
 @pytest.mark.parametrize(
     "codebook",
-    [{}, {"codebook_l2": True, "codebook_init": "kmeans", "code_restart": "distance", "embed_dim": 4}],
-    ids=["default", "l2-kmeans-distance"],
+    [
+        {},
+        {"codebook_l2": True, "codebook_init": "kmeans", "code_restart": "distance", "embed_dim": 4},
+        {"pad_consistency": 1.0, "code_restart": "distance"},
+    ],
+    ids=["default", "l2-kmeans-distance", "pad-consistency"],
 )
 def test_resume_is_bit_exact_with_gan_and_restarts(blocks_dir, tmp_path, codebook):
     config = make_config(

@@ -43,6 +43,8 @@ _FLAGS: FlagTable = {
     "--codebook-init": ("codebook_init", str, "data (default: first batch's encoder outputs), kmeans or random"),
     "--kmeans-images": ("kmeans_images", int, "images encoded for --codebook-init kmeans (default 256)"),
     "--kmeans-iters": ("kmeans_iters", int, "Lloyd iterations of --codebook-init kmeans (default 10)"),
+    "--pad-consistency": ("pad_consistency", float, "weight of the padding-consistency term (default 0 = off)"),
+    "--pad-consistency-images": ("pad_consistency_images", int, "images per batch for it (default 4)"),
     "--code-restart": ("code_restart", str, "dead-code restart: uniform (default) or distance (k-means++ style)"),
     "--perceptual-weights": ("perceptual_weights", str, "local torchvision VGG16 weights (perceptual loss)"),
     "--perceptual-weight": ("perceptual_weight", float, "weight of the perceptual loss (default 1)"),

@@ -69,6 +69,10 @@ class VQVAETrainConfig(ConfigBase):
             ``"distance"`` (outputs drawn with probability proportional to the squared distance from the
             nearest live code, k-means++ style, so restarts do not duplicate live codes;
             :func:`~vqdiffusion.training.codebook_init.distinct_rows`).
+        pad_consistency, pad_consistency_images: weight of the padding-consistency term (0 = off;
+            :func:`~vqdiffusion.training.regularizers.pad_consistency_loss`: the latents of an image and of the
+            same image padded with 1 or 2 tokens of black on every side must agree) and how many images of
+            each batch it uses.  For data on a black background.
         perceptual_weights: a local VGG16 state dict (torchvision key layout, ``.safetensors``/``.pth``) for
             the perceptual term, or None for none; ``perceptual_weight`` scales it.
         gan_weight, gan_start_step, disc_channels, disc_lr: patch-GAN term (off when ``gan_weight`` is 0),
@@ -115,6 +119,8 @@ class VQVAETrainConfig(ConfigBase):
     kmeans_iters: int = 10
     codebook_l2: bool = False
     code_restart: str = "uniform"
+    pad_consistency: float = 0.0
+    pad_consistency_images: int = 4
     perceptual_weights: str | None = None
     perceptual_weight: float = 1.0
     gan_weight: float = 0.0
@@ -153,6 +159,7 @@ class VQVAETrainConfig(ConfigBase):
             "log_every": self.log_every,
             "keep_checkpoints": self.keep_checkpoints,
             "kmeans_images": self.kmeans_images,
+            "pad_consistency_images": self.pad_consistency_images,
         }
         nonneg = {
             "lr_warmup": self.lr_warmup,
@@ -173,6 +180,7 @@ class VQVAETrainConfig(ConfigBase):
             "min_lr": self.min_lr,
             "weight_decay": self.weight_decay,
             "commitment_beta": self.commitment_beta,
+            "pad_consistency": self.pad_consistency,
             "perceptual_weight": self.perceptual_weight,
             "gan_weight": self.gan_weight,
         }

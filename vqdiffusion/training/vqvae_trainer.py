@@ -52,6 +52,7 @@ from .codebook import EMACodebook
 from .codebook_init import l2_normalize
 from .losses import PatchDiscriminator, VGGPerceptualLoss, hinge_discriminator_loss
 from .lr_schedule import lr_at, set_lr
+from .regularizers import pad_background, pad_consistency_loss
 from .runtime import autocast_context, seed_everything
 from .vqvae_config import RESUMABLE_FIELDS, VQVAETrainConfig
 
@@ -150,6 +151,8 @@ class VQVAETrainer:
             if gan_on:
                 self.discriminator.requires_grad_(False)
                 loss = loss - cfg.gan_weight * self.discriminator(reconstruction).float().mean()
+        if cfg.pad_consistency > 0:
+            loss = loss + cfg.pad_consistency * self._pad_consistency(images, z).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -178,6 +181,19 @@ class VQVAETrainer:
             "tokens": tokens,
             "restarted": restarted,
         }
+
+    def _pad_consistency(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Padding-consistency term ``[n]`` of the first ``pad_consistency_images`` images, padded with 1 or
+        2 tokens (drawn from the trainer's generator) of black (docs/design.md, tokenizer)."""
+        cfg = self.config
+        n = min(cfg.pad_consistency_images, images.shape[0])
+        tokens = int(torch.randint(1, 3, (1,), generator=self.generator))
+        padded = pad_background(images[:n], tokens * self.model.config.downsample_factor)
+        with self.autocast():
+            z_padded = self.model.encode_latents(padded).float()
+        if cfg.codebook_l2:
+            z_padded = l2_normalize(z_padded, dim=1)
+        return pad_consistency_loss(z[:n], z_padded, tokens)
 
     @torch.no_grad()
     def init_codebook(self, images: torch.Tensor, chunk: int = 64) -> None:
