@@ -184,7 +184,7 @@ class VQVAETrainer:
 
     def _pad_consistency(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Padding-consistency term ``[n]`` of the first ``pad_consistency_images`` images, padded with 1 or
-        2 tokens (drawn from the trainer's generator) of black (docs/design.md, tokenizer)."""
+        2 tokens (drawn from the trainer's generator) of black (docs/design.md §1.1)."""
         cfg = self.config
         n = min(cfg.pad_consistency_images, images.shape[0])
         tokens = int(torch.randint(1, 3, (1,), generator=self.generator))
