@@ -28,19 +28,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.data import make_caption_folder, make_token_dir
-from support.weights import TINY_VQ_CONFIG
+from support.weights import tiny_text_components
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
 from vqdiffusion.devices import DeviceError
-from vqdiffusion.diffusion import MaskReplaceSchedule
 from vqdiffusion.formats.components import PipelineComponents
 from vqdiffusion.formats.diffusers import save_diffusers
 from vqdiffusion.formats.ours import save_ours
 from vqdiffusion.io import OutputPathError, atomic_write_bytes, check_output_path
-from vqdiffusion.models.conditions import CLIPTextCondition, LearnedNullCondition
 from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
-from vqdiffusion.models.vqvae import VQVAE
 from vqdiffusion.sampling import SamplingOptions
 from vqdiffusion.training.checkpoint import find_latest_checkpoint, load_checkpoint
 from vqdiffusion.training.output_dir import OutputDirInUseError, claim_output_dir
@@ -55,20 +52,6 @@ DEEP = 5000  # JSON nesting far beyond Python's recursion limit
 # ---------------------------------------------------------------------------------------------------------
 # Tiny models and their damaged copies
 # ---------------------------------------------------------------------------------------------------------
-def _text_components(tiny_clip_dirs) -> PipelineComponents:
-    torch.manual_seed(0)
-    vq = TINY_VQ_CONFIG
-    text = CLIPTextCondition.from_pretrained(*tiny_clip_dirs, pad_token_id=0)
-    return PipelineComponents(
-        vqvae=VQVAE(vq),
-        denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=text.hidden_size)),
-        schedule=MaskReplaceSchedule.paper_mask_and_replace(16, 100),
-        text_encoder=text,
-        null_condition=LearnedNullCondition(0.1 * torch.randn(text.max_length, text.hidden_size)),
-        defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0),
-    )
-
-
 def _edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
@@ -180,7 +163,7 @@ class _Variants:
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, tiny_clip_dirs):
     root = tmp_path_factory.mktemp("bad_inputs")
-    components = _text_components(tiny_clip_dirs)
+    components = tiny_text_components(tiny_clip_dirs)
     save_ours(components, root / "text")
     save_diffusers(components, root / "diffusers")
     torch.manual_seed(1)

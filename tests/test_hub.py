@@ -12,32 +12,14 @@ import pytest
 import torch
 from huggingface_hub import errors
 from support.hub import add_to_hub_cache
-from support.weights import TINY_VQ_CONFIG
+from support.weights import tiny_text_components
 
-from vqdiffusion.diffusion import MaskReplaceSchedule
 from vqdiffusion.formats import hub
 from vqdiffusion.formats.components import PipelineComponents
 from vqdiffusion.formats.diffusers import save_diffusers
-from vqdiffusion.models.conditions import CLIPTextCondition, LearnedNullCondition
-from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
-from vqdiffusion.models.vqvae import VQVAE
 from vqdiffusion.pipeline import VQDiffusionPipeline
-from vqdiffusion.sampling import SamplingOptions
 
 REPO = "acme/tiny-vq-diffusion"
-
-
-def _components(tiny_clip_dirs) -> PipelineComponents:
-    torch.manual_seed(0)
-    text = CLIPTextCondition.from_pretrained(*tiny_clip_dirs, pad_token_id=0)
-    return PipelineComponents(
-        vqvae=VQVAE(TINY_VQ_CONFIG),
-        denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=text.hidden_size)),
-        schedule=MaskReplaceSchedule.paper_mask_and_replace(16, 100),
-        text_encoder=text,
-        null_condition=LearnedNullCondition(0.1 * torch.randn(text.max_length, text.hidden_size)),
-        defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +27,7 @@ def cache(tmp_path_factory, tiny_clip_dirs):
     """A Hugging Face cache with REPO at main (float32) and at branch fp16 (half weights), saved by our
     diffusers writer, plus a repository that is some other diffusers pipeline."""
     root = tmp_path_factory.mktemp("hub")
-    components = _components(tiny_clip_dirs)
+    components = tiny_text_components(tiny_clip_dirs)
     save_diffusers(components, root / "src_main")
     add_to_hub_cache(root / "cache", REPO, root / "src_main", "main")
     half = PipelineComponents(

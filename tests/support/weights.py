@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
+from vqdiffusion.diffusion import MaskReplaceSchedule
+from vqdiffusion.formats.components import PipelineComponents
+from vqdiffusion.models.conditions import CLIPTextCondition, LearnedNullCondition
+from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
 from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig, save_vqvae
+from vqdiffusion.sampling import SamplingOptions
 from vqdiffusion.testing import RandomPipelineSpec, random_diffusers_pipeline, randomize_
 
 __all__ = [
@@ -20,6 +25,7 @@ __all__ = [
     "random_diffusers_pipeline",
     "randomize_",
     "save_diffusers_pipeline",
+    "tiny_text_components",
 ]
 
 TinySpec = RandomPipelineSpec
@@ -56,3 +62,19 @@ TINY_VQ_CONFIG = VQVAEConfig(
     norm_num_groups=4,
     sample_size=8,
 )
+
+
+def tiny_text_components(tiny_clip_dirs: tuple[Path, Path]) -> PipelineComponents:
+    """A tiny random text pipeline (seed 0): ``TINY_VQ_CONFIG``, the tiny denoiser, the paper's
+    mask-and-replace schedule with K = 16, the tiny local CLIP (``tiny_clip_dirs`` = model, tokenizer folders)
+    and a learned null condition; 3 steps, guidance 2 by default."""
+    torch.manual_seed(0)
+    text = CLIPTextCondition.from_pretrained(*tiny_clip_dirs, pad_token_id=0)
+    return PipelineComponents(
+        vqvae=VQVAE(TINY_VQ_CONFIG),
+        denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=text.hidden_size)),
+        schedule=MaskReplaceSchedule.paper_mask_and_replace(16, 100),
+        text_encoder=text,
+        null_condition=LearnedNullCondition(0.1 * torch.randn(text.max_length, text.hidden_size)),
+        defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0),
+    )
