@@ -29,6 +29,7 @@ from .diffusion import (
     truncate_log_probs,
     unmask_budget,
 )
+from .editing import COUNTING_SAMPLERS, KnownTokens, keep_known, model_input
 from .unmasking import (
     MASKING_SCHEDULES,
     ORDERS,
@@ -245,8 +246,11 @@ def sample_tokens(
     timesteps: Sequence[int] | None = None,
     callback: Callable[[int, int], None] | None = None,
     token_shape: tuple[int, int] | None = None,
+    known: KnownTokens | None = None,
+    x_init: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the reverse chain from all-[MASK] at step ``timesteps[0]`` down to x0 (paper sec. 3.3).
+    """Run the reverse chain from all-[MASK] (or ``x_init``) at step ``timesteps[0]`` down to x0 (paper
+    sec. 3.3).
 
     Each model output goes through temperature and truncation; then the ancestral sampler draws
     x_s ~ p(x_s | x_t) with s the next step index (-1 = x0 after the last one) through the exact
@@ -263,6 +267,11 @@ def sample_tokens(
             of a user interface).
         token_shape: (h, w) of the token grid, h * w = ``num_tokens`` (``order="halton"`` needs it; None:
             a square grid).
+        known: observed x0 tokens (inpainting, docs/design.md §10): they start and stay in the state, the
+            chain fills only the other positions, and the model sees them as ``known.mode`` says.
+        x_init: [B, N] long start state in [0, K] (a variation's x_t ~ q(x_t | x0)); default all [MASK].
+            The counting samplers (``uniform``, ``purity``, ``confidence``) need the same number of [MASK]
+            positions in every row of the start and fill only those.
     Returns:
         [B, N] long tokens in [0, K).
     """
@@ -271,18 +280,25 @@ def sample_tokens(
         steps = spaced_timesteps(schedule.num_timesteps, options.num_inference_steps, options.spacing)
     else:
         steps = [int(t) for t in timesteps]
-    budgets = unmask_budget(schedule, steps, num_tokens)  # also validates explicit indices
+    x_t = _start_state(schedule, batch_size, num_tokens, device, known, x_init)
+    masked = _start_mask_count(x_t, schedule.mask_id, options.sampler)
+    budgets = unmask_budget(schedule, steps, masked or num_tokens)  # also validates explicit indices
     if options.sampler == "ancestral":
         budgets = None
+    if masked == 0:  # a counting sampler with nothing masked: nothing to fill
+        return x_t
 
     def log_p_x0_at(x_t: torch.Tensor, t: int) -> torch.Tensor:
-        log_p = temper_log_probs(predict(x_t, t), options.temperature)
+        log_p = temper_log_probs(predict(model_input(x_t, known, schedule, t, generator), t), options.temperature)
         return truncate_log_probs(log_p, options.truncation_rate)
 
-    x_t = torch.full((batch_size, num_tokens), schedule.mask_id, dtype=torch.long, device=device)
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        return keep_known(x, known)
+
     loop = _OTHER_LOOPS.get(options.sampler)
     if loop is not None:
-        return loop(log_p_x0_at, schedule, steps, x_t, options, generator, progress, callback)
+        free = num_tokens - (int(known.known[0].sum()) if known is not None and batch_size else 0)
+        return loop(log_p_x0_at, schedule, steps, x_t, options, generator, progress, callback, keep, free)
     rank = None
     if options.order == "halton":
         h, w = _grid_shape(num_tokens, token_shape)
@@ -303,12 +319,50 @@ def sample_tokens(
                     generator=generator,
                 )
         elif s == -1:  # the last step samples x0 itself: no [MASK] row needed
-            x_t = sample_categorical(log_p_x0_at(x_t, t), generator)
+            x_t = keep(sample_categorical(log_p_x0_at(x_t, t), generator))
         else:
-            x_t = sample_categorical(posterior_log_probs(schedule, log_p_x0_at(x_t, t), x_t, t, s), generator)
+            x_t = keep(sample_categorical(posterior_log_probs(schedule, log_p_x0_at(x_t, t), x_t, t, s), generator))
         if callback is not None:
             callback(i + 1, len(steps))
     return x_t
+
+
+def _start_state(
+    schedule: MaskReplaceSchedule,
+    batch_size: int,
+    num_tokens: int,
+    device: torch.device | str,
+    known: KnownTokens | None,
+    x_init: torch.Tensor | None,
+) -> torch.Tensor:
+    """The chain's first state [B, N]: ``x_init`` or all [MASK], with the known tokens in place."""
+    shape = (batch_size, num_tokens)
+    if x_init is None:
+        x_t = torch.full(shape, schedule.mask_id, dtype=torch.long, device=device)
+    else:
+        if tuple(x_init.shape) != shape or x_init.dtype != torch.long:
+            raise ValueError(f"x_init must be a [{batch_size}, {num_tokens}] long tensor, got {tuple(x_init.shape)}")
+        if x_init.numel() and bool(((x_init < 0) | (x_init > schedule.mask_id)).any()):
+            raise ValueError(f"x_init must hold tokens in [0, {schedule.mask_id}] ({schedule.mask_id} = [MASK])")
+        x_t = x_init.to(device)
+    if known is not None:
+        if tuple(known.tokens.shape) != shape:
+            raise ValueError(f"known tokens must be [{batch_size}, {num_tokens}], got {tuple(known.tokens.shape)}")
+        x_t = keep_known(x_t, known)
+    return x_t
+
+
+def _start_mask_count(x_t: torch.Tensor, mask_id: int, sampler: str) -> int | None:
+    """The [MASK] count of every row of the start, for the counting samplers (None for the others)."""
+    if sampler not in COUNTING_SAMPLERS:
+        return None
+    counts = sorted(set((x_t == mask_id).sum(1).tolist()))
+    if len(counts) > 1:
+        raise ValueError(
+            f"sampler={sampler!r} fills a fixed number of [MASK] positions per step, so every row must start with "
+            f"the same number of them; got {counts[:4]}: sample rows with different masks separately"
+        )
+    return counts[0] if counts else 0
 
 
 def _split(total: int, chunk: int | None) -> list[int]:
@@ -345,16 +399,19 @@ def _confidence_loop(
     generator: Generator,
     progress: bool,
     callback: Callable[[int, int], None] | None,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    free: int,
 ) -> torch.Tensor:
     """MaskGIT / aMUSEd sampling (:func:`~vqdiffusion.unmasking.confidence_unmask_step`) over len(steps)
-    steps; the model sees the step index whose gbar_t is nearest the current masked fraction."""
-    num_steps, num_tokens = len(steps), x_t.shape[1]
-    masked = num_tokens
-    counts = confidence_masked_counts(num_tokens, num_steps, options.masking_schedule)
+    steps, starting from the (equal) [MASK] count of the rows; the model sees the step index whose gbar_t is
+    nearest the masked fraction of the ``free`` (not known) positions."""
+    num_steps = len(steps)
+    masked = int((x_t[0] == schedule.mask_id).sum())
+    counts = confidence_masked_counts(masked, num_steps, options.masking_schedule)
     for i, after in enumerate(tqdm(counts, desc="sampling", disable=not progress, leave=False)):
         if after < masked:  # (equal: nothing left to fill, more steps than tokens)
             noise = options.choice_temperature * (1.0 - (i + 1) / num_steps)  # annealed to 0
-            t = nearest_step(schedule, masked / num_tokens)
+            t = nearest_step(schedule, masked / free)
             x_t = confidence_unmask_step(log_p_x0_at(x_t, t), x_t, after, noise, generator)
             masked = after
         if callback is not None:
@@ -371,6 +428,8 @@ def _remdm_loop(
     generator: Generator,
     progress: bool,
     callback: Callable[[int, int], None] | None,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    free: int,
 ) -> torch.Tensor:
     """The mask-only chain with ReMDM remasking (:func:`~vqdiffusion.unmasking.remask_step`) at every step."""
     require_mask_only(schedule, "remdm")
@@ -378,7 +437,7 @@ def _remdm_loop(
         s = steps[i + 1] if i + 1 < len(steps) else -1
         sigma = remask_sigma(schedule, t, s, options.remask_schedule, options.remask_eta)
         alpha_t, alpha_s = 1.0 - schedule.cumulative_at(t)[2], 1.0 - schedule.cumulative_at(s)[2]
-        x_t = remask_step(log_p_x0_at(x_t, t), x_t, alpha_t, alpha_s, sigma, generator)
+        x_t = keep(remask_step(log_p_x0_at(x_t, t), x_t, alpha_t, alpha_s, sigma, generator))
         if callback is not None:
             callback(i + 1, len(steps))
     return x_t
@@ -393,6 +452,8 @@ def _first_hitting_loop(
     generator: Generator,
     progress: bool,
     callback: Callable[[int, int], None] | None,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    free: int,
 ) -> torch.Tensor:
     """The ancestral chain of a mask-only schedule with the unmasking steps drawn first
     (:func:`~vqdiffusion.unmasking.first_hitting_steps`): one model call per distinct step at which a token
@@ -402,10 +463,10 @@ def _first_hitting_loop(
     batch_size, num_tokens = x_t.shape
     hit = first_hitting_steps(schedule, steps, batch_size, num_tokens, generator, x_t.device)
     last = len(steps) - 1
-    calls = sorted(set(hit.flatten().tolist()) | {last})
+    calls = sorted(set(hit[x_t == schedule.mask_id].tolist()) | {last})  # steps where a masked token unmasks
     for done, i in enumerate(tqdm(calls, desc="sampling", disable=not progress, leave=False), start=1):
         fill = (hit == i) & (x_t == schedule.mask_id) if i < last else torch.ones_like(hit, dtype=torch.bool)
-        x_t = fill_positions(log_p_x0_at(x_t, steps[i]), x_t, fill, generator)
+        x_t = keep(fill_positions(log_p_x0_at(x_t, steps[i]), x_t, fill, generator))
         if callback is not None:
             callback(done, len(calls))
     return x_t
