@@ -19,8 +19,17 @@ ROOT = Path(vqdiffusion.__file__).resolve().parent
 # Lowest first.  A module belongs to the first entry that matches its dotted name exactly or as a prefix
 # followed by ".".  ``vqdiffusion/__init__.py`` lazily exposes the public names and may import anything.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("vqdiffusion.config", "vqdiffusion.devices", "vqdiffusion.io", "vqdiffusion.text_vocab")),
-    ("math", ("vqdiffusion.diffusion", "vqdiffusion.unmasking")),
+    (
+        "base",
+        (
+            "vqdiffusion.config",
+            "vqdiffusion.devices",
+            "vqdiffusion.io",
+            "vqdiffusion.text_vocab",
+            "vqdiffusion.image_inputs",
+        ),
+    ),
+    ("math", ("vqdiffusion.diffusion", "vqdiffusion.unmasking", "vqdiffusion.editing")),
     ("models", ("vqdiffusion.models", "vqdiffusion.data")),
     ("sampling", ("vqdiffusion.sampling",)),
     ("formats", ("vqdiffusion.formats",)),
