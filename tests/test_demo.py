@@ -9,16 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.weights import TINY_VQ_CONFIG
+from support.weights import tiny_label_components
 
 from vqdiffusion import sampling
 from vqdiffusion.demo import SAMPLING_CONTROLS, DemoApp, build_demo
-from vqdiffusion.diffusion import MaskReplaceSchedule
-from vqdiffusion.formats.components import PipelineComponents
-from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
-from vqdiffusion.models.vqvae import VQVAE
 from vqdiffusion.pipeline import PipelineOutput, VQDiffusionPipeline
-from vqdiffusion.sampling import SamplingOptions
 
 # steps, guidance, truncation, sampler, prior weight, spacing, temperature, seed, number of images
 OPTIONS = (4, 2.0, 1.0, "ancestral", 0.0, "uniform", 1.0, 0, 2)
@@ -30,17 +25,7 @@ def shapes():
 
 
 def _tiny(kind: str) -> VQDiffusionPipeline:
-    torch.manual_seed(0)
-    labels = {"class": {"num_class_labels": 5}, "none": {}}[kind]
-    return VQDiffusionPipeline.from_components(
-        PipelineComponents(
-            vqvae=VQVAE(TINY_VQ_CONFIG),
-            denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=None, **labels)),
-            schedule=MaskReplaceSchedule.paper_mask_and_replace(16, 100),
-            null_class_label=4 if kind == "class" else None,
-            defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0 if kind == "class" else 1.0),
-        )
-    )
+    return VQDiffusionPipeline.from_components(tiny_label_components(kind))
 
 
 def _options(**changes):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.weights import TINY_VQ_CONFIG, save_diffusers_pipeline, tiny_text_components
+from support.weights import save_diffusers_pipeline, tiny_label_components, tiny_text_components
 from test_diffusion_math import brute_force_posterior, one_step_matrices, product
 from test_samplers import K_TOY, N_TOY, ToyPredictor, frequency_bound
 
@@ -28,8 +28,6 @@ from vqdiffusion.editing import (
 )
 from vqdiffusion.formats.components import PipelineComponents
 from vqdiffusion.image_inputs import box_mask, image_batch, mask_batch
-from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
-from vqdiffusion.models.vqvae import VQVAE
 from vqdiffusion.pipeline import VQDiffusionPipeline
 from vqdiffusion.sampling import SAMPLERS, SamplingOptions, sample_tokens
 from vqdiffusion.testing import RandomPipelineSpec
@@ -355,17 +353,7 @@ def test_inpaint_keeps_the_image_tokens_outside_the_mask(text_pipes, layout: str
 
 def test_class_and_unconditional_models_inpaint() -> None:
     for kind in ("class", "none"):
-        torch.manual_seed(0)
-        labels = {"num_class_labels": 5} if kind == "class" else {}
-        pipe = VQDiffusionPipeline.from_components(
-            PipelineComponents(
-                vqvae=VQVAE(TINY_VQ_CONFIG),
-                denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=None, **labels)),
-                schedule=MaskReplaceSchedule.paper_mask_and_replace(16, 100),
-                null_class_label=4 if kind == "class" else None,
-                defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0 if kind == "class" else 1.0),
-            )
-        )
+        pipe = VQDiffusionPipeline.from_components(tiny_label_components(kind))
         prompt = [1, 3] if kind == "class" else None
         image, mask = _image(pipe), _left_half(pipe)
         out = pipe.inpaint(

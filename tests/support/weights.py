@@ -25,6 +25,7 @@ __all__ = [
     "random_diffusers_pipeline",
     "randomize_",
     "save_diffusers_pipeline",
+    "tiny_label_components",
     "tiny_text_components",
 ]
 
@@ -77,4 +78,19 @@ def tiny_text_components(tiny_clip_dirs: tuple[Path, Path]) -> PipelineComponent
         text_encoder=text,
         null_condition=LearnedNullCondition(0.1 * torch.randn(text.max_length, text.hidden_size)),
         defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0),
+    )
+
+
+def tiny_label_components(kind: str) -> PipelineComponents:
+    """A tiny random class-conditional (``kind="class"``: 4 labels and the null label 4, guidance 2) or
+    unconditional (``"none"``) pipeline (seed 0), with the paper's mask-and-replace schedule, K = 16, and
+    3 steps by default."""
+    torch.manual_seed(0)
+    labels = {"class": {"num_class_labels": 5}, "none": {}}[kind]
+    return PipelineComponents(
+        vqvae=VQVAE(TINY_VQ_CONFIG),
+        denoiser=Denoiser(DenoiserConfig.preset("tiny", cond_dim=None, **labels)),
+        schedule=MaskReplaceSchedule.paper_mask_and_replace(16, 100),
+        null_class_label=4 if kind == "class" else None,
+        defaults=SamplingOptions(num_inference_steps=3, guidance_scale=2.0 if kind == "class" else 1.0),
     )
