@@ -103,7 +103,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
     pipe, condition, generator = load_for_sampling(args, kind)
     image, mask = _fit_to_model(image, mask, pipe.image_size, args)
-    _check_token_mask(mask, pipe.vqvae.config.downsample_factor)
+    _check_token_mask(mask, pipe.vqvae.config.downsample_factor, "the mask")
     result = pipe.inpaint(
         condition,
         _pixels(image),
@@ -135,8 +135,9 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
             f"--image {args.image} ({image.width}x{image.height}) at --offset {args.offset} covers the whole "
             f"{width}x{height} canvas: nothing to outpaint; shift it or give a smaller image (or use inpaint)"
         )
-    mask = uncovered.numpy()
-    _check_token_mask(mask, pipe.vqvae.config.downsample_factor, kept="the image covers no whole token")
+    _check_token_mask(
+        uncovered.numpy(), pipe.vqvae.config.downsample_factor, f"the canvas left uncovered at --offset {args.offset}"
+    )
     result = pipe.outpaint(
         condition,
         _pixels(image),
@@ -229,9 +230,9 @@ def _box_mask(text: str, image_size: tuple[int, int]) -> Any:
         raise CLIError(f"--box {text}: {err}") from None
 
 
-def _check_mask_contents(mask: Any, what: str) -> None:
+def _check_mask_contents(mask: Any, what: str, empty_hint: str = "paint white the part to regenerate") -> None:
     if not mask.any():
-        raise CLIError(f"{what} is empty (all black): nothing to regenerate; paint white the part to regenerate")
+        raise CLIError(f"{what} is empty (all black): nothing to regenerate; {empty_hint}")
     if mask.all():
         raise CLIError(
             f"{what} covers the whole image: nothing of it would be kept; use vqdiffusion generate for a new image "
@@ -239,19 +240,18 @@ def _check_mask_contents(mask: Any, what: str) -> None:
         )
 
 
-def _check_token_mask(mask: Any, factor: int, kept: str = "every token patch holds a white pixel") -> None:
-    """The checks of the pipeline at the model's token grid, as command-line messages, before sampling."""
+def _check_token_mask(mask: Any, factor: int, what: str) -> None:
+    """The pipeline's check at the model's token grid (a token is regenerated when its f x f patch holds a
+    white pixel) as a command-line message, before sampling."""
     import torch
 
     from ..editing import token_mask
 
-    tokens = token_mask(torch.from_numpy(mask)[None], factor)
-    if not bool(tokens.any()):  # cannot happen after the pixel checks; kept for safety
-        raise CLIError("the mask is empty at the model's token grid: nothing to regenerate")
-    if bool(tokens.all()):
+    if bool(token_mask(torch.from_numpy(mask)[None], factor).all()):
         raise CLIError(
-            f"the mask covers every {factor}x{factor} token of the image ({kept}), so nothing would be kept; "
-            "keep at least one whole patch, or use vqdiffusion generate / vqdiffusion variation"
+            f"{what} touches every {factor}x{factor}-pixel token of the image, so nothing of it would be kept (a "
+            "token is regenerated when its patch holds a white pixel); keep at least one whole patch, or use "
+            "vqdiffusion generate / vqdiffusion variation"
         )
 
 
@@ -264,7 +264,7 @@ def _fit_to_model(image: Any, mask: Any, size: tuple[int, int], args: argparse.N
     if not args.resize:
         raise CLIError(
             f"--image {args.image} is {image.width}x{image.height} but the model makes {width}x{height} images; "
-            f"give a {width}x{height} image or add --resize"
+            f"resize it to {width}x{height} or add --resize"
         )
     import numpy as np
     from PIL import Image
@@ -275,7 +275,8 @@ def _fit_to_model(image: Any, mask: Any, size: tuple[int, int], args: argparse.N
         picture = Image.fromarray(mask.astype(np.uint8) * 255, mode="L").resize((width, height), Image.NEAREST)
         mask = np.asarray(picture) >= 128
         resized += "; the mask: nearest"
-        _check_mask_contents(mask, what="the resized mask")
+        hint = f"its white part vanished at {width}x{height}; make it larger"
+        _check_mask_contents(mask, what=f"the mask resized to {width}x{height}", empty_hint=hint)
     print(resized + ")", file=sys.stderr)
     return image, mask
 

@@ -119,7 +119,8 @@ def _output_kind(args: argparse.Namespace) -> str:
 
 def _check_generate_args(args: argparse.Namespace) -> str:
     if args.prompt is not None and not args.prompt.strip():
-        raise CLIError('the prompt is empty; give a text prompt, e.g. vqdiffusion generate "a red circle"')
+        command = getattr(args, "command", None) or "generate"
+        raise CLIError(f'the prompt is empty; give a text prompt, e.g. vqdiffusion {command} "a red circle" ...')
     if args.prompt is not None and args.class_label is not None:
         raise CLIError("give a prompt (text models) or --class-label (class-conditional models), not both")
     if args.num_images < 1:
