@@ -243,6 +243,11 @@ DEV_FULL_SKIP = pytest.mark.skipif(not HAS_DEV_FULL, reason="no /dev/full charac
 SYS_SKIP = pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="no /sys")
 
 
+def edit_cmd(command: str) -> list[str]:
+    """An editing command on the tiny text model into a fresh file, up to ``--image``'s value."""
+    return [command, "a red circle", "--model", "{text}", "--output", "{tmp}/out.png", "--image"]
+
+
 def row(id_: str, argv: list[str], words: tuple[str, ...], code: int = 2, marks=()):
     return pytest.param(argv, code, words, id=id_, marks=marks)
 
@@ -422,6 +427,13 @@ CASES = [
     ),
     row("generate-label-for-text", ["generate", "--model", "{text}", "--class-label", "1"], ("text-conditional",)),
     row("generate-prompt-for-class", ["generate", "a cat", "--model", "{class}"], ("class-conditional",)),
+    # -- editing (the full table: tests/test_cli_editing.py) ---------------------------------------------------
+    row("inpaint-no-mask", [*edit_cmd("inpaint"), "{afile}"], ("--mask MASK.png or --box", "neither")),
+    row("inpaint-missing-image", [*edit_cmd("inpaint"), "{tmp}/no.png", "--box", "0,0,4,4"], ("no such file",)),
+    row("inpaint-image-folder", [*edit_cmd("inpaint"), "{tmp}/dir.png", "--box", "0,0,4,4"], ("is a folder",)),
+    row("inpaint-not-an-image", [*edit_cmd("inpaint"), "{afile}", "--box", "0,0,4,4"], ("not a readable image",)),
+    row("outpaint-offset", [*edit_cmd("outpaint"), "{afile}", "--offset", "1"], ("--offset", "x,y")),
+    row("variation-strength", [*edit_cmd("variation"), "{afile}", "--strength", "2"], ("--strength", "(0, 1]")),
 ]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from .convert import add_convert_parser
 from .demo import add_demo_parser
+from .edit import add_edit_parsers
 from .errors import CLIError, is_user_error, report
 from .evaluate import add_eval_parser, add_make_shapes_parser
 from .export import add_export_parser, run_export
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqdiffusion", description="VQ-Diffusion text-to-image synthesis")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
+    add_edit_parsers(sub)
     add_info_parser(sub)
     add_make_shapes_parser(sub)
     add_convert_parser(sub)

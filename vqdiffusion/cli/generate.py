@@ -16,35 +16,45 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def add_generate_parser(sub: Any) -> None:
     gen = sub.add_parser("generate", help="generate images from a text prompt")
-    gen.add_argument(
+    add_condition_arguments(gen)
+    add_model_arguments(gen)
+    add_sampling_arguments(gen)
+    add_run_arguments(gen, default_output="vqdiffusion.png")
+
+    gen.set_defaults(run=cmd_generate)
+
+
+def add_condition_arguments(parser: argparse.ArgumentParser) -> None:
+    """The positional prompt (optional: none for class-conditional or unconditional models) and ``--class-label``."""
+    parser.add_argument(
         "prompt", nargs="?", default=None, help="the text prompt (none for class-conditional or unconditional models)"
     )
-    gen.add_argument(
+    parser.add_argument(
         "--class-label",
         type=int,
         default=None,
         help="class-conditional models (e.g. ImageNet): the class label to generate, instead of a prompt",
     )
-    add_model_arguments(gen)
-    add_sampling_arguments(gen)
-    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
-    gen.add_argument(
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
+    """``--seed``, ``--num-images``, ``--batch-size``, ``--output``, ``--device``, ``--bf16`` and ``--quiet``."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
+    parser.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help="images per sampling run (default: all at once, or as many as fit in free memory)",
     )
-    gen.add_argument(
+    parser.add_argument(
         "--output",
-        default="vqdiffusion.png",
-        help="an image file (several images become one grid) or a directory (numbered files)",
+        default=default_output,
+        help=f"an image file (several images make one grid) or a directory (numbered files); default {default_output}",
     )
-    gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    gen.add_argument("--bf16", action="store_true", help="run the denoiser in bfloat16")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    gen.set_defaults(run=cmd_generate)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--bf16", action="store_true", help="run the denoiser in bfloat16")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_info_parser(sub: Any) -> None:
@@ -109,7 +119,8 @@ def _output_kind(args: argparse.Namespace) -> str:
 
 def _check_generate_args(args: argparse.Namespace) -> str:
     if args.prompt is not None and not args.prompt.strip():
-        raise CLIError('the prompt is empty; give a text prompt, e.g. vqdiffusion generate "a red circle"')
+        command = getattr(args, "command", None) or "generate"
+        raise CLIError(f'the prompt is empty; give a text prompt, e.g. vqdiffusion {command} "a red circle" ...')
     if args.prompt is not None and args.class_label is not None:
         raise CLIError("give a prompt (text models) or --class-label (class-conditional models), not both")
     if args.num_images < 1:
@@ -122,11 +133,27 @@ def _check_generate_args(args: argparse.Namespace) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     kind = _check_generate_args(args)
     sampling = sampling_arguments(args)
+    pipe, condition, generator = load_for_sampling(args, kind)
+    result = pipe(
+        condition,
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+        progress=not args.quiet,
+        batch_size=args.batch_size,
+        **sampling,
+    )
+    write_images(result.images, kind, args.output)
+    return 0
+
+
+def load_for_sampling(args: argparse.Namespace, kind: str) -> tuple[Any, str | list[int] | None, Any]:
+    """The model of ``--model`` on ``--device`` (``--bf16``), the pipeline's condition for the prompt /
+    ``--class-label`` flags and a generator seeded with ``--seed``; ``--steps`` and, for a grid file
+    (``kind``, see :func:`_output_kind`), the grid's size are checked against the model before sampling."""
     import torch
 
     from ..devices import resolve_device
-    from ..io import atomic_write_with
-    from ..pipeline import VQDiffusionPipeline, check_grid_size, make_grid
+    from ..pipeline import VQDiffusionPipeline, check_grid_size
 
     device = resolve_device(args.device)
     pipe = VQDiffusionPipeline.from_pretrained(args.model, **hub_options(args))
@@ -139,26 +166,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg, factor = pipe.denoiser.config, pipe.vqvae.config.downsample_factor
         check_grid_size(args.num_images, cfg.width * factor, cfg.height * factor)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    result = pipe(
-        condition,
-        num_images_per_prompt=args.num_images,
-        generator=generator,
-        progress=not args.quiet,
-        batch_size=args.batch_size,
-        **sampling,
-    )
-    out = Path(args.output)
+    return pipe, condition, generator
+
+
+def write_images(images: list[Any], kind: str, output: str) -> list[Path]:
+    """Write PIL ``images`` to ``--output`` as :func:`_output_kind` decided (each file atomically) and print
+    the paths written."""
+    from ..io import atomic_write_with
+    from ..pipeline import make_grid
+
+    out = Path(output)
     if kind == "folder":
         written = []
-        for i, image in enumerate(result.images):
+        for i, image in enumerate(images):
             written.append(atomic_write_with(out / f"{i:04d}.png", image.save))
     else:
-        image = result.images[0] if len(result.images) == 1 else make_grid(result.images)
+        image = images[0] if len(images) == 1 else make_grid(images)
         save = image.save if kind == "file" else lambda path: image.save(path, format="PNG")
         written = [atomic_write_with(out, save)]  # a device is written directly; its errors are raised
     for path in written:
         print(path)
-    return 0
+    return written
 
 
 def _condition(pipe: Any, args: argparse.Namespace) -> str | list[int] | None:
