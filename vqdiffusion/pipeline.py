@@ -403,7 +403,8 @@ class VQDiffusionPipeline:
                 "or a variation (pipe.variation)"
             )
         KnownTokens(regenerate, regenerate, known_tokens)  # checks the mode before anything runs
-        x0 = self.encode_images(images).flatten(1)  # [I, N]
+        x0 = self.encode_images(images).flatten(1)  # [I, N] on the device
+        regenerate = regenerate.to(x0.device)
         prompts = self._edit_prompts(prompt, (("image", len(x0)), ("mask", len(regenerate))))
         x0, regenerate = _per_prompt(x0, len(prompts)), _per_prompt(regenerate, len(prompts))
         n = num_images_per_prompt
