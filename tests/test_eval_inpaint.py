@@ -173,6 +173,7 @@ def test_perfect_inpainter_reaches_the_maximum(tmp_path: Path) -> None:
     assert "samples" not in data and len(data["cases"]) == 12
     assert data["cases"][0]["results"]["replace"]["clean"]["both"] is True
     assert Image.open(figure_path).size[0] == 4 * (128 + 4) + 4
+    assert all(report["reconstruction"][m]["rate"] == 1.0 for m in ("kept_intact", "requested_correct", "both"))
     table = format_inpaint_table(report)
     assert "| replace | renoise | 12 | 100.0% [75.8, 100.0] |" in table
 
