@@ -49,3 +49,10 @@ def test_bad_counts_and_formatting() -> None:
     with pytest.raises(ValueError, match="trials"):
         wilson_interval(0, 0)
     assert format_rate(0, 20) == "0.0% [0.0, 16.1]"
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 64, 1000])
+def test_wilson_is_exact_at_the_extremes(n: int) -> None:
+    """At 0 of n the lower bound is exactly 0 and at n of n the upper bound is exactly 1 (no rounding residue)."""
+    assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+    assert wilson_interval(0, n)[1] > 0.0 and wilson_interval(n, n)[0] < 1.0

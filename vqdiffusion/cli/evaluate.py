@@ -1,4 +1,5 @@
-"""``vqdiffusion eval`` (the suites: ``shapes`` scores a model; ``fid`` and ``clipscore`` score a folder of samples)
+"""``vqdiffusion eval`` (the suites: ``shapes`` and ``inpaint`` score a model; ``fid`` and ``clipscore`` score a folder
+of samples)
 and ``vqdiffusion make-shapes`` (the synthetic shapes data set)."""
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from .errors import CLIError
 from .generate import DEFAULT_MODEL
 from .sampling_flags import add_sampling_arguments, sampling_arguments
 
-SUITES = ["shapes", "fid", "clipscore"]
-BATCH_SIZES = {"shapes": 16, "fid": 50, "clipscore": 32}
+SUITES = ["shapes", "inpaint", "fid", "clipscore"]
+BATCH_SIZES = {"shapes": 16, "inpaint": 16, "fid": 50, "clipscore": 32}
+# --n of the model suites: images per prompt set (shapes), scenes (inpaint).
+DEFAULT_N = {"shapes": 256, "inpaint": 64}
 # The flags each suite requires.
 REQUIRED = {"fid": ("samples", "reference", "inception_weights"), "clipscore": ("samples", "clip")}
 
@@ -21,21 +24,37 @@ REQUIRED = {"fid": ("samples", "reference", "inception_weights"), "clipscore": (
 def add_eval_parser(sub: Any) -> None:
     ev = sub.add_parser(
         "eval",
-        help="score a model or a folder of samples (suites: shapes, fid, clipscore)",
+        help="score a model or a folder of samples (suites: shapes, inpaint, fid, clipscore)",
         description="shapes: generate with --model and score text faithfulness on the synthetic shapes prompts. "
+        "inpaint: with --model, regenerate one object of two-object shapes scenes (replaced by another, or "
+        "restored) and score the edit and what it should keep. "
         "fid: FID (and KID, IS) of --samples against --reference with a local --inception-weights file. "
         "clipscore: CLIP score of the captioned images in --samples with a local --clip model folder.",
     )
     ev.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"shapes: model directory or built-in model (default {DEFAULT_MODEL})"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"shapes, inpaint: model directory or built-in model (default {DEFAULT_MODEL})",
     )
     ev.add_argument("--suite", default="shapes", choices=SUITES, help="evaluation suite (default shapes)")
-    ev.add_argument("--n", type=int, default=256, help="shapes: images per prompt set (default 256)")
+    ev.add_argument(
+        "--n", type=int, default=None, help="shapes: images per prompt set (default 256); inpaint: scenes (default 64)"
+    )
+    ev.add_argument(
+        "--known-tokens",
+        default="renoise,clean",
+        help="inpaint: comma-separated known-token modes, renoise and/or clean (default renoise,clean)",
+    )
     add_sampling_arguments(ev)
     ev.add_argument(
         "--batch-size", type=int, default=None, help="images per batch (default: shapes 16, fid 50, clipscore 32)"
     )
-    ev.add_argument("--seed", type=int, default=0, help="random seed (shapes sampling; KID subsets, IS splits)")
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed (shapes and inpaint scenes and sampling; KID subsets, IS splits)",
+    )
     ev.add_argument("--out", default=None, help="folder for report.json (default eval_SUITE)")
     ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -95,8 +114,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_fid(args)
     if args.suite == "clipscore":
         return _eval_clipscore(args)
+    if args.n is None:
+        args.n = DEFAULT_N[args.suite]
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
+    if args.suite == "inpaint":
+        return _eval_inpaint(args)
     sampling = sampling_arguments(args)
     from ..eval.suite import evaluate_shapes, format_table, write_report
     from ..eval.tokenizer import format_tokenizer_diagnostics, format_x0_entropy
@@ -120,6 +143,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_x0_entropy(report["denoiser_x0_entropy"]))
     print(json_path)
     print(grid_path)
+    return 0
+
+
+def known_token_modes(text: str) -> tuple[str, ...]:
+    """``--known-tokens`` (comma-separated modes) as a tuple, checked."""
+    from ..editing import KNOWN_TOKEN_MODES
+
+    modes = tuple(part.strip() for part in text.split(",") if part.strip())
+    bad = [m for m in modes if m not in KNOWN_TOKEN_MODES]
+    if not modes or bad or len(set(modes)) != len(modes):
+        raise CLIError(
+            f"--known-tokens must be distinct modes of {', '.join(KNOWN_TOKEN_MODES)}, comma-separated; got {text!r}"
+        )
+    return modes
+
+
+def _eval_inpaint(args: argparse.Namespace) -> int:
+    modes = known_token_modes(args.known_tokens)
+    sampling = sampling_arguments(args)
+    import time
+
+    from ..eval.inpaint import evaluate_inpainting, format_inpaint_table, write_inpaint_report
+    from ..pipeline import VQDiffusionPipeline
+
+    start = time.perf_counter()
+    pipe = VQDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    report = evaluate_inpainting(
+        pipe, args.n, args.seed, modes, batch_size=args.batch_size, progress=not args.quiet, **sampling
+    )
+    report["settings"]["model"] = args.model
+    report["wall_seconds"] = time.perf_counter() - start
+    json_path, figure_path = write_inpaint_report(report, args.out)
+    print(format_inpaint_table(report))
+    print(
+        f"seconds per image: {report['seconds_per_image']:.3f}; wall time {report['wall_seconds']:.1f} s; "
+        f"kept object touching the token mask: {report['kept_touches_token_mask']:.1%} of scenes"
+    )
+    print(json_path)
+    print(figure_path)
     return 0
 
 
