@@ -20,10 +20,10 @@ from vqdiffusion.data.shapes import (
     Placement,
     Scene,
     ShapeObject,
-    _coverage,
-    _draw,
     canonical_caption,
+    draw_placements,
     parse_caption,
+    placement_coverage,
 )
 from vqdiffusion.eval.inpaint import (
     MASK_MARGIN,
@@ -75,8 +75,8 @@ def test_drawn_cases_mask_the_chosen_object_only_and_replace_it() -> None:
     assert {case.index for case in cases} == {0, 1}
     for case in cases:
         mask = case.mask()
-        masked = _coverage(case.placements[case.index], 64) > 0
-        kept = _coverage(case.placements[1 - case.index], 64) > 0
+        masked = placement_coverage(case.placements[case.index], 64) > 0
+        kept = placement_coverage(case.placements[1 - case.index], 64) > 0
         assert mask[masked].all() and not mask[kept].any()
         old, new = case.masked, case.replacement
         assert (new.shape, new.color) != (old.shape, old.color)
@@ -140,18 +140,18 @@ class StandIn:
         out = images.clone()
         if self.perfect:
             for k, (prompt, mask) in enumerate(zip(prompts, masks, strict=True)):
-                out[k] = self._draw(parse_caption(prompt), out[k], mask.numpy())
+                out[k] = self.draw_placements(parse_caption(prompt), out[k], mask.numpy())
         return SimpleNamespace(images=out)
 
     @staticmethod
-    def _draw(scene: Scene, image: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    def draw_placements(scene: Scene, image: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
         ys, xs = np.nonzero(mask)
         x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         cell = (int(cy // (64 / 3)), int(cx // (64 / 3)))
         (obj,) = [o for o in scene.objects if POSITION_CELLS[o.position] == cell]
         extent = min(x1 - x0, y1 - y0) - 2 * MASK_MARGIN
-        drawn = torch.from_numpy(np.asarray(_draw((Placement(obj, cx, cy, extent),), 64), np.float32) / 255)
+        drawn = torch.from_numpy(np.asarray(draw_placements((Placement(obj, cx, cy, extent),), 64), np.float32) / 255)
         keep = torch.from_numpy(~mask)
         return torch.where(keep, image, drawn.permute(2, 0, 1))
 

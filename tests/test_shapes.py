@@ -244,9 +244,9 @@ def test_objects_in_their_cell_inside_image_and_apart(size):
             assert abs(p.extent - nominal) <= shapes.SIZE_JITTER * size / 64 + 1e-9
         if len(placements) == 2:
             # Non-overlap on the real render: pixels of the two objects are well apart.
-            image = np.asarray(shapes._draw(placements, size)).any(axis=2)
-            a = shapes._coverage(placements[0], size) > 0
-            b = shapes._coverage(placements[1], size) > 0
+            image = np.asarray(shapes.draw_placements(placements, size)).any(axis=2)
+            a = shapes.placement_coverage(placements[0], size) > 0
+            b = shapes.placement_coverage(placements[1], size) > 0
             assert not (a & b).any()
             assert np.array_equal(image, a | b)
             ya, xa = np.nonzero(a)

@@ -278,7 +278,7 @@ def _window(index: int, size: str) -> tuple[float, float, float]:
     return max(low, nominal - POSITION_JITTER), min(high, nominal + POSITION_JITTER), nominal
 
 
-def _coverage(placement: Placement, size: int) -> np.ndarray:
+def placement_coverage(placement: Placement, size: int) -> np.ndarray:
     """Anti-aliased coverage in ``[0, 1]``, ``[size, size]`` float32, of one placed object."""
     scale = _SUPERSAMPLE
     canvas = Image.new("L", (size * scale, size * scale), 0)
@@ -313,9 +313,9 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _separated(placements: list[Placement]) -> bool:
+def placements_separated(placements: list[Placement]) -> bool:
     """Whether every two objects have at least :data:`MIN_GAP` black pixels between them (64-px units)."""
-    masks = [_coverage(p, IMAGE_SIZE) > 0 for p in placements]
+    masks = [placement_coverage(p, IMAGE_SIZE) > 0 for p in placements]
     for a, b in itertools.combinations(range(len(masks)), 2):
         if (_dilate(masks[a], MIN_GAP) & masks[b]).any():
             return False
@@ -345,7 +345,7 @@ def is_feasible(scene: Scene) -> bool:
         return False
     if len(positions) < 2:
         return True
-    return _separated(_extreme(scene, [SIZE_PIXELS[obj.size] + SIZE_JITTER for obj in scene.objects]))
+    return placements_separated(_extreme(scene, [SIZE_PIXELS[obj.size] + SIZE_JITTER for obj in scene.objects]))
 
 
 def layout(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Placement, ...]:
@@ -365,7 +365,7 @@ def layout(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> tu
             x_low, x_high, _ = _window(col, obj.size)
             y_low, y_high, _ = _window(row, obj.size)
             placements.append(Placement(obj, rng.uniform(x_low, x_high), rng.uniform(y_low, y_high), extent))
-        if len(placements) < 2 or _separated(placements):
+        if len(placements) < 2 or placements_separated(placements):
             break
         if attempt == _LAYOUT_TRIES - 1:
             placements = _extreme(scene, [p.extent for p in placements])
@@ -373,16 +373,16 @@ def layout(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> tu
     return tuple(Placement(p.obj, p.cx * scale, p.cy * scale, p.extent * scale) for p in placements)
 
 
-def _draw(placements: tuple[Placement, ...], size: int) -> Image.Image:
+def draw_placements(placements: tuple[Placement, ...], size: int) -> Image.Image:
     image = np.zeros((size, size, 3), dtype=np.float32)
     for placement in placements:
-        image += _coverage(placement, size)[..., None] * np.asarray(COLORS[placement.obj.color], np.float32)
+        image += placement_coverage(placement, size)[..., None] * np.asarray(COLORS[placement.obj.color], np.float32)
     return Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), mode="RGB")
 
 
 def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
     """Render ``scene`` as a ``size`` x ``size`` RGB image (deterministic given the state of ``rng``)."""
-    return _draw(layout(scene, rng, size), size)
+    return draw_placements(layout(scene, rng, size), size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -561,7 +561,7 @@ def make_dataset(
             placements = layout(scene, rng)
             text = caption(scene, rng)
             stem = f"{index:0{width}d}"
-            _draw(placements, IMAGE_SIZE).save(out / f"{stem}.png")
+            draw_placements(placements, IMAGE_SIZE).save(out / f"{stem}.png")
             (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
             objects = [{**p.obj.to_dict(), "bbox": [round(v, 2) for v in p.bbox]} for p in placements]
             record = {

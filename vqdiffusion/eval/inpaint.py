@@ -36,12 +36,12 @@ from ..data.shapes import (
     Placement,
     Scene,
     ShapeObject,
-    _coverage,
-    _draw,
-    _separated,
     canonical_caption,
+    draw_placements,
     is_feasible,
     layout,
+    placement_coverage,
+    placements_separated,
     sample_scene,
 )
 from ..editing import dilate_tokens, token_mask
@@ -127,7 +127,7 @@ class InpaintCase:
         """The input image (``name`` None) or the ideal output of set ``name``: the same placements with the
         masked object swapped for the requested one."""
         objects = self.scene.objects if name is None else self.target(name).objects
-        return _draw(
+        return draw_placements(
             _scaled(tuple(_with_object(p, o) for p, o in zip(self.placements, objects, strict=True)), size), size
         )
 
@@ -188,7 +188,7 @@ def _draw_case(rng: np.random.Generator) -> InpaintCase | None:
     scene = sample_scene(rng, num_objects=2, split="train")
     placements = layout(scene, rng)
     index = int(rng.integers(2))
-    kept = _coverage(placements[1 - index], IMAGE_SIZE) > 0
+    kept = placement_coverage(placements[1 - index], IMAGE_SIZE) > 0
     x0, y0, x1, y1 = mask_box(placements[index], MASK_MARGIN)
     if kept[y0:y1, x0:x1].any():
         return None
@@ -200,7 +200,7 @@ def _draw_case(rng: np.random.Generator) -> InpaintCase | None:
         replacement = ShapeObject(shape, color, masked.size, masked.position)
         swapped = list(placements)
         swapped[index] = _with_object(placements[index], replacement)
-        if is_feasible(Scene(tuple(p.obj for p in swapped))) and _separated(swapped):
+        if is_feasible(Scene(tuple(p.obj for p in swapped))) and placements_separated(swapped):
             return InpaintCase(tuple(placements), index, replacement)
     return None
 
@@ -390,7 +390,7 @@ def reconstruction_reference(cases: list[InpaintCase], reference: torch.Tensor) 
 def _kept_pixels(cases: list[InpaintCase], size: int) -> torch.Tensor:
     """[B, size, size] bool: the pixels the kept object covers."""
     return torch.from_numpy(
-        np.stack([_coverage(_scaled((c.placements[1 - c.index],), size)[0], size) > 0 for c in cases])
+        np.stack([placement_coverage(_scaled((c.placements[1 - c.index],), size)[0], size) > 0 for c in cases])
     )
 
 
