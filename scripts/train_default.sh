@@ -54,7 +54,7 @@ stamp "4/5 denoiser"
     --preset small --layers 6 --dim 192 --heads 4 --cond-dim 192 --train-text-model --text-vocab words \
     --text-layers 2 --text-heads 4 --text-max-length 32 --batch-size 64 --lr 8e-4 --lr-warmup 200 \
     --lr-schedule cosine --min-lr 1e-5 --aux-weight 0.05 --ema-decay 0.998 --cond-drop-prob 0.1 \
-    --mixed-precision bf16 --steps 5000 --save-every 250 --keep-checkpoints 21 --sample-every 1000 \
+    --mixed-precision bf16 --steps 4000 --save-every 250 --keep-checkpoints 17 --sample-every 1000 \
     --log-every 50 --seed 0
   touch "$WORK/dm.done"
 }
