@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 gradio = pytest.importorskip("gradio", reason="the demo needs Gradio: pip install -e '.[demo]'")
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs Selenium: pip install selenium")
@@ -105,7 +106,7 @@ def test_generate_in_the_browser(server, browser, tmp_path):
     _open(browser, url)
     # every sampling option is on the page, with its explanation
     for name in ("num-inference-steps", "guidance-scale", "truncation-rate", "sampler", "prior-weight", "spacing"):
-        assert browser.find_elements(By.ID, f"t2i-{name}"), name
+        WebDriverWait(browser, TIMEOUT).until(lambda d, name=name: d.find_elements(By.ID, f"t2i-{name}"), name)
     page = browser.find_element(By.TAG_NAME, "body").text
     assert "classifier-free guidance" in page and "same seed and settings give the same images" in page
 
@@ -160,6 +161,35 @@ def test_two_tabs_generating_at_once_both_get_images(server, browser):
     browser.switch_to.window(second)
     browser.close()
     browser.switch_to.window(first)
+
+
+def test_variation_tab_in_the_browser(server, browser, tmp_path):
+    """Upload an image in the Variations tab, generate, and get the images of the model's size."""
+    url, pipe = server
+    image = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), progress=False)
+    source = tmp_path / "source.png"
+    image.images[0].save(source)
+    _open(browser, url)
+    tab = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']") if b.text == "Variations")
+    tab.click()
+    upload = "#variation-image input[type='file']"
+    WebDriverWait(browser, TIMEOUT).until(lambda d: d.find_elements(By.CSS_SELECTOR, upload))
+    browser.find_element(By.CSS_SELECTOR, upload).send_keys(str(source))
+    WebDriverWait(browser, TIMEOUT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#variation-image img"))
+    box = browser.find_element(By.CSS_SELECTOR, "#variation-prompt textarea")
+    box.send_keys("a blue square")
+    browser.find_element(By.ID, "variation-generate").click()
+
+    def images(d):
+        return d.execute_script(
+            "return [...document.querySelectorAll('#variation-gallery img')]"
+            ".filter(i => i.complete && i.naturalWidth > 0).map(i => [i.naturalWidth, i.naturalHeight]);"
+        )
+
+    WebDriverWait(browser, TIMEOUT).until(lambda d: len(images(d)) == 4)
+    width = pipe.denoiser.config.width * pipe.vqvae.config.downsample_factor
+    assert images(browser) == [[width, width]] * 4
+    assert browser.find_element(By.ID, "variation-status").text.startswith("Made 4 images")
 
 
 def test_screenshot_is_committed():
