@@ -23,6 +23,7 @@ import torch
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.data.shapes import PROMPT_SETS, canonical_caption, prompt_set
 from vqdiffusion.eval.shapes import evaluate
+from vqdiffusion.eval.stats import wilson_interval
 from vqdiffusion.sampling import guided_predictor, sample_tokens
 
 
@@ -40,7 +41,13 @@ def run_setting(pipe: VQDiffusionPipeline, setting: dict[str, Any], n: int, batc
         scores[name] = evaluate(images, scenes)["fully_correct"]
         images_done += len(images)
     seconds = (time.perf_counter() - start) / images_done
-    return {**setting, **scores, "mean": sum(scores.values()) / len(scores), "seconds_per_image": seconds}
+    return {
+        **setting,
+        **scores,
+        "n": n,
+        "mean": sum(scores.values()) / len(scores),
+        "seconds_per_image": seconds,
+    }
 
 
 def generate(pipe: VQDiffusionPipeline, prompts: list[str], setting: dict[str, Any], generator) -> list:
@@ -96,7 +103,15 @@ def format_row(r: dict[str, Any]) -> str:
     sampler = r["sampler"] + (f" r={r['prior_weight']:g}" if r["sampler"] == "purity" else "")
     chain = f"diffusers {r['diffusers_steps'] - 1}..0" if "diffusers_steps" in r else r.get("spacing", "uniform")
     cells = [r["label"], str(r["num_inference_steps"]), chain, sampler, f"{r['guidance_scale']:g}"]
-    cells += [f"{r['truncation_rate']:g}"] + [f"{r[name]:.1%}" for name in (*PROMPT_SETS, "mean")]
+    cells.append(f"{r['truncation_rate']:g}")
+    for name in PROMPT_SETS:  # with its 95% Wilson interval when the row knows its n (rows of older runs do not)
+        rate, n = r[name], r.get("n")
+        if n:
+            low, high = wilson_interval(round(rate * n), n)
+            cells.append(f"{rate:.1%} [{low:.0%}, {high:.0%}]")
+        else:
+            cells.append(f"{rate:.1%}")
+    cells.append(f"{r['mean']:.1%}")
     return "| " + " | ".join(cells + [f"{r['seconds_per_image']:.3f}"]) + " |"
 
 
