@@ -12,6 +12,7 @@ every time is the best (and the median) of ``--repeats`` runs after a warm-up.
     python benchmarks/sampling_vs_diffusers.py                 # all configs
     python benchmarks/sampling_vs_diffusers.py --configs small --batches 1 --truncations 1
     python benchmarks/sampling_vs_diffusers.py --truncation-only
+    python benchmarks/sampling_vs_diffusers.py --device cuda      # a GPU (benchmarks/gpu.sh runs this)
 """
 
 from __future__ import annotations
@@ -74,20 +75,27 @@ def build_diffusers_pipeline(cfg: BenchConfig):
 
 
 def run_pipeline(pipe, prompts: list[str], kwargs: dict) -> None:
-    pipe(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    pipe(prompts, generator=torch.Generator(device=pipe.device).manual_seed(0), **kwargs)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, float]:
-    """(best, median) seconds of ``repeats`` calls."""
+    """(best, median) seconds of ``repeats`` calls (CUDA work finished inside each)."""
     times = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return min(times), statistics.median(times)
 
 
-def truncation_table(rate: float, repeats: int) -> list[str]:
+def truncation_table(rate: float, repeats: int, device: str = "cpu") -> list[str]:
     """ours vs diffusers' ``truncate`` at the ITHQ shape on a flat and a peaked distribution."""
     from diffusers import VQDiffusionPipeline as DiffusersPipeline
 
@@ -98,7 +106,7 @@ def truncation_table(rate: float, repeats: int) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for name, scale in (("flat", 0.3), ("peaked", 4.0)):
-        log_p = torch.log_softmax(torch.randn(1, 4096, 1024, generator=gen) * scale, dim=1)
+        log_p = torch.log_softmax(torch.randn(1, 4096, 1024, generator=gen) * scale, dim=1).to(device)
         ours = functools.partial(truncate_log_probs, log_p, rate)
         theirs = functools.partial(DiffusersPipeline.truncate, None, log_p, rate)  # does not use self
         kept = float(torch.isfinite(ours()).sum(1).float().mean())
@@ -126,10 +134,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (best and median)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     parser.add_argument("--truncation-only", action="store_true", help="only the truncation table")
+    parser.add_argument("--device", default="cpu", help="torch device for both pipelines (default cpu)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, guidance {args.guidance}")
-    trunc_rows = truncation_table(0.86, max(args.repeats, 5))
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {args.device} ({where}), guidance {args.guidance}")
+    trunc_rows = truncation_table(0.86, max(args.repeats, 5), args.device)
     if args.truncation_only:
         print("\n".join(trunc_rows))
         return
@@ -143,12 +154,15 @@ def main() -> None:
         ref = build_diffusers_pipeline(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             ref.save_pretrained(tmp)
-            ours = VQDiffusionPipeline.from_pretrained(tmp, text_pad_token_id=None)
+            ours = VQDiffusionPipeline.from_pretrained(tmp, text_pad_token_id=None).to(args.device)
             ours_bf16 = (
                 None
                 if args.no_bf16
-                else VQDiffusionPipeline.from_pretrained(tmp, text_pad_token_id=None, dtype=torch.bfloat16)
+                else VQDiffusionPipeline.from_pretrained(tmp, text_pad_token_id=None, dtype=torch.bfloat16).to(
+                    args.device
+                )
             )
+        ref.to(args.device)
         for batch, rate in itertools.product(args.batches, args.truncations):
             prompts = (PROMPTS * batch)[:batch]
             call = {
