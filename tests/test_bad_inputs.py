@@ -474,7 +474,7 @@ def test_a_traceback_is_kept_for_bugs(monkeypatch) -> None:
     def broken(args):
         raise TypeError("a bug")
 
-    monkeypatch.setattr(generate, "_check_generate_args", broken)
+    monkeypatch.setattr(generate, "check_generate_args", broken)
     with pytest.raises(TypeError, match="a bug"):
         main(["generate", "x"])
 

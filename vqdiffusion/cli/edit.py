@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import CLIError
 from .generate import (
-    _check_generate_args,
+    check_generate_args,
     add_condition_arguments,
     add_model_arguments,
     add_run_arguments,
@@ -92,7 +92,7 @@ def _add_resize_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
-    kind = _check_generate_args(args)
+    kind = check_generate_args(args)
     sampling = sampling_arguments(args)
     if (args.mask is None) == (args.box is None):
         which = "both" if args.mask is not None else "neither"
@@ -117,7 +117,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
-    kind = _check_generate_args(args)
+    kind = check_generate_args(args)
     sampling = sampling_arguments(args)
     offset = parse_ints(args.offset, 2, "--offset", "x,y")
     image = read_image(args.image, "--image")
@@ -151,7 +151,7 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_variation(args: argparse.Namespace) -> int:
-    kind = _check_generate_args(args)
+    kind = check_generate_args(args)
     sampling = sampling_arguments(args)
     strength = args.strength
     if not (math.isfinite(strength) and 0.0 < strength <= 1.0):

@@ -117,7 +117,7 @@ def _output_kind(args: argparse.Namespace) -> str:
     return "folder"
 
 
-def _check_generate_args(args: argparse.Namespace) -> str:
+def check_generate_args(args: argparse.Namespace) -> str:
     if args.prompt is not None and not args.prompt.strip():
         command = getattr(args, "command", None) or "generate"
         raise CLIError(f'the prompt is empty; give a text prompt, e.g. vqdiffusion {command} "a red circle" ...')
@@ -131,7 +131,7 @@ def _check_generate_args(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    kind = _check_generate_args(args)
+    kind = check_generate_args(args)
     sampling = sampling_arguments(args)
     pipe, condition, generator = load_for_sampling(args, kind)
     result = pipe(
