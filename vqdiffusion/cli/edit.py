@@ -15,10 +15,10 @@ from typing import Any
 
 from .errors import CLIError
 from .generate import (
-    check_generate_args,
     add_condition_arguments,
     add_model_arguments,
     add_run_arguments,
+    check_generate_args,
     load_for_sampling,
     write_images,
 )
