@@ -39,16 +39,13 @@ def budgets(num_timesteps: int, guidance: float, prior_weight: float) -> list[di
     ]  # fmt: skip
     for steps in (50, 25, 10, 5):
         rows.append({**base, "sampler": "ancestral", "num_inference_steps": steps})
-    for steps in (50, 25, 10, 5):
+    for steps in (25, 10, 5):
         rows.append({**base, "sampler": "purity", "prior_weight": prior_weight, "num_inference_steps": steps})
-    for steps in (25, 10):
-        rows.append({**base, "sampler": "uniform", "order": "halton", "num_inference_steps": steps})
+    rows.append({**base, "sampler": "uniform", "order": "halton", "num_inference_steps": 10})
     for steps in (16, 8, 4):
         rows.append({**base, "sampler": "confidence", "num_inference_steps": steps})
-    for steps in (50, 25, 10):
-        rows.append({**base, "sampler": "remdm", "num_inference_steps": steps})
-    for steps in (num_timesteps, 25):
-        rows.append({**base, "sampler": "first_hitting", "num_inference_steps": steps})
+    rows.append({**base, "sampler": "remdm", "num_inference_steps": 25})
+    rows.append({**base, "sampler": "first_hitting", "num_inference_steps": num_timesteps})
     return rows
 
 
