@@ -30,9 +30,9 @@ from vqdiffusion.unmasking import MASK_ONLY_TOLERANCE, replace_mass
 MASK_ONLY_SAMPLERS = ("remdm", "first_hitting")
 
 
-def budgets(num_timesteps: int, guidance: float, prior_weight: float) -> list[dict[str, Any]]:
+def budgets(num_timesteps: int, guidance: float, truncation: float, prior_weight: float) -> list[dict[str, Any]]:
     """The rows: each sampler at a few step counts, and diffusers' default as the reference."""
-    base = {"guidance_scale": guidance, "truncation_rate": 1.0}
+    base = {"guidance_scale": guidance, "truncation_rate": truncation}
     rows: list[dict[str, Any]] = [
         {**base, "sampler": "ancestral", "num_inference_steps": num_timesteps, "diffusers_steps": num_timesteps,
          "label": "diffusers default"},
@@ -102,7 +102,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=sampler)
     for r in rows:
         if "diffusers_steps" in r:
-            ax.axhline(100 * r["mean"], color="gray", linestyle="--", label="diffusers default (100 steps)")
+            ax.axhline(100 * r["mean"], color="gray", linestyle="--", label="diffusers' default (100 steps)")
     ax.set_xscale("log")
     ax.set_ylim(0, 100)
     ax.set_xlabel("denoiser calls per chain")
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--truncation", type=float, default=None, help="truncation rate (default: the model's)")
     parser.add_argument("--prior-weight", type=float, default=1.0, help="purity sampler r (default 1)")
     parser.add_argument("--only", nargs="*", default=None, help="samplers to run (default all)")
     parser.add_argument("--json", type=Path, default=None)
@@ -128,12 +129,13 @@ def main() -> None:
 
     pipe = VQDiffusionPipeline.from_pretrained(args.model)
     guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
-    rows = budgets(pipe.schedule.num_timesteps, guidance, args.prior_weight)
+    truncation = pipe.defaults.truncation_rate if args.truncation is None else args.truncation
+    rows = budgets(pipe.schedule.num_timesteps, guidance, truncation, args.prior_weight)
     if replace_mass(pipe.schedule) > MASK_ONLY_TOLERANCE:
         rows = [r for r in rows if r["sampler"] not in MASK_ONLY_SAMPLERS]
     if args.only:
         rows = [r for r in rows if r["sampler"] in args.only]
-    print(f"{args.model}: n = {args.n} prompts per set, seed {args.seed}, guidance {guidance:g}, truncation 1")
+    print(f"{args.model}: n = {args.n} per set, seed {args.seed}, guidance {guidance:g}, truncation {truncation:g}")
     print("| sampler | calls | " + " | ".join(PROMPT_SETS) + " | mean | s/img |")
     print("|---" * (len(PROMPT_SETS) + 4) + "|")
     results = []

@@ -61,7 +61,7 @@ stamp "4/5 denoiser"
 
 stamp "5/5 export"
 rm -rf "$ASSET.tmp"
-vqdiffusion export "$WORK/dm" "$ASSET.tmp" --half --steps 50 --guidance 3 --truncation 1 --sampler ancestral
+vqdiffusion export "$WORK/dm" "$ASSET.tmp" --half --steps 50 --guidance 1 --truncation 0.7 --sampler ancestral
 rm -rf "$ASSET" && mv "$ASSET.tmp" "$ASSET"
 du -sh "$ASSET"
 stamp "done: vqdiffusion generate \"a large red circle in the top left\" now uses it"
