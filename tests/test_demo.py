@@ -47,6 +47,7 @@ def test_text_to_image_matches_the_pipeline_and_reports_progress(shapes):
         "a red circle",
         num_inference_steps=4,
         guidance_scale=2.0,
+        truncation_rate=1.0,
         num_images_per_prompt=2,
         generator=torch.Generator().manual_seed(7),
         progress=False,
