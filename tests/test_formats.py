@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,22 @@ def test_version_2_index_round_trip_and_version_1_still_loads(tmp_path, tiny_cli
     assert pipe.condition_kind == kind and pipe.null_class_label == components.null_class_label
 
 
-def test_shipped_model_has_a_version_1_index_and_loads():
-    assert read_index(BUILTIN / INDEX_FILE)["format_version"] == 1
+def test_shipped_model_loads_and_a_version_1_index_still_reads(tmp_path):
+    assert read_index(BUILTIN / INDEX_FILE)["format_version"] == 2
     components = load_ours(BUILTIN)
     assert components.text_encoder is not None and components.null_condition is not None
-    assert components.text_encoder.pad_token_id is None and components.defaults.guidance_scale == 3.0
+    assert components.text_encoder.pad_token_id is None and components.defaults.guidance_scale == 1.0
+    # the first built-in model's index (format version 1), over the same folder
+    old = tmp_path / "v1"
+    shutil.copytree(BUILTIN, old)
+    (old / INDEX_FILE).write_text(
+        '{"format": "vqdiffusion-pipeline", "format_version": 1, "condition": "text", '
+        '"null_condition": "learned", "text_pad_token_id": null}'
+    )
+    assert read_index(old / INDEX_FILE)["format_version"] == 1
+    again = load_ours(old)
+    assert again.text_encoder.pad_token_id is None and again.null_condition is not None
+    assert again.denoiser.config == components.denoiser.config
 
 
 def test_pipeline_components_round_trip(tmp_path, tiny_clip_dirs):
