@@ -23,6 +23,7 @@ from .diffusion import Generator, MaskReplaceSchedule
 from .editing import (
     COUNTING_SAMPLERS,
     DEFAULT_KNOWN_TOKEN_MODE,
+    KNOWN_TOKEN_MODES,
     KnownTokens,
     place_on_canvas,
     token_mask,
@@ -402,7 +403,8 @@ class VQDiffusionPipeline:
                 "the mask covers every token, so nothing of the image is kept; use plain generation (pipe(prompt)) "
                 "or a variation (pipe.variation)"
             )
-        KnownTokens(regenerate, regenerate, known_tokens)  # checks the mode before anything runs
+        if known_tokens not in KNOWN_TOKEN_MODES:  # before anything is encoded or sampled
+            raise ValueError(f"known_tokens must be one of {list(KNOWN_TOKEN_MODES)}, got {known_tokens!r}")
         x0 = self.encode_images(images).flatten(1)  # [I, N] on the device
         regenerate = regenerate.to(x0.device)
         prompts = self._edit_prompts(prompt, (("image", len(x0)), ("mask", len(regenerate))))
