@@ -232,6 +232,30 @@ def test_sample_categorical_is_an_exact_float64_inverse_cdf() -> None:
     assert np.array_equal(got[0].numpy(), expected)
 
 
+@pytest.mark.parametrize("num_classes", [1, 2, 5, 17, 64, 65, 300])
+@pytest.mark.parametrize("layout", ["contiguous", "classes_last"])
+def test_sample_categorical_two_level_search_equals_a_flat_cdf(num_classes: int, layout: str) -> None:
+    """The two-level (block, then class) search draws exactly the class a flat float64 CDF over all classes
+    gives for the same uniforms, in any memory layout, with zero-mass classes and whole zero-mass blocks
+    (which must never be drawn)."""
+    B, N = 3, 400
+    gen = torch.Generator().manual_seed(num_classes)
+    log_p = torch.randn(B, num_classes, N, generator=gen) * 3
+    if num_classes > 4:
+        log_p[:, 1::3] = -math.inf  # scattered zero-mass classes
+        log_p[:, : num_classes // 2] = -math.inf  # the first half, whole blocks included
+    if layout == "classes_last":
+        log_p = log_p.transpose(1, 2).contiguous().transpose(1, 2)
+    got = sample_categorical(log_p, torch.Generator().manual_seed(11)).numpy()
+    u = torch.rand((B, N), generator=torch.Generator().manual_seed(11), dtype=torch.float64).numpy()
+    p = np.exp(log_p.double().numpy() - log_p.double().numpy().max(axis=1, keepdims=True))
+    for b in range(B):
+        for n in range(N):
+            cdf = np.cumsum(p[b, :, n])
+            assert got[b, n] == np.searchsorted(cdf, (1.0 - u[b, n]) * cdf[-1], side="left")
+            assert p[b, got[b, n], n] > 0
+
+
 
 def reference_truncation(log_p: torch.Tensor, rate: float) -> torch.Tensor:
     """Full-sort truncation in float64: keep class j if the mass of the classes sorted before it < rate."""

@@ -188,14 +188,45 @@ def sample_categorical(log_probs: torch.Tensor, generator: Generator = None) -> 
     Inverse CDF with one float64 uniform per position: with p_c = exp(log p_c - max) (unnormalised inputs are
     fine), F_c = sum_{j <= c} p_j accumulated in float64 and v = (1 - U) F_C in (0, F_C], the draw is the first
     class whose cumulative mass reaches v.  Classes of zero mass (log p = -inf) are never drawn.  The float64
-    uniform and sum resolve probabilities far below float32's 2^-24 (see :func:`_rand`); one uniform per
-    position instead of one per class (Gumbel-max) keeps it as cheap.
+    uniform and sums resolve probabilities far below float32's 2^-24 (see :func:`_rand`); one uniform per
+    position instead of one per class (Gumbel-max) keeps it cheap.
+
+    The search runs in two levels of about sqrt(C) classes (docs/design.md §6.2): float64 block masses and
+    their cumulative sum pick the block holding v, and only that block's classes are accumulated, so no
+    [B, C, N] float64 tensor is built.  Any memory layout of ``log_probs`` works (e.g. the denoiser's
+    transposed view).
     """
     B, C, N = log_probs.shape
-    p = (log_probs - log_probs.amax(dim=1, keepdim=True)).exp_().transpose(1, 2)  # [B, N, C]
-    cdf = p.cumsum(dim=2, dtype=torch.float64)
-    v = (1.0 - _rand((B, N), generator, log_probs.device)) * cdf[..., -1]  # [B, N] in (0, F_C]
-    return torch.searchsorted(cdf, v.unsqueeze(-1)).squeeze(-1).clamp_(max=C - 1)
+    p = (log_probs - log_probs.amax(dim=1, keepdim=True)).exp_()  # [B, C, N] in (0, 1], input layout
+    width = math.isqrt(C - 1) + 1 if C > 1 else 1  # classes per block: ceil(sqrt(C)) or just above
+    full = C // width
+    masses = [_block_masses(p[:, : full * width].unflatten(1, (full, width)))] if full else []
+    if C > full * width:  # a shorter last block
+        masses.append(p[:, full * width :].sum(1, keepdim=True, dtype=torch.float64))
+    cum_block = torch.cat(masses, dim=1).cumsum_(1) if len(masses) > 1 else masses[0].cumsum(1)  # [B, nb, N]
+    num_blocks = cum_block.shape[1]
+    v = (1.0 - _rand((B, N), generator, log_probs.device)) * cum_block[:, -1]  # [B, N] in (0, F_C]
+    block = (cum_block < v[:, None]).sum(1).clamp_(max=num_blocks - 1)  # first block whose mass reaches v
+    before = cum_block.gather(1, (block - 1).clamp_(min=0)[:, None]).squeeze(1).masked_fill_(block == 0, 0.0)
+    index = block[:, None] * width + torch.arange(width, device=p.device)[:, None]  # [B, width, N]
+    inside = index < C  # the last block may be shorter
+    values = p.gather(1, index.clamp_(max=C - 1)).double().masked_fill_(~inside, 0.0)
+    cum_inner = values.cumsum_(1)  # [B, width, N] float64, the block's own cumulative mass
+    # v - before > 0 exactly (v > before); the min keeps a rounding difference between the two summation
+    # orders from stepping past the block's last class of positive mass.
+    rest = torch.minimum(v - before, cum_inner[:, -1])
+    offset = (cum_inner < rest[:, None]).sum(1)
+    return (block * width + offset).clamp_(max=C - 1)
+
+
+def _block_masses(p_blocks: torch.Tensor) -> torch.Tensor:
+    """sum over dim 2 of [B, nb, width, N] in float64 -> [B, nb, N], a few positions at a time so that the
+    float64 copy stays small (about 8 MB) instead of one [B, C, N] float64 tensor."""
+    B, nb, width, N = p_blocks.shape
+    step = max(1, 2**20 // max(1, B * nb * width))
+    if step >= N:
+        return p_blocks.sum(2, dtype=torch.float64)
+    return torch.cat([part.sum(2, dtype=torch.float64) for part in p_blocks.split(step, dim=3)], dim=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,17 +381,31 @@ def posterior_log_probs(
     # The entry at index x_t: u(k) for real positions, u(MASK) for masked ones.
     log_at_x_t = torch.where(is_mask, log(coef["mask_stay"].expand(B, N)), log(u_k))
 
-    body = torch.logaddexp(log_p + log_A.float()[:, None], log_C.float()[:, None])  # [B, K, N]
-    out = torch.cat([body, body.new_full((B, 1, N), -math.inf)], dim=1)
+    body = torch.logaddexp(log_p + log_A.float()[:, None], log_C.float()[:, None])  # [B, K, N], log_p's layout
+    if body.stride(1) == 1:  # classes contiguous (the denoiser's layout): append [MASK] without a transpose
+        out = torch.cat([body.transpose(1, 2), body.new_full((B, N, 1), -math.inf)], dim=2).transpose(1, 2)
+    else:
+        out = torch.cat([body, body.new_full((B, 1, N), -math.inf)], dim=1)
     return out.scatter_(1, x_t[:, None], log_at_x_t.float()[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Sampling knobs on log p(x0 | x_t)
 # ---------------------------------------------------------------------------------------------------------
+def log_softmax_classes(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over dim 1 (classes) of [B, C, N], in whichever layout ``x`` has.
+
+    On the denoiser's classes-contiguous layout (a transposed [B, N, C] tensor) it runs along the contiguous
+    dim, with no transposing copy; the result keeps that layout.
+    """
+    if x.ndim == 3 and x.stride(1) == 1 and x.shape[1] > 1:
+        return torch.log_softmax(x.transpose(1, 2), dim=-1).transpose(1, 2)
+    return torch.log_softmax(x, dim=1)
+
+
 def guided_log_probs(log_p_uncond: torch.Tensor, log_p_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance (Improved VQ-Diffusion sec. 3.1): log_softmax(lu + s (lc - lu)) over dim 1."""
-    return torch.log_softmax(log_p_uncond + scale * (log_p_cond - log_p_uncond), dim=1)
+    return log_softmax_classes(log_p_uncond + scale * (log_p_cond - log_p_uncond))
 
 
 # Truncation measures probability mass in integer quanta of 2^-30, so that every sum is exact and the kept
@@ -375,7 +420,7 @@ def truncation_quanta(log_p_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     q is the probability mass that :func:`truncate_log_probs` adds up: integer, so sums are exact in any
     order; each entry is within 2^-30 of p (a total within K * 2^-30), and the total stays below 2^31.
     """
-    log_p = torch.log_softmax(log_p_x0.float(), dim=1)
+    log_p = log_softmax_classes(log_p_x0.float())
     p = log_p.exp()
     return log_p, p, (p * float(2**MASS_QUANTUM_BITS)).to(torch.int32)
 
@@ -432,7 +477,9 @@ def _threshold_digit(bits: torch.Tensor, q: torch.Tensor, prefix: torch.Tensor, 
     start = torch.arange(B * N, device=bits.device, dtype=index_dtype).view(B, 1, N) * width
     low = (prefix << 10).to(index_dtype) - 1  # v = -1
     index = ((bits >> shift).to(index_dtype) + (start - low)).clamp_(start, start + (width - 1))
-    hist = torch.zeros(B * N * width, dtype=torch.int32, device=bits.device).index_add_(0, index.view(-1), q.view(-1))
+    # index and q flattened in the same order (memory order for the denoiser's classes-contiguous layout)
+    flat = (lambda x: x.transpose(1, 2).reshape(-1)) if q.stride(1) == 1 else (lambda x: x.reshape(-1))
+    hist = torch.zeros(B * N * width, dtype=torch.int32, device=bits.device).index_add_(0, flat(index), flat(q))
     upto = hist.view(B, N, width).cumsum(2, dtype=torch.int32)  # exact: the total is below 2^31
     # mass above bucket v + 1 = total - upto[v + 1] >= R  <=>  upto[v + 1] <= total - R
     below = (upto[:, :, 1 : width - 1] <= upto[:, :, width - 1 :] - limit).sum(2, dtype=torch.int32)
@@ -502,7 +549,7 @@ def temper_log_probs(log_p_x0: torch.Tensor, temperature: float) -> torch.Tensor
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if temperature == 1.0:
         return log_p_x0
-    return torch.log_softmax(log_p_x0 / temperature, dim=1)
+    return log_softmax_classes(log_p_x0 / temperature)
 
 
 PRIOR_RULES = ("uniform", "purity")
@@ -576,7 +623,7 @@ def prior_unmask_step(
     score = purity_scores(log_p_x0) if rule == "purity" else torch.ones((B, N), device=log_p_x0.device)
     log_p = log_p_x0.float()
     if prior_weight > 0:
-        log_p = torch.log_softmax((1.0 + prior_weight * score)[:, None] * log_p, dim=1)
+        log_p = log_softmax_classes((1.0 + prior_weight * score)[:, None] * log_p)
     candidates = sample_categorical(log_p, generator)  # [B, N]
     chosen = select_positions(torch.where(is_mask, score, torch.zeros_like(score)), count, generator)
     return torch.where(chosen, candidates, x_t)

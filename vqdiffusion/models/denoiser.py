@@ -268,6 +268,10 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 
+# CPU inference: elements of the MLP's hidden activation computed at once (4 MB in float32, see Block._mlp).
+MLP_CHUNK_ELEMENTS = 2**20
+
+
 class GELU2(nn.Module):
     """x * sigmoid(1.702 x): the authors' GELU2, diffusers' "geglu-approximate"."""
 
@@ -344,8 +348,24 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             x = self.cross_attn(self.norm_cross(x, t), cond_cache).add_(x)
         if isinstance(self.norm_mlp, AdaLayerNorm):
-            return self.mlp(self.norm_mlp.modulate(x, *cond_cache)).add_(x)
-        return self.mlp(self.norm_mlp(x)).add_(x)
+            return self._mlp(self.norm_mlp.modulate(x, *cond_cache)).add_(x)
+        return self._mlp(self.norm_mlp(x)).add_(x)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP on [B, N, D]; CPU inference runs the linear MLP a few hundred rows at a time, so that its
+        [rows, hidden] activation is a small, reused allocation instead of a fresh one of tens of MB (whose page
+        faults cost more than the activation itself).  Every row is computed by the same operations."""
+        hidden = self.mlp[0].out_features if isinstance(self.mlp, nn.Sequential) else None
+        if hidden is None or h.device.type != "cpu" or (torch.is_grad_enabled() and h.requires_grad):
+            return self.mlp(h)
+        rows = max(1, MLP_CHUNK_ELEMENTS // hidden)
+        flat = h.reshape(-1, h.shape[-1])
+        if flat.shape[0] <= rows:
+            return self.mlp(h)
+        out = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], rows):
+            out[start : start + rows] = self.mlp(flat[start : start + rows])
+        return out.view(h.shape)
 
 
 def cat_condition_caches(*parts: ConditionCache) -> ConditionCache:
