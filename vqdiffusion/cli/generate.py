@@ -211,10 +211,12 @@ def _condition(pipe: Any, args: argparse.Namespace) -> str | list[int] | None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from ..formats.ours import read_history
     from ..models.conditions import ConditionKind
-    from ..pipeline import VQDiffusionPipeline
+    from ..pipeline import VQDiffusionPipeline, resolve_model_path
 
     pipe = VQDiffusionPipeline.from_pretrained(args.model, **hub_options(args))
+    history = read_history(resolve_model_path(args.model, **hub_options(args)))
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.modules().items()}
     report = {
         "model": str(args.model),
@@ -236,6 +238,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ),
         "defaults": pipe.defaults.to_dict(),
         "parameters": {**counts, "total": sum(counts.values())},
+        "training_history": history,  # one entry per training stage (history.json), oldest first
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -38,6 +38,10 @@ _FLAGS: FlagTable = {
     "--alpha-cum-end": ("alpha_cum_end", float, "cumulative keep probability at the last step"),
     "--gamma-cum-start": ("gamma_cum_start", float, "cumulative mask probability at the first step"),
     "--gamma-cum-end": ("gamma_cum_end", float, "cumulative mask probability at the last step"),
+    "--objective": ("objective", str, "vlb (default: VQ-Diffusion's bound + aux loss), masked_ce (MaskGIT/MUSE) or "
+                    "elbo (MD4/MDLM, mask-only schedules)"),
+    "--init-from": ("init_from", str, "start from this model's weights (folder, builtin:NAME or Hub id) with a "
+                    "fresh optimizer and warm-up"),
     "--aux-weight": ("aux_weight", float, "weight of the auxiliary x0 loss (default 5e-4)"),
     "--mask-weight": ("mask_weight", _pair, "loss weights of [MASK] and other positions, e.g. 1,1"),
     "--text-encoder": ("text_encoder_dir", str, "local CLIP text model folder (frozen)"),

@@ -9,6 +9,7 @@
     denoiser/                    config.json + model.safetensors
     text_encoder/, tokenizer/    text models: the CLIP text model and its tokenizer (transformers layout)
     null_condition.safetensors   text models with a learned null text: one tensor "embedding" [L, D]
+    history.json                 how the model was trained (optional): {"stages": [one object per stage]}
 
 Index, ``format_version`` 2 (written)::
 
@@ -46,11 +47,14 @@ __all__ = [
     "NULL_CONDITION_FILE",
     "READABLE_VERSIONS",
     "SCHEDULE_FILE",
+    "HISTORY_FILE",
     "condition_config",
     "index_condition",
     "load_ours",
+    "read_history",
     "read_index",
     "save_ours",
+    "write_history",
 ]
 
 FORMAT_NAME = "vqdiffusion-pipeline"
@@ -58,6 +62,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 INDEX_FILE = "vqdiffusion.json"
 SCHEDULE_FILE = "schedule.json"
+HISTORY_FILE = "history.json"
 DEFAULTS_FILE = "defaults.json"
 NULL_CONDITION_FILE = "null_condition.safetensors"
 _INDEX_KEYS = {
@@ -186,6 +191,25 @@ def save_ours(
     index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "condition": condition.to_dict()}
     atomic_write_text(root / INDEX_FILE, json.dumps(index, indent=2) + "\n")  # last: the save is complete
     return root
+
+
+def write_history(path: str | os.PathLike, stages: list[dict[str, Any]]) -> Path:
+    """Write a model folder's training history: ``{"stages": [...]}``, one JSON object per training stage
+    (command, objective, samples seen, wall time, machine, the model it started from), oldest first."""
+    if not all(isinstance(stage, dict) for stage in stages):
+        raise ValueError("a training history is a list of JSON objects, one per stage")
+    return atomic_write_text(Path(path) / HISTORY_FILE, json.dumps({"stages": stages}, indent=2) + "\n")
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The training stages recorded in a model folder's ``history.json`` (``[]`` when it has none)."""
+    file = Path(path) / HISTORY_FILE
+    if not file.is_file():
+        return []
+    stages = read_json_object(file).get("stages")
+    if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+        raise ConfigError(f'{file} must hold {{"stages": [one object per stage]}}; got {stages!r:.80}')
+    return stages
 
 
 def _stored(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

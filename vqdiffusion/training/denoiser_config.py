@@ -8,6 +8,7 @@ from typing import Any
 from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive
 from ..diffusion import MaskReplaceSchedule
 from ..models.denoiser import ACTIVATIONS, DENOISER_PRESETS, DenoiserConfig
+from ..objectives import is_mask_only
 from .lr_schedule import LR_SCHEDULES
 from .runtime import MIXED_PRECISION
 
@@ -15,6 +16,9 @@ NOISE_SCHEDULES = ("reference", "mask_and_replace")
 
 
 TEXT_MODELS = ("pretrained", "train")
+
+# The training objectives (docs/design.md §5.3; vqdiffusion.objectives).
+OBJECTIVES = ("vlb", "masked_ce", "elbo")
 
 
 RESUMABLE_FIELDS = frozenset(
@@ -52,6 +56,13 @@ class DenoiserTrainConfig(ConfigBase):
             only) or ``"mask_and_replace"`` (the paper's: gbar_T = 0.9, K bbar_T = 0.1); ``alpha_cum_start``,
             ``alpha_cum_end``, ``gamma_cum_start``, ``gamma_cum_end`` override single endpoints.
         num_timesteps: T.
+        objective: ``"vlb"`` (VQ-Diffusion's bound: KL terms + the auxiliary x0 loss, importance-sampled
+            steps), ``"masked_ce"`` (MaskGIT / MUSE: cross-entropy of x0 at the corrupted positions,
+            uniform steps) or ``"elbo"`` (MD4 / MDLM: that cross-entropy at [MASK] positions weighted by the
+            probability of unmasking at the step, uniform steps; needs a mask-only schedule).
+        init_from: start from this exported model's weights (a folder, ``builtin:NAME`` or a Hub id;
+            :func:`vqdiffusion.training.init_from.init_from_model`) with a fresh optimizer, warm-up and EMA;
+            None starts from a random initialisation.
         aux_weight, adaptive_aux, mask_weight: :func:`diffusion_loss` settings (lambda of the auxiliary
             x0 cross-entropy, its (1 - t/T) + 1 scaling, weights of [MASK] / other positions).
         text_model: ``"pretrained"`` (a frozen local CLIP from ``text_encoder_dir`` + ``tokenizer_dir``,
@@ -97,6 +108,8 @@ class DenoiserTrainConfig(ConfigBase):
     alpha_cum_end: float | None = None
     gamma_cum_start: float | None = None
     gamma_cum_end: float | None = None
+    objective: str = "vlb"
+    init_from: str | None = None
     aux_weight: float = 5e-4
     adaptive_aux: bool = True
     mask_weight: tuple[float, float] = (1.0, 1.0)
@@ -142,6 +155,7 @@ class DenoiserTrainConfig(ConfigBase):
             "text_model": TEXT_MODELS,
             "lr_schedule": LR_SCHEDULES,
             "mixed_precision": MIXED_PRECISION,
+            "objective": OBJECTIVES,
         }
         check_choices(name, self, choices)
         if self.activation is not None and self.activation not in ACTIVATIONS:
@@ -210,7 +224,16 @@ class DenoiserTrainConfig(ConfigBase):
             raise ConfigError(f"{name}: text_words must be non-empty strings, got {list(self.text_words)[:5]}...")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"{name}: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        self.schedule(2)  # validates the endpoints
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ConfigError(
+                f"{name}: init_from must be a model folder, builtin:NAME or a Hub id, got {self.init_from!r}"
+            )
+        schedule = self.schedule(2)  # validates the endpoints
+        if self.objective == "elbo" and not is_mask_only(schedule):
+            raise ConfigError(
+                f"{name}: objective 'elbo' is the bound of a mask-only schedule, and this one replaces tokens "
+                "(noise_schedule mask_and_replace); use objective 'vlb' or 'masked_ce', or the reference schedule"
+            )
 
     def schedule(self, num_classes: int) -> MaskReplaceSchedule:
         """The noise schedule for a codebook of ``num_classes`` tokens."""

@@ -54,6 +54,8 @@ import contextlib
 import copy
 import dataclasses
 import os
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -63,11 +65,12 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..data.tokens import TokenDataset
-from ..diffusion import ImportanceTimestepSampler, diffusion_loss, q_sample
+from ..diffusion import ImportanceTimestepSampler, q_sample
 from ..io import load_into
 from ..models.conditions import ConditionKind, PromptIds
 from ..models.denoiser import Denoiser
 from ..models.vqvae import VQVAE
+from ..objectives import IMPORTANCE_SAMPLED, objective_loss
 from ..pipeline import VQDiffusionPipeline
 from .batching import StepBatchSampler
 from .checkpoint import (
@@ -91,6 +94,7 @@ from .denoiser_modules import (
 from .distributed import all_gather_rows, wrap_ddp
 from .ema import EMA
 from .export import training_defaults
+from .init_from import init_from_model, machine_description
 from .lr_schedule import lr_at, set_lr
 from .runtime import autocast_context, seed_everything
 
@@ -124,6 +128,7 @@ class DenoiserTrainer:
         device: this process's device.
         rank, world_size: this process's place in a DDP group (``world_size > 1`` needs an initialised
             ``torch.distributed`` process group; the module is then wrapped in DDP).
+        initialise: load ``config.init_from``'s weights (a restored checkpoint replaces them anyway).
 
     Attributes: ``module`` (:class:`DenoiserTrainModule`), ``frozen_text`` (a frozen pretrained text model
     or None), ``schedule``, ``sampler`` (:class:`ImportanceTimestepSampler`), ``optimizer``, ``ema``,
@@ -138,6 +143,7 @@ class DenoiserTrainer:
         *,
         rank: int = 0,
         world_size: int = 1,
+        initialise: bool = True,
     ) -> None:
         self.config, self.data = config, data
         self.device = torch.device(device)
@@ -157,6 +163,18 @@ class DenoiserTrainer:
 
         seed_everything(config.seed)  # identical initialisation on every rank
         self.module, self.frozen_text = build_train_module(config, data, self.device)
+        # the training history of the model this run started from, and this run's own stage
+        self.history: list[dict[str, Any]] = []
+        if config.init_from is not None and initialise:
+            self.history = init_from_model(
+                self.module, config.init_from, schedule=self.schedule.to_dict(), vqvae_dir=data.meta.get("vqvae_dir")
+            )
+        self.stage: dict[str, Any] = {
+            "command": " ".join(["vqdiffusion", *sys.argv[1:]]),
+            "machine": machine_description(self.device) + (f" x {world_size} processes" if world_size > 1 else ""),
+            "wall_time_s": 0.0,
+        }
+        self._clock = time.monotonic()
         self.text_encoder = self.module.text or self.frozen_text
         self.module.to(self.device).train()
         self.ddp_module: nn.Module = self.module
@@ -244,6 +262,7 @@ class DenoiserTrainer:
             token), global-batch means; ``grad_norm`` (before clipping; NaN without clipping).
         """
         cfg, b = self.config, self.micro_batch
+        importance = cfg.objective in IMPORTANCE_SAMPLED  # else the sampler stays uniform (never updated)
         x0 = batch["x0"].to(self.device, non_blocking=True).long()
         n = x0.shape[1]
         draws = self.draws(self.step, x0)
@@ -260,7 +279,8 @@ class DenoiserTrainer:
             with sync:
                 with self.autocast():
                     log_p = self.ddp_module(draws.x_t[rows], draws.t[rows], cond, draws.drop[rows])
-                terms = diffusion_loss(
+                terms = objective_loss(
+                    cfg.objective,
                     self.schedule,
                     log_p.float(),
                     x0[rows],
@@ -270,7 +290,7 @@ class DenoiserTrainer:
                     adaptive_aux=cfg.adaptive_aux,
                     mask_weight=tuple(cfg.mask_weight),
                 )
-                per_example = terms.total(draws.p_t[rows]) / n
+                per_example = terms.total(draws.p_t[rows] if importance else None) / n
                 loss = per_example.sum() / (b * cfg.grad_accum)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             local_terms.append(torch.stack([terms.vb.detach(), per_example.detach(), terms.aux.detach()]))
@@ -291,7 +311,8 @@ class DenoiserTrainer:
         gathered = all_gather_rows(  # [3, G]
             torch.cat(local_terms, dim=1).float(), self.world_size, cfg.grad_accum, self.micro_batch
         )
-        self.sampler.update(draws.t, gathered[0])
+        if importance:
+            self.sampler.update(draws.t, gathered[0])
         self.step += 1
         return {
             "loss": gathered[1].mean(),
@@ -364,8 +385,14 @@ class DenoiserTrainer:
             "rng": rng_meta,
             "lr": self.lr(max(0, self.step - 1)),
             "world_size": self.world_size,
+            "history": self.history,
+            "stage": {**self.stage, "wall_time_s": self.wall_time_s()},
         }
         return tensors, meta
+
+    def wall_time_s(self) -> float:
+        """Seconds this stage has run, over every resumed part (since construction or the restored checkpoint)."""
+        return float(self.stage["wall_time_s"]) + time.monotonic() - self._clock
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> None:
         """Restore everything :meth:`state_tensors` wrote (check compatibility with
@@ -380,6 +407,10 @@ class DenoiserTrainer:
             self.scaler.load_state_dict(meta["scaler"])
         restore_rng_state(tensors, meta["rng"], "rng")
         self.step = int(meta["step"])
+        self.history = list(meta.get("history") or [])
+        stage = meta.get("stage") or {}
+        self.stage = {**self.stage, **{k: stage[k] for k in ("command", "wall_time_s") if k in stage}}
+        self._clock = time.monotonic()
         self.ema.num_updates = self.step  # one EMA update per optimizer step: the warm-up continues
         if self.world_size > 1:
             seed_everything(step_seed(self.config.seed * self.world_size + self.rank, self.step))
@@ -408,7 +439,7 @@ class DenoiserTrainer:
         config = saved if config is None else config
         data = TokenDataset(config.token_dir) if data is None else data
         check_resume_config(DenoiserTrainConfig.from_dict(meta["config"]), config, RESUMABLE_FIELDS, str(path))
-        trainer = cls(config, data, device, rank=rank, world_size=world_size)
+        trainer = cls(config, data, device, rank=rank, world_size=world_size, initialise=False)
         new_model = trainer.denoiser.config.to_dict()
         changed = sorted(k for k in new_model if new_model[k] != meta["denoiser_config"].get(k))
         if changed:

@@ -20,6 +20,7 @@ import torch
 from ..config import ConfigError
 from ..data.tokens import CONDITION_OF_DATA_KIND
 from ..diffusion import MaskReplaceSchedule
+from ..formats.ours import write_history
 from ..io import load_into
 from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
@@ -28,6 +29,7 @@ from ..sampling import DEFAULT_GUIDANCE_SCALE
 from ..text_vocab import build_char_clip_tokenizer
 from .checkpoint import DENOISER_CHECKPOINT, find_latest_checkpoint, load_checkpoint, take_prefix
 from .denoiser_config import DenoiserTrainConfig
+from .init_from import stage_record
 
 __all__ = ["export_pipeline", "pipeline_from_checkpoint", "training_defaults"]
 
@@ -99,6 +101,31 @@ def pipeline_from_checkpoint(
         ema: use the EMA weights (default) rather than the raw ones.
         vqvae_dir: the VQ-VAE folder (default: the one the token folder was made with).
     """
+    return _pipeline_and_meta(checkpoint, ema=ema, vqvae_dir=vqvae_dir)[0]
+
+
+def training_history(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The history a checkpoint's export records: the stages of the model it started from (``--init-from``),
+    then its own stage (:func:`~vqdiffusion.training.init_from.stage_record`)."""
+    config = DenoiserTrainConfig.from_dict(meta["config"])
+    stage = meta.get("stage") or {}
+    step = int(meta.get("step", 0))
+    own = stage_record(
+        command=stage.get("command", "unknown (a checkpoint written before histories were recorded)"),
+        objective=config.objective,
+        samples=step * config.batch_size,
+        steps=step,
+        batch_size=config.batch_size,
+        wall_time_s=float(stage.get("wall_time_s", 0.0)),
+        machine=stage.get("machine", "unknown"),
+        init_from=config.init_from,
+    )
+    return [*list(meta.get("history") or []), own]
+
+
+def _pipeline_and_meta(
+    checkpoint: str | os.PathLike, *, ema: bool, vqvae_dir: str | os.PathLike | None
+) -> tuple[VQDiffusionPipeline, dict[str, Any]]:
     from ..models.vqvae import load_vqvae
 
     path = _resolve_checkpoint(checkpoint)
@@ -128,7 +155,7 @@ def pipeline_from_checkpoint(
         raise ValueError(f"{path}: no VQ-VAE folder recorded; pass vqvae_dir (--vqvae)")
     if not Path(folder).exists():
         raise FileNotFoundError(f"the VQ-VAE folder {folder} is missing; pass the tokenizer's folder with --vqvae")
-    return VQDiffusionPipeline(
+    pipe = VQDiffusionPipeline(
         vqvae=load_vqvae(folder),
         denoiser=denoiser,
         schedule=schedule,
@@ -137,6 +164,7 @@ def pipeline_from_checkpoint(
         null_class_label=null_label,
         defaults=training_defaults(schedule, bool(meta.get("null_condition"))),
     )
+    return pipe, meta
 
 
 def export_pipeline(
@@ -152,10 +180,12 @@ def export_pipeline(
 
     ``defaults`` replaces fields of the model's default sampling settings (:class:`PipelineDefaults`);
     ``weights_dtype`` stores the weights in that dtype (see :meth:`VQDiffusionPipeline.save_pretrained`).
+    The folder's ``history.json`` records the stages that trained it (:func:`training_history`).
     """
-    pipe = pipeline_from_checkpoint(checkpoint, ema=ema, vqvae_dir=vqvae_dir)
+    pipe, meta = _pipeline_and_meta(checkpoint, ema=ema, vqvae_dir=vqvae_dir)
     if defaults:
         pipe.defaults = pipe.sampling_options(**defaults)  # validated for this model
     out = Path(out_dir)
     pipe.save_pretrained(out, weights_dtype=weights_dtype)
+    write_history(out, training_history(meta))
     return out
