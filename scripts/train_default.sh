@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the built-in model (vqdiffusion/assets/shapes) from nothing.
 #
-#   bash scripts/train_default.sh [--device DEVICE] [WORK_DIR]     (defaults: --device cpu, runs/default)
+#   bash scripts/train_default.sh [--device DEVICE] [--tokenizer VQVAE_DIR] [WORK_DIR]
+#                                    (defaults: --device cpu, a newly trained tokenizer, runs/default)
 #
 # Stages: the shapes data set -> the VQ tokenizer (K = 256, k-means init, distance restart, padding
 # consistency: docs/tokenizer_experiments.md)
@@ -9,20 +10,30 @@
 # weights, the recommended sampling defaults) into the package.  Each stage checkpoints; run the script again
 # after an interruption and it resumes where it stopped.  DEVICE is cpu (the recipe's machine: a 2-core CPU),
 # cuda or cuda:N; the same flags train the same model on either (up to floating-point differences).
+# --tokenizer reuses an exported VQ-VAE folder (e.g. the shipped vqdiffusion/assets/shapes/vqvae) instead
+# of training stage 2 again; the denoiser is then trained on that tokenizer's tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cpu
 WORK=runs/default
+TOKENIZER=
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=${2:?--device needs a value: cpu, cuda or cuda:N}; shift 2 ;;
     --device=*) DEVICE=${1#--device=}; shift ;;
-    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
-    -*) echo "error: unknown option $1 (use --device DEVICE and an optional WORK_DIR)" >&2; exit 2 ;;
+    --tokenizer) TOKENIZER=${2:?--tokenizer needs an exported VQ-VAE folder}; shift 2 ;;
+    --tokenizer=*) TOKENIZER=${1#--tokenizer=}; shift ;;
+    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+    -*) echo "error: unknown option $1 (use --device DEVICE, --tokenizer VQVAE_DIR and an optional WORK_DIR)" >&2
+        exit 2 ;;
     *) WORK=$1; shift ;;
   esac
 done
 ASSET=vqdiffusion/assets/shapes
+if [ -n "$TOKENIZER" ] && [ ! -f "$TOKENIZER/config.json" ]; then
+  echo "error: --tokenizer $TOKENIZER is not an exported VQ-VAE folder (no config.json); pass e.g. $ASSET/vqvae" >&2
+  exit 2
+fi
 mkdir -p "$WORK"
 
 # --resume when a stage already has a checkpoint
@@ -33,6 +44,9 @@ stamp "1/5 data set"
 [ -f "$WORK/data.done" ] || { vqdiffusion make-shapes "$WORK/data" --n 20000 --seed 0 && touch "$WORK/data.done"; }
 
 stamp "2/5 tokenizer"
+if [ -n "$TOKENIZER" ] && [ ! -f "$WORK/vq.done" ]; then
+  mkdir -p "$WORK/vq" && rm -rf "$WORK/vq/vqvae" && cp -r "$TOKENIZER" "$WORK/vq/vqvae" && touch "$WORK/vq.done"
+fi
 [ -f "$WORK/vq.done" ] || {
   vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
     --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --embed-dim 32 \
@@ -51,10 +65,10 @@ stamp "3/5 tokens"
 stamp "4/5 denoiser"
 [ -f "$WORK/dm.done" ] || {
   vqdiffusion train "$WORK/tokens" --out "$WORK/dm" $(resume "$WORK/dm") --device "$DEVICE" \
-    --preset small --layers 6 --dim 192 --heads 4 --cond-dim 192 --train-text-model --text-vocab words \
+    --preset small --layers 4 --dim 256 --heads 4 --cond-dim 256 --train-text-model --text-vocab words \
     --text-layers 2 --text-heads 4 --text-max-length 32 --batch-size 64 --lr 8e-4 --lr-warmup 200 \
     --lr-schedule cosine --min-lr 1e-5 --aux-weight 0.05 --ema-decay 0.998 --cond-drop-prob 0.1 \
-    --mixed-precision bf16 --steps 4000 --save-every 250 --keep-checkpoints 17 --sample-every 1000 \
+    --mixed-precision bf16 --steps 8000 --save-every 500 --keep-checkpoints 17 --sample-every 1000 \
     --log-every 50 --seed 0
   touch "$WORK/dm.done"
 }

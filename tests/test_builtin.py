@@ -22,7 +22,8 @@ def pipe() -> VQDiffusionPipeline:
 
 def test_asset_is_small_and_complete() -> None:
     files = [p for p in ASSET.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    # 25 MB today (the 4 x 256 denoiser and text model, the denoiser in half precision): a few MB to spare
+    assert sum(p.stat().st_size for p in files) <= 28 * 2**20
     assert (ASSET / "vqdiffusion.json").is_file() and (ASSET / "null_condition.safetensors").is_file()
     assert not [p for p in files if p.suffix in (".pth", ".pt", ".bin", ".ckpt")]  # no pickles
 
