@@ -1,31 +1,43 @@
 #!/usr/bin/env bash
-# Rebuild the built-in model (vqdiffusion/assets/shapes) from nothing.
+# Build the built-in model (vqdiffusion/assets/shapes) in session-sized stages, each at most ~90 minutes on
+# the project's 2-core CPU machine (docs/built-in-model.md):
 #
-#   bash scripts/train_default.sh [--device DEVICE] [--tokenizer VQVAE_DIR] [WORK_DIR]
-#                                    (defaults: --device cpu, a newly trained tokenizer, runs/default)
+#   bash scripts/train_default.sh [--device DEVICE] [--stage N|next|all] [--tokenizer VQVAE_DIR] [WORK_DIR]
+#       defaults: --device cpu, --stage all, a newly trained tokenizer, WORK_DIR runs/default
 #
-# Stages: the shapes data set -> the VQ tokenizer (K = 256, k-means init, distance restart, padding
-# consistency: docs/tokenizer_experiments.md)
-# -> tokens -> the denoiser with a jointly trained text model (docs/recipe_shapes.md) -> export (float16
-# weights, the recommended sampling defaults) into the package.  Each stage checkpoints; run the script again
-# after an interruption and it resumes where it stopped.  DEVICE is cpu (the recipe's machine: a 2-core CPU),
-# cuda or cuda:N; the same flags train the same model on either (up to floating-point differences).
-# --tokenizer reuses an exported VQ-VAE folder (e.g. the shipped vqdiffusion/assets/shapes/vqvae) instead
-# of training stage 2 again; the denoiser is then trained on that tokenizer's tokens.
+#   stage 1  data set (make-shapes) -> VQ tokenizer (K = 256, k-means init, distance restart, padding
+#            consistency: docs/tokenizer_experiments.md) -> tokens -> a fresh 4 x 256 denoiser with a jointly
+#            trained text model (DENOISER_STEPS_1 steps) -> export into the package
+#   stage k  (k >= 2) the data and tokens again if WORK_DIR lacks them (same seed: the same set; tokens of
+#            the model's own tokenizer), then CONTINUE_STEPS steps of the denoiser started with
+#            `vqdiffusion train --init-from` the model of stage k - 1 -> export into the package
+#
+# --stage all runs stage 1 and then every continuation of STAGE_OBJECTIVES, each from the previous export in
+# WORK_DIR: that rebuilds the model from nothing.  --stage N (N >= 2) continues the model the package holds
+# now (builtin:shapes, committed after stage N - 1); --stage next picks N from that model's history.json.
+# A session runs one stage, evaluates it (vqdiffusion eval --model WORK_DIR/stageN/model) and ships it only if
+# it beats the shipped model; the export goes to WORK_DIR/stageN/model and, with --ship, into the package.
+# Each stage checkpoints; run the same command again after an interruption and it resumes.  DEVICE is cpu,
+# cuda or cuda:N (the same flags train the same model on either, up to floating-point differences).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cpu
 WORK=runs/default
 TOKENIZER=
+STAGE=all
+SHIP=0
+usage="use --device DEVICE, --stage N|next|all, --tokenizer VQVAE_DIR, --ship and an optional WORK_DIR"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=${2:?--device needs a value: cpu, cuda or cuda:N}; shift 2 ;;
     --device=*) DEVICE=${1#--device=}; shift ;;
+    --stage) STAGE=${2:?--stage needs a value: a number, next or all}; shift 2 ;;
+    --stage=*) STAGE=${1#--stage=}; shift ;;
     --tokenizer) TOKENIZER=${2:?--tokenizer needs an exported VQ-VAE folder}; shift 2 ;;
     --tokenizer=*) TOKENIZER=${1#--tokenizer=}; shift ;;
-    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
-    -*) echo "error: unknown option $1 (use --device DEVICE, --tokenizer VQVAE_DIR and an optional WORK_DIR)" >&2
-        exit 2 ;;
+    --ship) SHIP=1; shift ;;
+    -h|--help) sed -n 2,23p "$0"; exit 0 ;;
+    -*) echo "error: unknown option $1 ($usage)" >&2; exit 2 ;;
     *) WORK=$1; shift ;;
   esac
 done
@@ -34,48 +46,91 @@ if [ -n "$TOKENIZER" ] && [ ! -f "$TOKENIZER/config.json" ]; then
   echo "error: --tokenizer $TOKENIZER is not an exported VQ-VAE folder (no config.json); pass e.g. $ASSET/vqvae" >&2
   exit 2
 fi
+if [ "$STAGE" = next ]; then
+  STAGE=$(python -c "from vqdiffusion.formats.ours import read_history; print(len(read_history('$ASSET')) + 1)")
+fi
+case "$STAGE" in
+  all|[1-9]|[1-9][0-9]) ;;
+  *) echo "error: --stage $STAGE is not a stage number, next or all" >&2; exit 2 ;;
+esac
 mkdir -p "$WORK"
 
-# --resume when a stage already has a checkpoint
+# The denoiser: architecture and optimiser flags shared by every stage (docs/recipe_shapes.md).
+DENOISER_FLAGS=(--preset small --layers 4 --dim 256 --heads 4 --cond-dim 256 --train-text-model --text-vocab words
+  --text-layers 2 --text-heads 4 --text-max-length 32 --batch-size 64 --lr-schedule cosine --min-lr 1e-5
+  --aux-weight 0.05 --ema-decay 0.998 --cond-drop-prob 0.1 --mixed-precision bf16 --save-every 250
+  --keep-checkpoints 3 --sample-every 1000 --log-every 50)
+DENOISER_STEPS_1=4000     # stage 1: 256k samples from scratch (lr 8e-4, warm-up 200)
+CONTINUE_STEPS=3500       # stage k >= 2: 224k samples (lr 3e-4, warm-up 100)
+# The objective of each continuation stage 2, 3, ... (the last one repeats): docs/built-in-model.md.
+STAGE_OBJECTIVES=(vlb vlb vlb)
+EXPORT_FLAGS=(--half --steps 50 --guidance 1 --truncation 0.7 --sampler ancestral)
+
 resume() { compgen -G "$1/checkpoints/step_*.safetensors" > /dev/null && echo --resume || true; }
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 
-stamp "1/5 data set"
-[ -f "$WORK/data.done" ] || { vqdiffusion make-shapes "$WORK/data" --n 20000 --seed 0 && touch "$WORK/data.done"; }
+data_and_tokens() {  # $1: the VQ-VAE folder to tokenize with ("" = train stage 1's tokenizer)
+  [ -f "$WORK/data.done" ] || { vqdiffusion make-shapes "$WORK/data" --n 20000 --seed 0 && touch "$WORK/data.done"; }
+  local vq=$1
+  if [ -z "$vq" ]; then
+    [ -f "$WORK/vq.done" ] || {
+      vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
+        --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --embed-dim 32 \
+        --codebook-size 256 --norm-groups 16 --batch-size 16 --steps 3000 --lr 4e-4 --lr-warmup 100 \
+        --lr-schedule cosine --mixed-precision bf16 --codebook-init kmeans --code-restart distance \
+        --pad-consistency 0.1 --save-every 250 --sample-every 500 --log-every 50
+      touch "$WORK/vq.done"
+    }
+    vq=$WORK/vq/vqvae
+  fi
+  [ -f "$WORK/tokens.done" ] && [ "$(cat "$WORK/tokens.done")" = "$vq" ] || {
+    vqdiffusion tokenize "$WORK/data" --vqvae "$vq" --out "$WORK/tokens" --overwrite --device "$DEVICE" \
+      && echo "$vq" > "$WORK/tokens.done"
+  }
+}
 
-stamp "2/5 tokenizer"
-if [ -n "$TOKENIZER" ] && [ ! -f "$WORK/vq.done" ]; then
-  mkdir -p "$WORK/vq" && rm -rf "$WORK/vq/vqvae" && cp -r "$TOKENIZER" "$WORK/vq/vqvae" && touch "$WORK/vq.done"
+export_stage() {  # $1: stage number
+  local out=$WORK/stage$1
+  [ -d "$out/model" ] || { echo "error: $out/model missing: stage $1 did not finish" >&2; exit 1; }
+  rm -rf "$out/export"
+  vqdiffusion export "$out" "$out/export" "${EXPORT_FLAGS[@]}"
+  if [ "$SHIP" = 1 ]; then
+    rm -rf "$ASSET.tmp" && cp -r "$out/export" "$ASSET.tmp" && rm -rf "$ASSET" && mv "$ASSET.tmp" "$ASSET"
+    du -sh "$ASSET"
+  fi
+}
+
+run_stage_1() {
+  stamp "stage 1: data, tokenizer, tokens"
+  data_and_tokens "$TOKENIZER"
+  stamp "stage 1: denoiser from scratch"
+  vqdiffusion train "$WORK/tokens" --out "$WORK/stage1" $(resume "$WORK/stage1") --device "$DEVICE" \
+    "${DENOISER_FLAGS[@]}" --lr 8e-4 --lr-warmup 200 --steps "$DENOISER_STEPS_1" --seed 0
+  export_stage 1
+}
+
+run_stage_k() {  # $1: stage number, $2: the model it continues
+  local k=$1 from=$2 i=$(( $1 - 2 ))
+  [ "$i" -lt "${#STAGE_OBJECTIVES[@]}" ] || i=$(( ${#STAGE_OBJECTIVES[@]} - 1 ))
+  stamp "stage $k: tokens of the model's tokenizer"
+  data_and_tokens "$from/vqvae"
+  stamp "stage $k: denoiser from $from (objective ${STAGE_OBJECTIVES[$i]})"
+  vqdiffusion train "$WORK/tokens" --out "$WORK/stage$k" $(resume "$WORK/stage$k") --device "$DEVICE" \
+    --init-from "$from" --objective "${STAGE_OBJECTIVES[$i]}" "${DENOISER_FLAGS[@]}" --lr 3e-4 --lr-warmup 100 \
+    --steps "$CONTINUE_STEPS" --seed "$k"
+  export_stage "$k"
+}
+
+if [ "$STAGE" = all ]; then
+  run_stage_1
+  for k in $(seq 2 $(( ${#STAGE_OBJECTIVES[@]} + 1 ))); do
+    run_stage_k "$k" "$WORK/stage$(( k - 1 ))/export"
+  done
+elif [ "$STAGE" = 1 ]; then
+  run_stage_1
+else
+  # continue the committed model; copied so that shipping this stage cannot change the model being continued
+  rm -rf "$WORK/from$STAGE" && cp -r "$ASSET" "$WORK/from$STAGE"
+  run_stage_k "$STAGE" "$WORK/from$STAGE"
 fi
-[ -f "$WORK/vq.done" ] || {
-  vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
-    --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --embed-dim 32 \
-    --codebook-size 256 --norm-groups 16 --batch-size 16 --steps 3000 --lr 4e-4 --lr-warmup 100 \
-    --lr-schedule cosine --mixed-precision bf16 --codebook-init kmeans --code-restart distance \
-    --pad-consistency 0.1 --save-every 250 --sample-every 500 --log-every 50
-  touch "$WORK/vq.done"
-}
-
-stamp "3/5 tokens"
-[ -f "$WORK/tokens.done" ] || {
-  vqdiffusion tokenize "$WORK/data" --vqvae "$WORK/vq/vqvae" --out "$WORK/tokens" --overwrite --device "$DEVICE" \
-    && touch "$WORK/tokens.done"
-}
-
-stamp "4/5 denoiser"
-[ -f "$WORK/dm.done" ] || {
-  vqdiffusion train "$WORK/tokens" --out "$WORK/dm" $(resume "$WORK/dm") --device "$DEVICE" \
-    --preset small --layers 4 --dim 256 --heads 4 --cond-dim 256 --train-text-model --text-vocab words \
-    --text-layers 2 --text-heads 4 --text-max-length 32 --batch-size 64 --lr 8e-4 --lr-warmup 200 \
-    --lr-schedule cosine --min-lr 1e-5 --aux-weight 0.05 --ema-decay 0.998 --cond-drop-prob 0.1 \
-    --mixed-precision bf16 --steps 8000 --save-every 500 --keep-checkpoints 17 --sample-every 1000 \
-    --log-every 50 --seed 0
-  touch "$WORK/dm.done"
-}
-
-stamp "5/5 export"
-rm -rf "$ASSET.tmp"
-vqdiffusion export "$WORK/dm" "$ASSET.tmp" --half --steps 50 --guidance 1 --truncation 0.7 --sampler ancestral
-rm -rf "$ASSET" && mv "$ASSET.tmp" "$ASSET"
-du -sh "$ASSET"
-stamp "done: vqdiffusion generate \"a large red circle in the top left\" now uses it"
+stamp "done: evaluate with vqdiffusion eval --model $WORK/stage${STAGE/all/$(( ${#STAGE_OBJECTIVES[@]} + 1 ))}/export"
