@@ -26,11 +26,13 @@ def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
     )
     what.add_argument("--class-labels", metavar="LABELS", help="class models: labels, e.g. 0-999 or 1,5,7")
     p.add_argument(
-        "--num",
+        "--num-images",
+        dest="num",
         type=int,
         default=None,
         help="number of images (default: every condition once per --images-per-prompt; "
-        "required for unconditional models; larger values cycle through the conditions again)",
+        "required for unconditional models; larger values cycle through the conditions again). "
+        "Was --num, which still works without torchrun (torchrun reads it as its own --numa-binding)",
     )
     p.add_argument("--images-per-prompt", type=int, default=1, help="consecutive images per condition (default 1)")
     p.add_argument(
@@ -48,7 +50,7 @@ def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run_sample_set(args: argparse.Namespace) -> int:
-    for flag, value in (("--num", args.num), ("--images-per-prompt", args.images_per_prompt)):
+    for flag, value in (("--num-images", args.num), ("--images-per-prompt", args.images_per_prompt)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
     if args.batch_size < 1:

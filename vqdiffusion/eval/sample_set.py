@@ -131,7 +131,7 @@ def _check_conditions(pipe: Any, conditions: list[str] | list[int] | None) -> No
         if bad:
             raise ValueError(f"--class-labels: {bad[0]} is not a label of this model (0..{pipe.num_class_labels - 1})")
     if kind == ConditionKind.NONE and conditions is not None:
-        raise ValueError("this model is unconditional: give only --num N (no --prompts or --class-labels)")
+        raise ValueError("this model is unconditional: give only --num-images N (no --prompts or --class-labels)")
 
 
 def write_sample_set(
@@ -159,15 +159,16 @@ def write_sample_set(
         raise ValueError(f"--images-per-prompt and --batch-size must be >= 1, got {images_per_prompt}, {batch_size}")
     if num is None:
         if conditions is None:
-            raise ValueError("an unconditional model needs --num N")
+            raise ValueError("an unconditional model needs --num-images N")
         num = len(conditions) * images_per_prompt
     if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
+        raise ValueError(f"--num-images must be >= 1, got {num}")
     free = available_memory("cpu")
     if free is not None and num * _MANIFEST_BYTES_PER_IMAGE > 0.5 * free:
         raise ValueError(
-            f"--num {num}: the manifest of {num} images needs about {format_bytes(num * _MANIFEST_BYTES_PER_IMAGE)} "
-            f"of memory, but {format_bytes(free)} are available; sample fewer images (--num)"
+            f"--num-images {num}: the manifest of {num} images needs about "
+            f"{format_bytes(num * _MANIFEST_BYTES_PER_IMAGE)} of memory, but "
+            f"{format_bytes(free)} are available; sample fewer images (--num-images)"
         )
     sampling = dict(sampling or {})
     options = pipe.sampling_options(**sampling)
