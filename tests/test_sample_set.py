@@ -65,13 +65,13 @@ def test_a_resumed_run_gives_the_images_of_a_fresh_one(capsys, models, prompts_f
     common = ["--model", str(models["text"]), "--prompts", str(prompts_file), "--seed", "7"]
     part = tmp_path / "part"
     assert "3 written, 0 already there" in sample_set(
-        capsys, *common, "--num", "3", "--batch-size", "2", "--out", str(part)
+        capsys, *common, "--num-images", "3", "--batch-size", "2", "--out", str(part)
     )
     assert "2 written, 3 already there" in sample_set(
-        capsys, *common, "--num", "5", "--batch-size", "2", "--out", str(part)
+        capsys, *common, "--num-images", "5", "--batch-size", "2", "--out", str(part)
     )
     fresh = tmp_path / "fresh"
-    sample_set(capsys, *common, "--num", "5", "--batch-size", "16", "--out", str(fresh))
+    sample_set(capsys, *common, "--num-images", "5", "--batch-size", "16", "--out", str(fresh))
     files = [f"{i:06d}.png" for i in range(5)]
     assert sorted(p.name for p in part.glob("*.png")) == files
     for name in files:
@@ -86,19 +86,19 @@ def test_a_resumed_run_gives_the_images_of_a_fresh_one(capsys, models, prompts_f
     assert settings["seed"] == 7 and "seed + i" in settings["seed_rule"] and settings["condition"] == "text"
     assert settings["conditions"]["count"] == 3 and manifest["conditions_source"] == str(prompts_file)
     # all done: nothing is sampled again
-    assert "0 written, 5 already there" in sample_set(capsys, *common, "--num", "5", "--out", str(part))
+    assert "0 written, 5 already there" in sample_set(capsys, *common, "--num-images", "5", "--out", str(part))
 
 
 def test_class_labels_and_unconditional(capsys, models, tmp_path) -> None:
     out = tmp_path / "classes"
-    argv = ["--model", str(models["class"]), "--class-labels", "0-2,3", "--images-per-prompt", "2", "--num", "6"]
+    argv = ["--model", str(models["class"]), "--class-labels", "0-2,3", "--images-per-prompt", "2", "--num-images", "6"]
     sample_set(capsys, *argv, "--out", str(out), "--guidance", "1.5")
     manifest = json.loads((out / "manifest.json").read_text())
     assert [e["label"] for e in manifest["images"]] == [0, 0, 1, 1, 2, 2]
     assert manifest["settings"]["sampling"]["guidance_scale"] == 1.5
     assert Image.open(out / "000005.png").size == (8, 8)
     plain = tmp_path / "plain"
-    sample_set(capsys, "--model", str(models["none"]), "--num", "3", "--out", str(plain))
+    sample_set(capsys, "--model", str(models["none"]), "--num-images", "3", "--out", str(plain))
     entries = json.loads((plain / "manifest.json").read_text())["images"]
     assert [sorted(e) for e in entries] == [["file", "index", "seed"]] * 3 and len(list(plain.glob("*.png"))) == 3
 
@@ -117,15 +117,15 @@ def test_bad_sample_set_inputs_give_one_line(capsys, models, prompts_file, tmp_p
     assert "class-conditional: give labels" in bad(capsys, *labels, "--prompts", str(prompts_file), *out)
     assert "not a label of this model (0..3)" in bad(capsys, *labels, "--class-labels", "2-4", *out)
     assert "is not a label or a range" in bad(capsys, *labels, "--class-labels", "3-1", *out)
-    assert "unconditional model needs --num" in bad(capsys, "--model", str(models["none"]), *out)
+    assert "unconditional model needs --num-images" in bad(capsys, "--model", str(models["none"]), *out)
     assert "prompts file not found" in bad(capsys, *text, "--prompts", str(tmp_path / "nope.txt"), *out)
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert "holds no prompts" in bad(capsys, *text, "--prompts", str(tmp_path / "empty.txt"), *out)
-    assert "--num must be >= 1" in bad(capsys, *text, "--prompts", str(prompts_file), "--num", "0", *out)
-    sample_set(capsys, *text, "--prompts", str(prompts_file), "--num", "1", *out)
-    err = bad(capsys, *text, "--prompts", str(prompts_file), "--num", "2", "--steps", "3", *out)
+    assert "--num-images must be >= 1" in bad(capsys, *text, "--prompts", str(prompts_file), "--num-images", "0", *out)
+    sample_set(capsys, *text, "--prompts", str(prompts_file), "--num-images", "1", *out)
+    err = bad(capsys, *text, "--prompts", str(prompts_file), "--num-images", "2", "--steps", "3", *out)
     assert "sampled with other settings (sampling.num_inference_steps: 4 there, 3 now)" in err
-    err = bad(capsys, *text, "--prompts", str(prompts_file), "--num", "2", "--seed", "1", *out)
+    err = bad(capsys, *text, "--prompts", str(prompts_file), "--num-images", "2", "--seed", "1", *out)
     assert "(seed: 0 there, 1 now)" in err
 
 

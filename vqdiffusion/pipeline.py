@@ -140,8 +140,9 @@ class VQDiffusionPipeline:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VQDiffusionPipeline:
         """Move every component; ``dtype`` applies to the denoiser (bf16 sampling keeps log-probs in float32),
-        the VQ decoder and the null condition; the text encoder stays in float32 on CPU for exactness
-        unless the device is CUDA.  ``device`` is checked first (:func:`vqdiffusion.devices.resolve_device`:
+        the VQ decoder (float32 for float16 unless its config's ``force_upcast`` is false: ``VQVAE.dtype_for``)
+        and the null condition; the text encoder stays in float32 on CPU for exactness unless the device is
+        CUDA.  ``device`` is checked first (:func:`vqdiffusion.devices.resolve_device`:
         DeviceError, a ValueError, for a name this machine cannot run on; ``"auto"`` picks CUDA if present)."""
         if device is not None:
             device = resolve_device(device)
@@ -149,6 +150,8 @@ class VQDiffusionPipeline:
             target_dtype = dtype
             if name == "text_encoder" and dtype is not None and torch.device(device or self.device).type == "cpu":
                 target_dtype = None
+            if name == "vqvae" and dtype is not None:
+                target_dtype = self.vqvae.dtype_for(dtype)
             module.to(device=device, dtype=target_dtype)
         return self
 

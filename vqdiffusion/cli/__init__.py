@@ -25,7 +25,12 @@ from .tokenize import add_tokenize_parser, run_tokenize
 from .train import add_train_parser, run_train
 from .train_vqvae import add_train_vqvae_parser, run_train_vqvae
 
-__all__ = ["CLIError", "add_sampling_arguments", "build_parser", "main", "sampling_arguments"]
+__all__ = ["TORCHRUN_COMMANDS", "CLIError", "add_sampling_arguments", "build_parser", "main", "sampling_arguments"]
+
+# The commands meant to run under ``torchrun ... -m vqdiffusion.cli COMMAND``.  torchrun's own parser sees their
+# flags too and stops at an abbreviation of one of its options (``--num`` for ``--numa-binding``), so none of
+# their flags may be a prefix of a torchrun option (tests/test_torchrun_flags.py checks torchrun's list).
+TORCHRUN_COMMANDS = ("train", "train-vqvae", "sample-set")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,19 @@
-"""``vqdiffusion sample-set``: numbered samples and a manifest for evaluation (resumable)."""
+"""``vqdiffusion sample-set``: numbered samples and a manifest for evaluation (resumable; under ``torchrun`` the
+images are split over the processes)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CLIError
 from .generate import DEFAULT_MODEL
 from .sampling_flags import add_sampling_arguments, sampling_arguments
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..training.distributed import DistributedContext
 
 
 def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
@@ -15,7 +21,9 @@ def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
         "sample-set",
         help="sample numbered PNGs and a manifest for FID / CLIP score (resumable)",
         description="Image i uses the seed --seed + i and the condition (i // --images-per-prompt) modulo the list, "
-        "so a stopped run resumes where it stopped and gives the images of an uninterrupted one.",
+        "so a stopped run resumes where it stopped and gives the images of an uninterrupted one. Under "
+        "torchrun (python -m torch.distributed.run ... -m vqdiffusion.cli sample-set ...) the missing images are "
+        "split over the processes, which give the same files as one process; a rerun may use any number.",
     )
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model directory or built-in model (default {DEFAULT_MODEL})"
@@ -26,11 +34,13 @@ def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
     )
     what.add_argument("--class-labels", metavar="LABELS", help="class models: labels, e.g. 0-999 or 1,5,7")
     p.add_argument(
-        "--num",
+        "--num-images",
+        dest="num",
         type=int,
         default=None,
         help="number of images (default: every condition once per --images-per-prompt; "
-        "required for unconditional models; larger values cycle through the conditions again)",
+        "required for unconditional models; larger values cycle through the conditions again). "
+        "Was --num, which still works without torchrun (torchrun reads it as its own --numa-binding)",
     )
     p.add_argument("--images-per-prompt", type=int, default=1, help="consecutive images per condition (default 1)")
     p.add_argument(
@@ -48,20 +58,29 @@ def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run_sample_set(args: argparse.Namespace) -> int:
-    for flag, value in (("--num", args.num), ("--images-per-prompt", args.images_per_prompt)):
+    for flag, value in (("--num-images", args.num), ("--images-per-prompt", args.images_per_prompt)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     sampling = sampling_arguments(args)
+    from ..training.distributed import setup_distributed
+
+    world, device = setup_distributed(args.device)  # under torchrun: this rank's device; before any file is read
+    try:
+        return _sample(args, sampling, world, device)
+    finally:
+        world.close()
+
+
+def _sample(args: argparse.Namespace, sampling: dict[str, Any], world: DistributedContext, device: torch.device) -> int:
+    """Read the conditions, load the model on ``device`` and write this rank's part of the set."""
     import torch
 
-    from ..devices import resolve_device
     from ..eval.sample_set import parse_labels, read_prompts, write_sample_set
     from ..io import check_output_path
     from ..pipeline import VQDiffusionPipeline
 
-    device = resolve_device(args.device)  # before any file is read
     check_output_path(args.out, folder=True, what="--out")
 
     conditions: list[str] | list[int] | None = None
@@ -86,9 +105,11 @@ def run_sample_set(args: argparse.Namespace) -> int:
         model=str(args.model),
         conditions_source=source,
         progress=not args.quiet,
+        world=world,
     )
-    print(
-        f"{summary['out_dir']}: {summary['num']} images ({summary['written']} written, "
-        f"{summary['skipped']} already there)"
-    )
+    if world.main:
+        print(
+            f"{summary['out_dir']}: {summary['num']} images ({summary['written']} written, "
+            f"{summary['skipped']} already there, {world.world_size} process{'es' if world.world_size > 1 else ''})"
+        )
     return 0

@@ -4,13 +4,19 @@ Image ``i`` (file ``{i:06d}.png``) has the condition ``conditions[(i // images_p
 (a caption, a class label, or nothing for unconditional models) and is sampled with its own generator,
 ``torch.Generator(device).manual_seed(seed + i)``.  A pipeline call with one generator per image gives an
 image that does not depend on the batch it is in, so image ``i`` is the same whether the run is done at
-once, in pieces, or with another batch size, and a run that stopped resumes by skipping the files that
-exist (each PNG is written atomically, so an existing file is a complete one).
+once, in pieces, with another batch size or over any number of processes, and a run that stopped resumes
+by skipping the files that are done (each PNG is written atomically; an empty or unreadable file, e.g. one
+cut short by a copy, counts as missing and is sampled again).
+
+Under ``torchrun`` the images still missing are dealt out over the ranks (rank r takes every world_size-th
+of them), so the files are the same whatever the number of processes, and a rerun may use another number.
 
 ``manifest.json`` holds the settings (model, every sampling option, seed rule, device, dtype, the
-conditions' count and hash), where the conditions came from, and one entry per planned image (``file``,
-``index``, ``seed`` and ``prompt`` or ``label``; the PNG exists once the image is done).  A run into a
-folder whose manifest has other settings is refused rather than mixing two distributions.
+conditions' count and hash), where the conditions came from, the number of processes of the last run
+(``world_size``), whether every planned image is written (``complete``), and one entry per planned image
+(``file``, ``index``, ``seed`` and ``prompt`` or ``label``).  Rank 0 alone writes it: before sampling, and
+again with ``complete`` after every rank has written its images.  A run into a folder whose manifest has
+other settings is refused rather than mixing two distributions; ``world_size`` is not a setting.
 """
 
 from __future__ import annotations
@@ -18,21 +24,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..devices import available_memory, format_bytes
 from ..io import atomic_write_text, atomic_write_with
 from ..models.conditions import ConditionKind
+from ..training.distributed import DistributedContext
 from .folder import MANIFEST_FILE, read_manifest
 
 __all__ = [
     "MANIFEST_FORMAT",
     "SEED_RULE",
     "image_file",
+    "is_complete_image",
     "parse_labels",
     "read_prompts",
     "write_sample_set",
@@ -131,7 +141,20 @@ def _check_conditions(pipe: Any, conditions: list[str] | list[int] | None) -> No
         if bad:
             raise ValueError(f"--class-labels: {bad[0]} is not a label of this model (0..{pipe.num_class_labels - 1})")
     if kind == ConditionKind.NONE and conditions is not None:
-        raise ValueError("this model is unconditional: give only --num N (no --prompts or --class-labels)")
+        raise ValueError("this model is unconditional: give only --num-images N (no --prompts or --class-labels)")
+
+
+def is_complete_image(path: Path) -> bool:
+    """Whether ``path`` is a readable image: a missing, empty or damaged file (PIL's check of its structure
+    and checksums fails) is not, and is sampled again on a rerun."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for unreadable or damaged files
+        return False
+    return True
 
 
 def write_sample_set(
@@ -147,28 +170,29 @@ def write_sample_set(
     model: str = "",
     conditions_source: str | None = None,
     progress: bool = True,
+    world: DistributedContext | None = None,
 ) -> dict[str, Any]:
     """Sample images ``0 .. num - 1`` into ``out_dir`` (see the module docstring), skipping those already there.
 
     ``num`` defaults to ``len(conditions) * images_per_prompt``; it is required for an unconditional model
     (``conditions=None``).  ``sampling`` holds the pipeline's sampling keywords (the model's defaults fill the
-    rest; the manifest records the resolved options).  Returns ``{"written", "skipped", "num", "out_dir"}``.
+    rest; the manifest records the resolved options).  Under ``torchrun`` every process calls this with its
+    ``world`` (:func:`vqdiffusion.training.distributed.setup_distributed`): rank 0 checks and writes the
+    manifest, the images still missing are dealt out over the ranks, each writes its own, and after a
+    barrier rank 0 marks the manifest complete.  Returns ``{"written", "skipped", "num", "out_dir"}``
+    (``written`` counts every rank's images).
     """
+    world = world or DistributedContext()
+    # the checks that read nothing but the arguments run on every rank and fail alike
     _check_conditions(pipe, conditions)
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"--images-per-prompt and --batch-size must be >= 1, got {images_per_prompt}, {batch_size}")
     if num is None:
         if conditions is None:
-            raise ValueError("an unconditional model needs --num N")
+            raise ValueError("an unconditional model needs --num-images N")
         num = len(conditions) * images_per_prompt
     if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
-    free = available_memory("cpu")
-    if free is not None and num * _MANIFEST_BYTES_PER_IMAGE > 0.5 * free:
-        raise ValueError(
-            f"--num {num}: the manifest of {num} images needs about {format_bytes(num * _MANIFEST_BYTES_PER_IMAGE)} "
-            f"of memory, but {format_bytes(free)} are available; sample fewer images (--num)"
-        )
+        raise ValueError(f"--num-images must be >= 1, got {num}")
     sampling = dict(sampling or {})
     options = pipe.sampling_options(**sampling)
     settings = {
@@ -185,6 +209,64 @@ def write_sample_set(
         else {"count": len(conditions), "sha256": _conditions_hash(conditions)},
     }
     out = Path(out_dir)
+
+    def condition(i: int) -> str | int | None:
+        return None if conditions is None else conditions[(i // images_per_prompt) % len(conditions)]
+
+    # rank 0 reads the folder and writes the manifest; the others raise its error too rather than wait
+    manifest: dict[str, Any] | None = None
+    failure: BaseException | None = None
+    if world.main:
+        try:
+            manifest = _start_manifest(out, settings, num, seed, condition, conditions_source, world.world_size)
+        except Exception as err:  # every rank must hear of it: the collective below is the only way
+            failure = err
+    failure = world.broadcast(failure)
+    if failure is not None:
+        raise failure
+
+    # which images are missing: each rank checks every world_size-th file, all ranks get the sorted union
+    mine = [i for i in range(world.rank, num, world.world_size) if not is_complete_image(out / image_file(i))]
+    pending = sorted(i for part in world.all_gather(mine) for i in part)
+    share = pending[world.rank :: world.world_size]
+    bar = tqdm(total=len(share), desc="sample-set", unit="img", disable=not (progress and world.main))
+    for start in range(0, len(share), batch_size):
+        chunk = share[start : start + batch_size]
+        generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
+        if conditions is None:
+            result = pipe(None, num_images_per_prompt=len(chunk), generator=generators, progress=False, **sampling)
+        else:
+            prompts = [condition(i) for i in chunk]
+            result = pipe(prompts, generator=generators, progress=False, **sampling)
+        for i, image in zip(chunk, result.images, strict=True):
+            atomic_write_with(out / image_file(i), lambda tmp, image=image: image.save(tmp, format="PNG"))
+        bar.update(len(chunk))
+    bar.close()
+    world.barrier()
+    if manifest is not None:  # rank 0, once every rank has written its images
+        manifest["complete"] = all(is_complete_image(out / e["file"]) for e in manifest["images"][num:])
+        atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    return {"written": len(pending), "skipped": num - len(pending), "num": num, "out_dir": str(out)}
+
+
+def _start_manifest(
+    out: Path,
+    settings: dict[str, Any],
+    num: int,
+    seed: int,
+    condition: Callable[[int], str | int | None],
+    conditions_source: str | None,
+    world_size: int,
+) -> dict[str, Any]:
+    """Check ``out`` against its manifest (if any), write the manifest of this run (``complete`` false) and
+    return it."""
+    free = available_memory("cpu")
+    if free is not None and num * _MANIFEST_BYTES_PER_IMAGE > 0.5 * free:
+        raise ValueError(
+            f"--num-images {num}: the manifest of {num} images needs about "
+            f"{format_bytes(num * _MANIFEST_BYTES_PER_IMAGE)} of memory, but "
+            f"{format_bytes(free)} are available; sample fewer images (--num-images)"
+        )
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     old = read_manifest(out)
@@ -192,9 +274,6 @@ def write_sample_set(
     if old is not None:
         _check_same_settings(out, old.get("settings"), settings)
         total = max(num, len(old["images"]))
-
-    def condition(i: int) -> str | int | None:
-        return None if conditions is None else conditions[(i // images_per_prompt) % len(conditions)]
 
     def entry(i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"file": image_file(i), "index": i, "seed": seed + i}
@@ -210,26 +289,13 @@ def write_sample_set(
         "version": MANIFEST_VERSION,
         "settings": settings,
         "conditions_source": conditions_source,  # where they came from; not compared on resume (the hash is)
+        "world_size": world_size,  # processes of the last run into the folder; not compared on resume
+        "complete": False,  # true once every image of "images" is written
         "images": [entry(i) for i in range(total)],
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
-
-    pending = [i for i in range(num) if not (out / image_file(i)).is_file()]
-    bar = tqdm(total=num, initial=num - len(pending), desc="sample-set", unit="img", disable=not progress)
-    for start in range(0, len(pending), batch_size):
-        chunk = pending[start : start + batch_size]
-        generators = [torch.Generator(device=pipe.device).manual_seed(seed + i) for i in chunk]
-        if conditions is None:
-            result = pipe(None, num_images_per_prompt=len(chunk), generator=generators, progress=False, **sampling)
-        else:
-            prompts = [condition(i) for i in chunk]
-            result = pipe(prompts, generator=generators, progress=False, **sampling)
-        for i, image in zip(chunk, result.images, strict=True):
-            atomic_write_with(out / image_file(i), lambda tmp, image=image: image.save(tmp, format="PNG"))
-        bar.update(len(chunk))
-    bar.close()
-    return {"written": len(pending), "skipped": num - len(pending), "num": num, "out_dir": str(out)}
+    return manifest
 
 
 def _check_same_settings(out: Path, old: Any, new: dict[str, Any]) -> None:

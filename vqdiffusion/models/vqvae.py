@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +34,17 @@ from torch import nn
 from ..config import ConfigBase, ConfigError, check_positive
 from ..io import load_module, save_safetensors
 
-__all__ = ["CONFIG_FILE", "Codebook", "VQVAE", "VQVAEConfig", "VQVAEOutput", "WEIGHTS_FILE", "load_vqvae", "save_vqvae"]
+__all__ = [
+    "CONFIG_FILE",
+    "OVERFLOW_WARNING",
+    "Codebook",
+    "VQVAE",
+    "VQVAEConfig",
+    "VQVAEOutput",
+    "WEIGHTS_FILE",
+    "load_vqvae",
+    "save_vqvae",
+]
 
 # The VQ-VAE folder (a pipeline's ``vqvae/``, the tokenizer trainer's export): config + weights.
 CONFIG_FILE = "config.json"
@@ -43,6 +54,10 @@ WEIGHTS_FILE = "model.safetensors"
 # temporary memory of `Codebook.nearest` to about 64 MiB in float32 whatever the batch size.
 _DISTANCE_CHUNK_ELEMENTS = 1 << 24
 ENCODER_PADDINGS = ("zeros", "replicate")
+OVERFLOW_WARNING = (
+    "the VQ decoder overflowed float16 (an activation above 65504): the images hold NaN or inf pixels; run the "
+    "decoder in float32 (keep the VQ-VAE config's force_upcast true, the default, or call pipe.vqvae.float())"
+)
 
 
 def _is_int(value: object) -> bool:
@@ -73,6 +88,11 @@ class VQVAEConfig(ConfigBase):
             17-44 distinct codes with zero padding); with ``"replicate"`` a flat image gives one latent, and so
             one code, everywhere.  The decoder always pads with zeros: decoding, and so generation, is the
             same computation as diffusers' ``VQModel``.
+        force_upcast: run in float32 when the pipeline runs in float16 (:meth:`VQVAE.dtype_for`; diffusers'
+            ``VQModel`` has a field of the same name and meaning).  float16 ends at 65504, and a decoder's
+            activations can exceed it: the images would be NaN.  ``false`` runs the VQ-VAE in float16 too
+            (half its memory); :meth:`VQVAE.decode_tokens` warns when that overflows.  bfloat16, whose range is
+            float32's, is never upcast.
     """
 
     block_out_channels: tuple[int, ...]
@@ -89,6 +109,7 @@ class VQVAEConfig(ConfigBase):
     norm_eps: float = 1e-6
     sample_size: int = 256
     encoder_padding: str = "zeros"
+    force_upcast: bool = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -120,8 +141,9 @@ class VQVAEConfig(ConfigBase):
             raise ConfigError(
                 f"{name}: encoder_padding must be one of {list(ENCODER_PADDINGS)}, got {self.encoder_padding!r}"
             )
-        if not isinstance(self.mid_attention, bool):
-            raise ConfigError(f"{name}: mid_attention must be true or false, got {self.mid_attention!r}")
+        for field in ("mid_attention", "force_upcast"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"{name}: {field} must be true or false, got {getattr(self, field)!r}")
         levels = len(self.block_out_channels)
         for field in ("encoder_attention", "decoder_attention"):
             flags = getattr(self, field)
@@ -464,6 +486,13 @@ class VQVAE(nn.Module):
         self.post_quant_proj = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
+    # -- precision ---------------------------------------------------------------------------------------
+
+    def dtype_for(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype this VQ-VAE runs in when a pipeline runs in ``dtype``: float32 for float16 while
+        ``config.force_upcast`` (float16 overflows above 65504; docs/design.md §11.2), else ``dtype``."""
+        return torch.float32 if dtype == torch.float16 and self.config.force_upcast else dtype
+
     # -- input checks ------------------------------------------------------------------------------------
 
     def _check_images(self, images: torch.Tensor) -> None:
@@ -549,9 +578,12 @@ class VQVAE(nn.Module):
     def decode_tokens(self, tokens: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
         """Images from tokens: ``[B, h, w]`` int in ``[0, K)`` -> ``[B, C_out, h*f, w*f]``.
 
-        With ``clamp`` (default) the output is clamped to ``[-1, 1]``.
+        With ``clamp`` (default) the output is clamped to ``[-1, 1]``.  A float16 decoder whose output holds
+        NaN or inf (an activation overflowed float16) gives a RuntimeWarning naming the fix.
         """
         images = self.decode_latents(self.lookup(tokens))
+        if images.dtype == torch.float16 and not bool(torch.isfinite(images).all()):
+            warnings.warn(OVERFLOW_WARNING, RuntimeWarning, stacklevel=2)
         return images.clamp(-1.0, 1.0) if clamp else images
 
     # -- training ----------------------------------------------------------------------------------------

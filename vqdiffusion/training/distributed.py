@@ -1,8 +1,9 @@
-"""Distributed setup for training under ``torchrun`` (torch.distributed DDP: NCCL on CUDA, gloo on CPU).
+"""Distributed setup under ``torchrun`` for training (torch.distributed DDP: NCCL on CUDA, gloo on CPU) and
+for sample sets (:mod:`vqdiffusion.eval.sample_set`).
 
 The recipe is DiT's: every process reads ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set by ``torchrun``, joins
 the process group, seeds its initialisation identically, and only global rank 0 writes; all ranks meet at
-a barrier after each save.
+a barrier after each save.  A sample set splits its images over the ranks, each writing its own files.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,22 @@ class DistributedContext:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank; the other ranks' ``obj`` is ignored."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
