@@ -15,6 +15,7 @@ cross-attention K/V projections (applied to the L condition positions), the atte
 matmuls, and P_text the text model's per-position parameters.
 
     python benchmarks/train_throughput.py                      # reduced config for a small CPU
+    python benchmarks/train_throughput.py --side 8 --codebook 256 --batch-size 64 --threads 1,2   # built-in model
     python benchmarks/train_throughput.py --preset small --layers 8 --dim 512 --batch-size 32 --device cuda
 """
 
@@ -154,33 +155,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     parser.add_argument("--precisions", default="no,bf16", help="comma-separated: no, bf16, fp16 (CUDA)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the peak-measuring matmuls")
+    parser.add_argument("--threads", default=None, help="comma-separated CPU thread counts to compare, e.g. 1,2 "
+                        "(default: torch's current setting)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtypes = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+    threads = [int(n) for n in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         token_dir = write_random_tokens(Path(tmp) / "tokens", 256, args.codebook, args.side)
-        for precision in args.precisions.split(","):
-            samples_per_s, trainer = measure(args, token_dir, precision)
-            flops = model_flops_per_sample(trainer)
-            peak = matmul_peak(dtypes[precision], device, args.matmul_size, seconds=2.0)
-            achieved = samples_per_s * flops
-            rows.append((precision, samples_per_s, flops, achieved, peak))
+        for count in threads:
+            torch.set_num_threads(count)
+            for precision in args.precisions.split(","):
+                samples_per_s, trainer = measure(args, token_dir, precision)
+                flops = model_flops_per_sample(trainer)
+                peak = matmul_peak(dtypes[precision], device, args.matmul_size, seconds=2.0)
+                achieved = samples_per_s * flops
+                rows.append((count, precision, samples_per_s, flops, achieved, peak))
     cfg = trainer.denoiser.config
     params = trainer.denoiser.num_parameters()
     print(
         f"denoiser: {cfg.num_layers} layers, dim {cfg.dim}, {cfg.num_heads} heads, K={cfg.num_classes}, "
         f"N={cfg.num_tokens}, {params / 1e6:.1f}M params; text model {args.text_layers} layer(s), 77 x {cfg.dim}; "
-        f"batch {args.batch_size}; device {device} ({torch.get_num_threads()} threads); torch {torch.__version__}"
+        f"batch {args.batch_size}; device {device}; torch {torch.__version__}"
     )
     print()
-    print("| precision | samples/s | model GFLOP/sample | achieved GFLOP/s | matmul peak GFLOP/s | % of peak |")
-    print("|---|---|---|---|---|---|")
-    for precision, sps, flops, achieved, peak in rows:
+    print("| threads | precision | samples/s | model GFLOP/sample | achieved GFLOP/s | matmul peak GFLOP/s | % peak |")
+    print("|---|---|---|---|---|---|---|")
+    for count, precision, sps, flops, achieved, peak in rows:
         name = "fp32" if precision == "no" else f"{precision} autocast"
-        cells = [name, f"{sps:.1f}", f"{flops / 1e9:.2f}", f"{achieved / 1e9:.1f}", f"{peak / 1e9:.1f}"]
+        cells = [str(count), name, f"{sps:.1f}", f"{flops / 1e9:.2f}", f"{achieved / 1e9:.1f}", f"{peak / 1e9:.1f}"]
         print("| " + " | ".join([*cells, f"{100 * achieved / peak:.1f}"]) + " |")
 
 
