@@ -409,7 +409,10 @@ class DenoiserTrainer:
         self.step = int(meta["step"])
         self.history = list(meta.get("history") or [])
         stage = meta.get("stage") or {}
-        self.stage = {**self.stage, **{k: stage[k] for k in ("command", "wall_time_s") if k in stage}}
+        command = self.stage["command"]
+        if isinstance(stage.get("command"), str) and stage["command"] != command:
+            command = stage["command"] if stage["command"].endswith(command) else f"{stage['command']} ; then {command}"
+        self.stage = {**self.stage, "command": command, "wall_time_s": float(stage.get("wall_time_s", 0.0))}
         self._clock = time.monotonic()
         self.ema.num_updates = self.step  # one EMA update per optimizer step: the warm-up continues
         if self.world_size > 1:
