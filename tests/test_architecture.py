@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vqdiffusion.image_inputs",
         ),
     ),
-    ("math", ("vqdiffusion.diffusion", "vqdiffusion.unmasking", "vqdiffusion.editing")),
+    ("math", ("vqdiffusion.diffusion", "vqdiffusion.unmasking", "vqdiffusion.editing", "vqdiffusion.maskgit")),
     ("models", ("vqdiffusion.models", "vqdiffusion.data")),
     ("sampling", ("vqdiffusion.sampling",)),
     ("formats", ("vqdiffusion.formats",)),

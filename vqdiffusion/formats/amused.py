@@ -321,7 +321,9 @@ def load_amused(
     if masking not in MASKING_SCHEDULES:
         raise ConfigError(f"{scheduler_path}: masking_schedule must be one of {MASKING_SCHEDULES}, got {masking!r}")
 
-    uvit_cfg = uvit_config_from_diffusers(read_json_object(root / "transformer" / "config.json"), mask_token_id=mask_token_id)
+    uvit_cfg = uvit_config_from_diffusers(
+        read_json_object(root / "transformer" / "config.json"), mask_token_id=mask_token_id
+    )
     transformer = load_module(
         lambda: UVit(uvit_cfg),
         find_variant_weights(root / "transformer", variant),
@@ -354,10 +356,8 @@ def load_amused(
         )
     if dtype is not None:
         transformer = transformer.to(dtype)
-        if not (force_upcast and dtype in (torch.float16, torch.bfloat16)):
-            vqvae = vqvae.to(dtype)
-        else:
-            vqvae = vqvae.float()
+        keep_float32 = force_upcast and dtype in (torch.float16, torch.bfloat16)
+        vqvae = vqvae.float() if keep_float32 else vqvae.to(dtype)
     return AmusedComponents(
         transformer=transformer.eval(),
         vqvae=vqvae.eval(),
@@ -389,7 +389,11 @@ def save_amused(components: AmusedComponents, path: str | os.PathLike) -> Path:
         uvit_state_dict_to_diffusers(components.transformer.state_dict(), uvit_cfg), root / "transformer" / WEIGHTS
     )
     vq_cfg = components.vqvae.config
-    vq_json = {**vqvae_config_to_diffusers(vq_cfg), "lookup_from_codebook": True, "force_upcast": components.force_upcast}
+    vq_json = {
+        **vqvae_config_to_diffusers(vq_cfg),
+        "lookup_from_codebook": True,
+        "force_upcast": components.force_upcast,
+    }
     _write_config(root / "vqvae" / "config.json", "VQModel", vq_json)
     save_safetensors(vqvae_state_dict_to_diffusers(components.vqvae.state_dict(), vq_cfg), root / "vqvae" / WEIGHTS)
     _write_config(

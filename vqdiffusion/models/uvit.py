@@ -148,6 +148,11 @@ class UVitConfig(ConfigBase):
                 f"{name}: mask_token_id must lie in [codebook_size, vocab_size) = [{self.codebook_size}, "
                 f"{self.vocab_size}), got {mask!r}"
             )
+        if self.downsample != self.upsample:
+            raise ConfigError(
+                f"{name}: downsample={self.downsample} but upsample={self.upsample}; the logits must cover the "
+                "token grid, so both are true (amused-512) or both false (amused-256)"
+            )
         if self.downsample and self.sample_size % 2:
             raise ConfigError(f"{name}: downsample needs an even sample_size, got {self.sample_size}")
 
@@ -316,7 +321,12 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, config: UVitConfig) -> None:
         super().__init__()
-        dim, eps, bias, affine = config.hidden_size, config.layer_norm_eps, config.use_bias, config.ln_elementwise_affine
+        dim, eps, bias, affine = (
+            config.hidden_size,
+            config.layer_norm_eps,
+            config.use_bias,
+            config.ln_elementwise_affine,
+        )
         heads = config.num_attention_heads
         self.norm_self = Modulated(RMSNorm(dim, eps, affine), dim, dim, bias)
         self.self_attn = Attention(dim, heads, dim, bias)
