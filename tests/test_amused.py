@@ -289,6 +289,7 @@ def test_loader_reads_save_pretrained(reference, folder, ours):
     assert (ours.mask_token_id, ours.masking_schedule, ours.force_upcast) == (MASK, "cosine", True)
     assert ours.token_shape == (SIDE, SIDE) and ours.image_size == 8
     assert ours.transformer.config.mask_embedding_id == MASK
+    assert ours.vqvae.config.token_shape == (SIDE, SIDE)  # not diffusers' VQModel sample_size
     cond, ids = _condition(2, seed=5), _ids(2, seed=5)
     with torch.no_grad():
         expected = reference.transformer(ids, encoder_hidden_states=cond.hidden_states, pooled_text_emb=cond.pooled,
@@ -438,3 +439,64 @@ def test_generation_equals_amused_pipeline(reference, ours):
         images = ours.vqvae.decode_tokens(x_t.view(-1, SIDE, SIDE), clamp=False).clamp(0, 1)
     assert torch.equal(x_t.view(-1, SIDE, SIDE), want_tokens)
     torch.testing.assert_close(images, want_images, atol=ATOL, rtol=1e-5)
+
+
+# aMUSEd's published VQ-VAE config (amused-256 and amused-512 share it): f = 16, 8192 codes of width 64.
+AMUSED_VQ_CONFIG = {
+    "_class_name": "VQModel",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 256, 512, 768],
+    "down_block_types": ["DownEncoderBlock2D"] * 5,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 64,
+    "layers_per_block": 2,
+    "lookup_from_codebook": True,
+    "mid_block_add_attention": False,
+    "norm_num_groups": 32,
+    "norm_type": "group",
+    "num_vq_embeddings": 8192,
+    "out_channels": 3,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 5,
+    "vq_embed_dim": None,
+}
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_full_size_key_maps_on_meta(resample):
+    """At aMUSEd's full size (diffusers' UVit2DModel defaults, 16 x 16 tokens; with and without the
+    down/up resampling of the larger model), built on the meta device: the key map covers every tensor with
+    the right shape and the parameter counts agree; the published VQ config converts too."""
+    from diffusers import UVit2DModel, VQModel
+
+    from vqdiffusion.formats.diffusers_vqvae import vqvae_config_from_diffusers, vqvae_state_dict_from_diffusers
+
+    with torch.device("meta"):
+        ref = UVit2DModel(sample_size=16, downsample=resample, upsample=resample)
+        config = uvit_config_from_diffusers(dict(ref.config), mask_token_id=8255)
+        mine = UVit(config)
+        vq_ref = VQModel(**{k: v for k, v in AMUSED_VQ_CONFIG.items() if not k.startswith("_")})
+    converted = uvit_state_dict_from_diffusers(ref.state_dict(), config)
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in mine.state_dict().items()}
+    assert mine.num_parameters() == sum(p.numel() for p in ref.parameters())
+    vq_config = vqvae_config_from_diffusers(AMUSED_VQ_CONFIG)
+    assert (vq_config.downsample_factor, vq_config.num_embeddings, vq_config.embed_dim) == (16, 8192, 64)
+    assert len(vqvae_state_dict_from_diffusers(vq_ref.state_dict(), vq_config)) == len(vq_ref.state_dict())
+
+
+def test_half_precision_follows_diffusers(reference, ours):
+    """In float16 our network keeps diffusers' casts (RMSNorm statistics in float32, the global condition in
+    the module's dtype): the logits agree to float16 accuracy."""
+    import copy
+
+    ref, model = copy.deepcopy(reference.transformer).half(), copy.deepcopy(ours.transformer).half()
+    cond, ids = _condition(2, seed=9), _ids(2, seed=9)
+    half = AmusedCondition(cond.hidden_states.half(), cond.pooled.half(), cond.micro_conds.half())
+    with torch.no_grad():
+        expected = ref(ids, encoder_hidden_states=half.hidden_states, pooled_text_emb=half.pooled,
+                       micro_conds=half.micro_conds).float()  # fmt: skip
+        got = model(_ours_tokens(ids), half, return_logits=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.flatten(2), atol=5e-2, rtol=1e-2)

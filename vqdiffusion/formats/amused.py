@@ -334,6 +334,8 @@ def load_amused(
     vq_json = read_json_object(root / "vqvae" / "config.json")
     force_upcast = bool(vq_json.get("force_upcast", False))
     vq_cfg = vqvae_config_from_diffusers(vq_json)
+    # diffusers' VQModel sample_size is not the image side aMUSEd generates; ours is (token side x f).
+    vq_cfg = dataclasses.replace(vq_cfg, sample_size=uvit_cfg.sample_size * vq_cfg.downsample_factor)
     if vq_cfg.num_embeddings != uvit_cfg.codebook_size:
         raise ConfigError(
             f"{root}: the transformer predicts {uvit_cfg.codebook_size} codes but the VQ-VAE has "
