@@ -70,7 +70,7 @@ def _uvit_args(**overrides) -> dict:
     return {**args, **overrides}
 
 
-def _reference_pipeline(seed: int = 0, **uvit_overrides) -> AmusedPipeline:
+def _reference_pipeline(tokenizer_dir: Path, seed: int = 0, **uvit_overrides) -> AmusedPipeline:
     from diffusers import AmusedScheduler, UVit2DModel, VQModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -110,27 +110,17 @@ def _reference_pipeline(seed: int = 0, **uvit_overrides) -> AmusedPipeline:
     _perturb(text_encoder, seed + 2)
     return AmusedPipeline(
         vqvae=vqvae,
-        tokenizer=_tokenizer(CLIPTokenizer),
+        tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True),
         text_encoder=text_encoder,
         transformer=transformer,
         scheduler=AmusedScheduler(mask_token_id=MASK, masking_schedule="cosine"),
     )
 
 
-_TOKENIZER_DIR: list[Path] = []
-
-
-def _tokenizer(cls):
-    if not _TOKENIZER_DIR:
-        import tempfile
-
-        _TOKENIZER_DIR.append(write_tiny_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer", model_max_length=16))
-    return cls.from_pretrained(str(_TOKENIZER_DIR[0]), local_files_only=True)
-
-
 @pytest.fixture(scope="module")
-def reference() -> AmusedPipeline:
-    return _reference_pipeline()
+def reference(tmp_path_factory) -> AmusedPipeline:
+    tokenizer_dir = write_tiny_tokenizer(tmp_path_factory.mktemp("amused_tokenizer"), model_max_length=16)
+    return _reference_pipeline(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
