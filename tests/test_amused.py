@@ -490,3 +490,26 @@ def test_half_precision_follows_diffusers(reference, ours):
         got = model(_ours_tokens(ids), half, return_logits=True)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected.flatten(2), atol=5e-2, rtol=1e-2)
+
+
+def test_legacy_bin_weights_load_without_pickles(reference, ours, tmp_path):
+    """``save_pretrained(safe_serialization=False)`` writes ``.bin`` files; they load through
+    ``torch.load(weights_only=True)`` into the same tensors."""
+    root = tmp_path / "bin"
+    reference.save_pretrained(str(root), safe_serialization=False)
+    assert (root / "transformer" / "diffusion_pytorch_model.bin").is_file()
+    loaded = load_amused(root)
+    for name in ("transformer", "vqvae"):
+        mine, theirs = getattr(loaded, name).state_dict(), getattr(ours, name).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
+
+
+def test_mixed_folder_is_refused(folder, tmp_path):
+    """A VQ-VAE whose codebook is not the transformer's K is named in one line."""
+    root = tmp_path / "mixed"
+    shutil.copytree(folder, root)
+    config_path = root / "vqvae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_vq_embeddings": CODEBOOK + 2}))
+    with pytest.raises(ConfigError, match=r"the transformer predicts 30 codes but the VQ-VAE has 32"):
+        load_amused(root)
