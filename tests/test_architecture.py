@@ -29,7 +29,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vqdiffusion.image_inputs",
         ),
     ),
-    ("math", ("vqdiffusion.diffusion", "vqdiffusion.objectives", "vqdiffusion.unmasking", "vqdiffusion.editing")),
+    (
+        "math",
+        ("vqdiffusion.diffusion", "vqdiffusion.objectives", "vqdiffusion.unmasking", "vqdiffusion.editing",
+         "vqdiffusion.maskgit"),
+    ),
     ("models", ("vqdiffusion.models", "vqdiffusion.data")),
     ("sampling", ("vqdiffusion.sampling",)),
     ("formats", ("vqdiffusion.formats",)),
