@@ -201,7 +201,7 @@ def sample_categorical(log_probs: torch.Tensor, generator: Generator = None) -> 
     width = math.isqrt(C - 1) + 1 if C > 1 else 1  # classes per block: ceil(sqrt(C)) or just above
     full = C // width
     masses = [_block_masses(p[:, : full * width].unflatten(1, (full, width)))] if full else []
-    if C > full * width:  # a shorter last block
+    if full * width < C:  # a shorter last block
         masses.append(p[:, full * width :].sum(1, keepdim=True, dtype=torch.float64))
     cum_block = torch.cat(masses, dim=1).cumsum_(1) if len(masses) > 1 else masses[0].cumsum(1)  # [B, nb, N]
     num_blocks = cum_block.shape[1]

@@ -22,15 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigBase, ConfigError
+from ..config import ConfigBase, ConfigError, is_int
 from .conditions import ConditionKind
 
 ACTIVATIONS = ("gelu2", "gelu")
 MLP_TYPES = ("linear", "conv")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _describe(value: object) -> str:
@@ -89,10 +85,10 @@ class DenoiserConfig(ConfigBase):
         name = type(self).__name__
         for field in ("num_classes", "height", "width", "num_layers", "dim", "num_heads", "num_timesteps"):
             value = getattr(self, field)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{name}: {field} must be a positive integer, got {value!r}")
         cond_dim = self.cond_dim
-        if cond_dim is not None and (not _is_int(cond_dim) or cond_dim < 1):
+        if cond_dim is not None and (not is_int(cond_dim) or cond_dim < 1):
             raise ConfigError(
                 f"{name}: cond_dim must be a positive integer (condition width) or None (unconditional), "
                 f"got {cond_dim!r}"
@@ -119,7 +115,7 @@ class DenoiserConfig(ConfigBase):
             raise ConfigError(f"{name}: mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
         labels = self.num_class_labels
         if labels is not None:
-            if not _is_int(labels) or labels < 1:
+            if not is_int(labels) or labels < 1:
                 raise ConfigError(f"{name}: num_class_labels must be a positive integer or None, got {labels!r}")
             if cond_dim is not None:
                 raise ConfigError(
@@ -128,7 +124,7 @@ class DenoiserConfig(ConfigBase):
                 )
         grid = self.position_grid
         if grid is not None:
-            if not isinstance(grid, tuple) or len(grid) != 2 or not all(_is_int(g) and g >= 1 for g in grid):
+            if not isinstance(grid, tuple) or len(grid) != 2 or not all(is_int(g) and g >= 1 for g in grid):
                 raise ConfigError(f"{name}: position_grid must be None or two positive integers, got {grid!r}")
             if grid[0] * grid[1] < self.num_tokens or grid[1] < self.width:
                 raise ConfigError(

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigBase, ConfigError, check_positive
+from ..config import ConfigBase, ConfigError, check_positive, is_int
 from ..io import load_module, save_safetensors
 
 __all__ = ["CONFIG_FILE", "Codebook", "VQVAE", "VQVAEConfig", "VQVAEOutput", "WEIGHTS_FILE", "load_vqvae", "save_vqvae"]
@@ -43,10 +43,6 @@ WEIGHTS_FILE = "model.safetensors"
 # temporary memory of `Codebook.nearest` to about 64 MiB in float32 whatever the batch size.
 _DISTANCE_CHUNK_ELEMENTS = 1 << 24
 ENCODER_PADDINGS = ("zeros", "replicate")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +106,7 @@ class VQVAEConfig(ConfigBase):
         for i, channels in enumerate(self.block_out_channels):
             ints[f"block_out_channels[{i}]"] = channels
         for key, value in ints.items():
-            if not _is_int(value):
+            if not is_int(value):
                 raise ConfigError(f"{name}: {key} must be an integer, got {value!r}")
         check_positive(name, **ints)
         if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool):
