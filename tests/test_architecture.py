@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("math", ("vqdiffusion.diffusion", "vqdiffusion.unmasking", "vqdiffusion.editing")),
     ("models", ("vqdiffusion.models", "vqdiffusion.data")),
-    ("sampling", ("vqdiffusion.sampling",)),
+    ("sampling", ("vqdiffusion.samplers", "vqdiffusion.sampling")),
     ("formats", ("vqdiffusion.formats",)),
     ("pipeline", ("vqdiffusion.pipeline",)),
     (

@@ -40,13 +40,16 @@ def setting(
     low: float | None = None,
     high: float | None = None,
     step: float | None = None,
+    ui_high: float | None = None,
 ) -> Any:
     """A dataclass field that carries what a user interface needs to offer it: ``help`` (one line), the
     ``label`` of a form control (default: the field name in words), ``choices`` of a text setting, and the
-    ``low`` / ``high`` bounds and ``step`` of a number.  The CLI flags and the demo's controls are built from
+    ``low`` / ``high`` bounds and ``step`` of a number (``ui_high``: the top of a slider when ``high`` is far
+    above the useful range).  The CLI flags and the demo's controls are built from
     this metadata (:mod:`vqdiffusion.cli.sampling_flags`, :mod:`vqdiffusion.demo`), so a setting is written
     once, where its dataclass declares it."""
     metadata = {"help": help, "label": label, "choices": choices, "low": low, "high": high, "step": step}
+    metadata["ui_high"] = ui_high
     return dataclasses.field(default=default, metadata=metadata)
 
 

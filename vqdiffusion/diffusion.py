@@ -522,6 +522,15 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform
     return ascending[::-1]
 
 
+def check_timesteps(schedule: MaskReplaceSchedule, timesteps: Sequence[int]) -> None:
+    """ValueError unless ``timesteps`` are strictly decreasing step indices in [0, T)."""
+    steps = list(timesteps)
+    if not steps or any(a <= b for a, b in zip(steps, steps[1:], strict=False)) or steps[-1] < 0:
+        raise ValueError(f"timesteps must be strictly decreasing indices >= 0, got {steps}")
+    if steps[0] >= schedule.num_timesteps:
+        raise ValueError(f"timesteps must be < T={schedule.num_timesteps}, got {steps[0]}")
+
+
 def unmask_budget(schedule: MaskReplaceSchedule, timesteps: Sequence[int], num_tokens: int) -> list[int]:
     """How many [MASK] positions each step of a high-quality (fixed-budget) sampler fills.
 
@@ -532,10 +541,7 @@ def unmask_budget(schedule: MaskReplaceSchedule, timesteps: Sequence[int], num_t
     per training step, the authors' hard-coded tables for N = 1024.
     """
     steps = list(timesteps)
-    if not steps or any(a <= b for a, b in zip(steps, steps[1:], strict=False)) or steps[-1] < 0:
-        raise ValueError(f"timesteps must be strictly decreasing indices >= 0, got {steps}")
-    if steps[0] >= schedule.num_timesteps:
-        raise ValueError(f"timesteps must be < T={schedule.num_timesteps}, got {steps[0]}")
+    check_timesteps(schedule, steps)
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     g_first = schedule.cumulative_at(steps[0])[2]

@@ -21,7 +21,6 @@ from .config import ConfigError
 from .devices import available_memory, format_bytes, resolve_device
 from .diffusion import Generator, MaskReplaceSchedule
 from .editing import (
-    COUNTING_SAMPLERS,
     DEFAULT_KNOWN_TOKEN_MODE,
     KNOWN_TOKEN_MODES,
     KnownTokens,
@@ -39,7 +38,8 @@ from .image_inputs import ImageInput, MaskInput, image_batch, mask_batch
 from .models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
 from .models.denoiser import Denoiser, DenoiserConfig
 from .models.vqvae import VQVAE
-from .sampling import SAMPLER_FIELDS, SamplingOptions, guided_predictor, sample_tokens
+from .samplers import Sampler, sampler_settings
+from .sampling import SamplingOptions, guided_predictor, sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -216,18 +216,12 @@ class VQDiffusionPipeline:
         output_type: OutputType = "pil",
         progress: bool = True,
         *,
-        sampler: str | None = None,
-        prior_weight: float | None = None,
+        sampler: str | Sampler | None = None,
         spacing: str | None = None,
         temperature: float | None = None,
-        tokens_per_call: int | None = None,
         batch_size: int | None = None,
         callback: Callable[[int, int], None] | None = None,
-        order: str | None = None,
-        masking_schedule: str | None = None,
-        choice_temperature: float | None = None,
-        remask_schedule: str | None = None,
-        remask_eta: float | None = None,
+        **sampler_settings: Any,
     ) -> PipelineOutput:
         """Generate images for ``prompt``: one string or a list (text models), a list of class labels
         (class-conditional models), or None (unconditional models: ``num_images_per_prompt`` images).
@@ -239,15 +233,13 @@ class VQDiffusionPipeline:
             num_inference_steps: 1..T steps (exact skip-step posterior below T).
             guidance_scale: classifier-free guidance scale; 1.0 costs one forward pass per step.
             truncation_rate: keep the most likely classes up to this mass, in (0, 1].
-            sampler: "ancestral", "uniform" or "purity" (high-quality inference, Improved VQ-Diffusion),
-                "confidence" (MaskGIT-style, not the trained chain), "remdm" (remasking) or "first_hitting"
-                (the exact chain with fewer model calls); the last two need a mask-only schedule.
-            prior_weight: r of the purity sampler.
+            sampler: a strategy object (``Purity(prior_weight=1.0)``, :mod:`vqdiffusion.samplers`) or a
+                registered name (:data:`vqdiffusion.samplers.SAMPLERS`: "ancestral", "uniform", "purity",
+                "confidence", "remdm", "first_hitting").
+            sampler_settings: the chosen strategy's own settings as flat keywords, e.g.
+                ``sampler="purity", prior_weight=1.0`` or ``tokens_per_call=8`` (see its class).
             spacing: "uniform" or "quadratic" step indices.
             temperature: temperature of p(x0 | x_t).
-            tokens_per_call: budget samplers fill at most this many positions per model evaluation.
-            order, masking_schedule, choice_temperature, remask_schedule, remask_eta: sampler-specific
-                settings (see :class:`~vqdiffusion.sampling.SamplingOptions`).
             num_images_per_prompt: images per prompt (prompt-major order).
             generator: a ``torch.Generator`` (or one per image) for reproducible sampling.
             output_type: "pil", "np" ([B, H, W, 3] float in [0, 1]), "pt" ([B, 3, H, W] in [0, 1]) or
@@ -264,15 +256,9 @@ class VQDiffusionPipeline:
             "guidance_scale": guidance_scale,
             "truncation_rate": truncation_rate,
             "sampler": sampler,
-            "prior_weight": prior_weight,
             "spacing": spacing,
             "temperature": temperature,
-            "tokens_per_call": tokens_per_call,
-            "order": order,
-            "masking_schedule": masking_schedule,
-            "choice_temperature": choice_temperature,
-            "remask_schedule": remask_schedule,
-            "remask_eta": remask_eta,
+            **sampler_settings,
         }
         return self._generate(
             prompt, given, num_images_per_prompt, generator, output_type, progress, batch_size, callback
@@ -418,7 +404,7 @@ class VQDiffusionPipeline:
         given = _sampling_given(sampling)
         options = self.sampling_options(**given)
         counts = regenerate.sum(1).tolist()
-        if options.sampler in COUNTING_SAMPLERS and len(set(counts)) > 1:
+        if options.sampler.fills_fixed_count and len(set(counts)) > 1:
             # a counting sampler needs equal [MASK] counts per run: one run per mask size, rows put back in order
             groups = [[p for p, c in enumerate(counts) if c == value] for value in sorted(set(counts))]
             return self._edit_in_groups(
@@ -487,7 +473,9 @@ class VQDiffusionPipeline:
             steps = variation_timesteps(
                 strength, self.schedule.num_timesteps, options.num_inference_steps, options.spacing
             )
-            x_init = variation_start(self.schedule, x0[row_prompt], start_step, options.sampler, rows_generator)
+            x_init = variation_start(
+                self.schedule, x0[row_prompt], start_step, options.sampler.fills_fixed_count, rows_generator
+            )
             return {"x_init": x_init, "timesteps": steps}
 
         given = _sampling_given(sampling)
@@ -619,19 +607,13 @@ class VQDiffusionPipeline:
         return [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
 
     def sampling_options(self, **overrides: Any) -> SamplingOptions:
-        """The model's defaults with the non-None ``overrides`` applied, validated for this model.
+        """The model's defaults with the non-None ``overrides`` applied (:meth:`SamplingOptions.with_values`),
+        validated for this model.
 
-        Choosing another sampler than the default drops the default's sampler-specific settings that the
-        new sampler does not use (``SAMPLER_FIELDS``: a purity ``prior_weight``, a budget sampler's
-        ``tokens_per_call``, ...), back to the field defaults.
+        Choosing another sampler than the default keeps only the default's settings that the new sampler
+        also has (a budget sampler's ``tokens_per_call``); the others start at their defaults.
         """
-        base = self.defaults
-        sampler = overrides.get("sampler")
-        if sampler is not None and sampler != base.sampler:
-            plain = {f.name: f.default for f in dataclasses.fields(SamplingOptions)}
-            unused = {f: plain[f] for f, samplers in SAMPLER_FIELDS.items() if sampler not in samplers}
-            base = dataclasses.replace(base, **unused)
-        options = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        options = self.defaults.with_values(**overrides)
         options.validate(self.schedule.num_timesteps)
         return options
 
@@ -760,12 +742,13 @@ def resolve_model_path(
 
 
 def _sampling_given(sampling: dict[str, Any]) -> dict[str, Any]:
-    """The sampling keywords of an editing call, checked against :class:`SamplingOptions`' fields."""
-    fields = [f.name for f in dataclasses.fields(SamplingOptions)]
+    """The sampling keywords of an editing call, checked against :class:`SamplingOptions`' fields and the
+    strategies' settings."""
+    fields = [f.name for f in dataclasses.fields(SamplingOptions)] + list(sampler_settings())
     unknown = sorted(set(sampling) - set(fields))
     if unknown:
         raise ValueError(f"unknown sampling keyword(s) {unknown}; the sampling keywords are {fields}")
-    return {name: sampling.get(name) for name in fields}
+    return dict(sampling)
 
 
 def _per_prompt(x: torch.Tensor, prompts: int) -> torch.Tensor:
