@@ -233,9 +233,8 @@ class VQDiffusionPipeline:
             num_inference_steps: 1..T steps (exact skip-step posterior below T).
             guidance_scale: classifier-free guidance scale; 1.0 costs one forward pass per step.
             truncation_rate: keep the most likely classes up to this mass, in (0, 1].
-            sampler: a strategy object (``Purity(prior_weight=1.0)``, :mod:`vqdiffusion.samplers`) or a
-                registered name (:data:`vqdiffusion.samplers.SAMPLERS`: "ancestral", "uniform", "purity",
-                "confidence", "remdm", "first_hitting").
+            sampler: a strategy object (``Purity(prior_weight=1.0)``, :mod:`vqdiffusion.samplers`) or the
+                name of one in the registry :data:`vqdiffusion.samplers.SAMPLERS`.
             sampler_settings: the chosen strategy's own settings as flat keywords, e.g.
                 ``sampler="purity", prior_weight=1.0`` or ``tokens_per_call=8`` (see its class).
             spacing: "uniform" or "quadratic" step indices.

@@ -104,7 +104,7 @@ class SamplingOptions(ConfigBase):
         truncation_rate: float = 1.0,
         spacing: str = "uniform",
         temperature: float = 1.0,
-        sampler: str | Sampler = "ancestral",
+        sampler: str | Sampler = Ancestral(),  # noqa: B008 (a frozen strategy: immutable)
         **sampler_values: Any,
     ) -> None:
         shared = {

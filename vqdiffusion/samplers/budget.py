@@ -11,8 +11,8 @@ from typing import ClassVar
 import torch
 
 from ..config import setting
-from ..diffusion import prior_unmask_step, unmask_budget
-from ..unmasking import ORDERS, halton_ranks, ordered_unmask_step
+from ..diffusion import ordered_unmask_step, prior_unmask_step, unmask_budget
+from ..unmasking import ORDERS, halton_ranks
 from .base import Chain, Sampler
 
 # r beyond this overflows or cancels the float32 arithmetic of the scaled log-probabilities
