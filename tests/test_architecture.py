@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vqdiffusion.io",
             "vqdiffusion.text_vocab",
             "vqdiffusion.image_inputs",
+            "vqdiffusion.image_outputs",
         ),
     ),
     ("math", ("vqdiffusion.diffusion", "vqdiffusion.unmasking", "vqdiffusion.editing")),
