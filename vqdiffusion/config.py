@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +37,7 @@ def setting(
     help: str,
     *,
     label: str | None = None,
-    choices: tuple[Any, ...] | None = None,
+    choices: Collection[Any] | None = None,
     low: float | None = None,
     high: float | None = None,
     step: float | None = None,

@@ -95,7 +95,8 @@ class SamplingOptions(ConfigBase):
     temperature: float = setting(
         1.0, "temperature of p(x0 | x_t), > 0", label="Temperature", low=0.05, high=3.0, step=0.05
     )
-    sampler: Sampler = setting(Ancestral(), "the sampling strategy", label="Sampler", choices=tuple(SAMPLERS))
+    # the choices are the registry itself, so the CLI and the demo offer every registered strategy
+    sampler: Sampler = setting(Ancestral(), "the sampling strategy", label="Sampler", choices=SAMPLERS)
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """The sampling flags shared by ``generate``, ``edit``, ``eval``, ``sample-set`` and ``export``, built from the
 fields of :class:`vqdiffusion.sampling.SamplingOptions` and of the strategies
-(:data:`vqdiffusion.samplers.SAMPLER_CLASSES`) and their metadata (help, choices), checked by their own
+(:data:`vqdiffusion.samplers.SAMPLERS`) and their metadata (help, choices), checked by their own
 validation."""
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ def flag_of(field: str) -> str:
 
 def sampling_flags() -> dict[str, tuple[str, type, str, list[Any] | None]]:
     """flag -> (setting, argparse type, help, choices): the shared settings, then every strategy's own."""
-    from ..samplers import SAMPLER_CLASSES, owners, sampler_settings
+    from ..samplers import SAMPLERS, owners, sampler_settings
     from ..sampling import SamplingOptions
 
     out: dict[str, tuple[str, type, str, list[Any] | None]] = {}
     for field in dataclasses.fields(SamplingOptions):
         text = field.metadata["help"]
         if field.name == "sampler":
-            text = "; ".join(f"{cls.name}: {cls.summary}" for cls in SAMPLER_CLASSES)
+            text = "; ".join(f"{cls.name}: {cls.summary}" for cls in SAMPLERS.values())
         out[flag_of(field.name)] = (field.name, _kind(field), text, _choices(field))
     for field in sampler_settings().values():
         text = f"{' and '.join(owners(field.name))} sampler: {field.metadata['help']}"

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..config import first_line, is_int, is_number
 from ..pipeline import PipelineOutput, VQDiffusionPipeline
-from ..samplers import SAMPLER_CLASSES, SAMPLERS, sampler_settings
+from ..samplers import SAMPLERS, sampler_settings
 from ..sampling import SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def help_of(name: str) -> str:
     if name in OPTION_HELP:
         return OPTION_HELP[name][1]
     if name == "sampler":
-        return "; ".join(f"{cls.name}: {cls.summary}" for cls in SAMPLER_CLASSES)
+        return "; ".join(f"{cls.name}: {cls.summary}" for cls in SAMPLERS.values())
     return _PAGE_HELP.get(name) or sampling_settings()[name].metadata["help"]
 
 

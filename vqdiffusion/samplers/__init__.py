@@ -3,7 +3,7 @@ maps their names to them.
 
 A strategy owns its settings (dataclass fields declared with :func:`vqdiffusion.config.setting`), their
 checks and its loop (:meth:`Sampler.run` over a :class:`Chain`).  Adding one means writing its class and
-its tests and listing the class in :data:`SAMPLER_CLASSES`; the CLI flags, the demo's controls,
+its tests and adding the class to :data:`SAMPLERS`; the CLI flags, the demo's controls,
 ``defaults.json`` and the pipeline's keywords follow from it.
 """
 
@@ -23,7 +23,6 @@ __all__ = [
     "MAX_CHOICE_TEMPERATURE",
     "MAX_PRIOR_WEIGHT",
     "SAMPLERS",
-    "SAMPLER_CLASSES",
     "Ancestral",
     "Budget",
     "Chain",
@@ -39,16 +38,17 @@ __all__ = [
     "sampler_settings",
 ]
 
-# The registry: every strategy, in the order the CLI and the demo offer them.
-SAMPLER_CLASSES: tuple[type[Sampler], ...] = (Ancestral, Uniform, Purity, Confidence, ReMDM, FirstHitting)
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in SAMPLER_CLASSES}
+# The registry: every strategy by its name, in the order the CLI and the demo offer them.
+SAMPLERS: dict[str, type[Sampler]] = {
+    cls.name: cls for cls in (Ancestral, Uniform, Purity, Confidence, ReMDM, FirstHitting)
+}
 
 
 def sampler_settings() -> dict[str, dataclasses.Field]:
     """Every strategy setting by name (a name shared by several strategies, such as ``tokens_per_call``, is
     one setting with one meaning)."""
     out: dict[str, dataclasses.Field] = {}
-    for cls in SAMPLER_CLASSES:
+    for cls in SAMPLERS.values():
         for field in cls.settings():
             out.setdefault(field.name, field)
     return out
