@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "vqdiffusion.io",
             "vqdiffusion.text_vocab",
             "vqdiffusion.image_inputs",
+            "vqdiffusion.image_outputs",
         ),
     ),
     (
@@ -35,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
          "vqdiffusion.maskgit"),
     ),
     ("models", ("vqdiffusion.models", "vqdiffusion.data")),
-    ("sampling", ("vqdiffusion.sampling",)),
+    ("sampling", ("vqdiffusion.samplers", "vqdiffusion.sampling")),
     ("formats", ("vqdiffusion.formats",)),
     ("pipeline", ("vqdiffusion.pipeline",)),
     (

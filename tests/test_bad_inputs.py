@@ -273,7 +273,7 @@ CASES = [
     row("prior-weight-ancestral", gen("--prior-weight", "1"), ("prior_weight", "purity")),
     row("temperature-0", gen("--temperature", "0"), ("--temperature",)),
     row("temperature-tiny", gen("--temperature", "1e-300"), ("--temperature", "0.001")),
-    row("tokens-per-call-ancestral", gen("--tokens-per-call", "4"), ("tokens_per_call", "budget sampler")),
+    row("tokens-per-call-ancestral", gen("--tokens-per-call", "4"), ("tokens_per_call", "uniform', 'purity")),
     row("unsupported-image-type", gen("--output", "{tmp}/out.txt"), ("unsupported image type", ".txt")),
     # -- output paths ---------------------------------------------------------------------------------
     row("output-parent-is-file", gen("--output", "{afile}/o.png"), ("afile is a file, not a folder",)),

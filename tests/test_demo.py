@@ -11,12 +11,22 @@ import torch
 from PIL import Image
 from support.weights import tiny_label_components
 
-from vqdiffusion import sampling
-from vqdiffusion.demo import SAMPLING_CONTROLS, DemoApp, build_demo
+from vqdiffusion import samplers
+from vqdiffusion.demo import DemoApp, build_demo
 from vqdiffusion.pipeline import PipelineOutput, VQDiffusionPipeline
 
-# steps, guidance, truncation, sampler, prior weight, spacing, temperature, seed, number of images
-OPTIONS = (4, 2.0, 1.0, "ancestral", 0.0, "uniform", 1.0, 0, 2)
+# the controls of a request, by name (the others take the model's defaults)
+OPTIONS = {
+    "num_inference_steps": 4,
+    "guidance_scale": 2.0,
+    "truncation_rate": 1.0,
+    "sampler": "ancestral",
+    "prior_weight": 0.0,
+    "spacing": "uniform",
+    "temperature": 1.0,
+    "seed": 0,
+    "num_images": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +39,7 @@ def _tiny(kind: str) -> VQDiffusionPipeline:
 
 
 def _options(**changes):
-    values = dict(zip(SAMPLING_CONTROLS, OPTIONS, strict=True))
-    values.update(changes)
-    return tuple(values.values())
+    return {**OPTIONS, **changes}
 
 
 def _arrays(images):
@@ -41,7 +49,7 @@ def _arrays(images):
 def test_text_to_image_matches_the_pipeline_and_reports_progress(shapes):
     app = DemoApp(shapes)
     seen = []
-    result = app.text_to_image("a red circle", *_options(seed=7), progress=lambda d, t: seen.append((d, t)))
+    result = app.text_to_image("a red circle", _options(seed=7), progress=lambda d, t: seen.append((d, t)))
     assert result.ok and result.status.startswith("Generated 2 images of 64 x 64 in ")
     expected = shapes(
         "a red circle",
@@ -69,12 +77,12 @@ def test_pipeline_callback_counts_steps_over_batches(shapes):
 
 def test_two_requests_at_once_each_get_their_own_images(shapes):
     app = DemoApp(shapes)
-    alone = {seed: _arrays(app.text_to_image("a blue square", *_options(seed=seed)).images) for seed in (1, 2)}
+    alone = {seed: _arrays(app.text_to_image("a blue square", _options(seed=seed)).images) for seed in (1, 2)}
     start, results = threading.Barrier(2), {}
 
     def request(seed: int) -> None:
         start.wait()
-        results[seed] = app.text_to_image("a blue square", *_options(seed=seed))
+        results[seed] = app.text_to_image("a blue square", _options(seed=seed))
 
     threads = [threading.Thread(target=request, args=(seed,)) for seed in (1, 2)]
     for thread in threads:
@@ -106,36 +114,24 @@ def test_two_requests_at_once_each_get_their_own_images(shapes):
     ],
 )
 def test_bad_inputs_are_messages(shapes, prompt, changes, message):
-    result = DemoApp(shapes).text_to_image(prompt, *_options(**changes))
+    result = DemoApp(shapes).text_to_image(prompt, _options(**changes))
     assert not result.ok and result.images == []
     assert result.status.startswith("**Error:** ") and message in result.status and "\n" not in result.status
 
 
 def test_prior_weight_is_ignored_unless_the_sampler_is_purity(shapes):
-    assert DemoApp(shapes).text_to_image("x", *_options(prior_weight=2.0, sampler="uniform")).ok
+    assert DemoApp(shapes).text_to_image("x", _options(prior_weight=2.0, sampler="uniform")).ok
 
 
 def test_class_and_unconditional_models():
     app = DemoApp(_tiny("class"))
-    assert app.text_to_image("3", *_options(num_inference_steps=2)).ok
-    assert "enter a class label, 0 to 3" in app.text_to_image("a cat", *_options()).status
-    assert "the class label must be in 0 to 3, got 4" in app.text_to_image("4", *_options()).status
+    assert app.text_to_image("3", _options(num_inference_steps=2)).ok
+    assert "enter a class label, 0 to 3" in app.text_to_image("a cat", _options()).status
+    assert "the class label must be in 0 to 3, got 4" in app.text_to_image("4", _options()).status
     app = DemoApp(_tiny("none"))
-    result = app.text_to_image("", *_options(guidance_scale=5.0))  # the guidance control is off for it
+    result = app.text_to_image("", _options(guidance_scale=5.0))  # the guidance control is off for it
     assert result.ok and len(result.images) == 2
-    assert "leave the prompt empty" in app.text_to_image("a cat", *_options()).status
-
-
-class TextOnlyPipe:
-    """A pipeline without the editing methods (as a third-party pipeline may be)."""
-
-    def __init__(self, pipe: VQDiffusionPipeline) -> None:
-        self._pipe = pipe
-
-    def __getattr__(self, name):
-        if name in ("inpaint", "variation"):
-            raise AttributeError(name)
-        return getattr(self._pipe, name)
+    assert "leave the prompt empty" in app.text_to_image("a cat", _options()).status
 
 
 class EditingPipe:
@@ -165,12 +161,11 @@ class EditingPipe:
 def test_inpaint_and_variation_call_the_editing_api(shapes):
     pipe = EditingPipe(shapes)
     app = DemoApp(pipe)
-    assert app.has_inpaint and app.has_variation and not DemoApp(TextOnlyPipe(shapes)).has_inpaint
     layer = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
     layer.paste((255, 255, 255, 255), (0, 0, 64, 32))  # the top quarter painted
     editor = {"background": Image.new("RGB", (128, 128), "red"), "layers": [layer], "composite": None}
     seen = []
-    result = app.inpaint("a circle", editor, *_options(), progress=lambda d, t: seen.append((d, t)))
+    result = app.inpaint("a circle", editor, _options(), progress=lambda d, t: seen.append((d, t)))
     assert result.ok and result.status.startswith("Inpainted 2 images of 64 x 64") and seen == [(1, 1)]
     _, prompt, image, mask, options = pipe.calls[-1]
     assert prompt == "a circle" and image.size == (64, 64) and image.mode == "RGB"
@@ -179,15 +174,15 @@ def test_inpaint_and_variation_call_the_editing_api(shapes):
     assert mask.mode == "L" and np.array_equal(np.asarray(mask), expected)
     assert options["num_inference_steps"] == 4 and options["num_images_per_prompt"] == 2
     empty = {"background": Image.new("RGB", (64, 64)), "layers": [Image.new("RGBA", (64, 64))]}
-    assert "the mask is empty" in app.inpaint("a circle", empty, *_options()).status
-    assert "upload an image to inpaint" in app.inpaint("a circle", None, *_options()).status
+    assert "the mask is empty" in app.inpaint("a circle", empty, _options()).status
+    assert "upload an image to inpaint" in app.inpaint("a circle", None, _options()).status
 
-    result = app.variation("a circle", Image.new("RGB", (32, 32), "blue"), 0.4, *_options())
+    result = app.variation("a circle", Image.new("RGB", (32, 32), "blue"), 0.4, _options())
     assert result.ok and result.status.startswith("Made 2 images")
     _, prompt, image, strength, _ = pipe.calls[-1]
     assert image.size == (64, 64) and strength == 0.4
-    assert "Strength must be in (0, 1], got 0" in app.variation("a", Image.new("RGB", (64, 64)), 0, *_options()).status
-    assert "upload an image to make variations of" in app.variation("a", None, 0.5, *_options()).status
+    assert "Strength must be in (0, 1], got 0" in app.variation("a", Image.new("RGB", (64, 64)), 0, _options()).status
+    assert "upload an image to make variations of" in app.variation("a", None, 0.5, _options()).status
 
 
 def test_the_editing_tabs_run_the_real_pipeline(shapes):
@@ -195,12 +190,12 @@ def test_the_editing_tabs_run_the_real_pipeline(shapes):
     image = shapes("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (32, 32, 64, 64))
-    result = app.inpaint("a blue square", (image, mask), *_options())
+    result = app.inpaint("a blue square", (image, mask), _options())
     assert result.ok and len(result.images) == 2 and result.images[0].size == (64, 64)
     # the kept three quarters come back as the image's own tokens: their decoding is close to the image's
     kept = np.asarray(result.images[0], np.float32)[:32] - np.asarray(image, np.float32)[:32]
     assert np.abs(kept[:24]).mean() < 8.0  # (rows next to the mask change a little through the decoder)
-    result = app.variation("a blue square", image, 0.3, *_options())
+    result = app.variation("a blue square", image, 0.3, _options())
     assert result.ok and len(result.images) == 2
 
 
@@ -209,21 +204,35 @@ def test_an_unexpected_failure_is_one_line_not_a_traceback(shapes, caplog):
         def variation(self, prompt, image, strength, **options):
             raise RuntimeError("kaboom\nline two")
 
-    result = DemoApp(Broken(shapes)).variation("a", Image.new("RGB", (64, 64)), 0.5, *_options())
+    result = DemoApp(Broken(shapes)).variation("a", Image.new("RGB", (64, 64)), 0.5, _options())
     assert result.status == "**Error:** RuntimeError: kaboom (see the server log)"
     assert "Traceback" in caplog.text and "kaboom" in caplog.text  # logged on the server
 
 
-def test_the_page_offers_each_tab_only_when_the_pipeline_can(shapes):
+def test_the_page_offers_every_tab_and_each_samplers_own_settings(shapes):
     pytest.importorskip("gradio", reason="the demo needs Gradio: pip install -e '.[demo]'")
-    plain = build_demo(DemoApp(TextOnlyPipe(shapes))).config
-    editing = build_demo(DemoApp(EditingPipe(shapes))).config
-    ids = {c["props"].get("elem_id") for c in plain["components"]}
-    editing_ids = {c["props"].get("elem_id") for c in editing["components"]}
-    assert "t2i-prompt" in ids and "inpaint-editor" not in ids and "variation-image" not in ids
-    assert {"inpaint-editor", "variation-image", "inpaint-generate", "variation-generate"} <= editing_ids
-    sampler = next(c for c in plain["components"] if c["props"].get("elem_id") == "t2i-sampler")
-    assert [choice[0] for choice in sampler["props"]["choices"]] == list(sampling.SAMPLERS)
+    config = build_demo(DemoApp(shapes)).config
+    by_id = {c["props"].get("elem_id"): c for c in config["components"]}
+    assert {"t2i-prompt", "inpaint-editor", "variation-image", "inpaint-generate", "variation-generate"} <= set(by_id)
+    sampler = by_id["t2i-sampler"]
+    assert [choice[0] for choice in sampler["props"]["choices"]] == list(samplers.SAMPLERS)
+    # every strategy setting has its control, shown only while a sampler that has it is chosen (the built-in
+    # model's default is ancestral, which has none)
+    for name in samplers.sampler_settings():
+        control = by_id[f"t2i-{name.replace('_', '-')}"]
+        assert control["props"]["visible"] is False, name
+    assert by_id["t2i-choice-temperature"]["props"]["label"] == "Choice temperature"
+
+
+def test_only_the_chosen_samplers_settings_reach_the_pipeline(shapes):
+    app = DemoApp(shapes)
+    kwargs = app.sampling_kwargs(_options(sampler="confidence", choice_temperature=2.0, remask_eta=0.5))
+    assert kwargs["sampler"] == "confidence" and kwargs["choice_temperature"] == 2.0
+    assert "remask_eta" not in kwargs and "prior_weight" not in kwargs
+    result = app.text_to_image("a red circle", _options(sampler="remdm", remask_eta=0.5, num_inference_steps=3))
+    assert result.ok, result.status
+    bad = app.text_to_image("a red circle", _options(sampler="remdm", remask_eta=2.0))
+    assert "Remask eta must be a number in [0, 1], got 2.0" in bad.status
 
 
 def test_missing_gradio_is_one_clear_error(monkeypatch, capsys):

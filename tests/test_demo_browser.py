@@ -104,8 +104,8 @@ def test_generate_in_the_browser(server, browser, tmp_path):
     url, pipe = server
     started = time.perf_counter()
     _open(browser, url)
-    # every sampling option is on the page, with its explanation
-    for name in ("num-inference-steps", "guidance-scale", "truncation-rate", "sampler", "prior-weight", "spacing"):
+    # every shared sampling option is on the page, with its explanation (a sampler's own, once it is chosen)
+    for name in ("num-inference-steps", "guidance-scale", "truncation-rate", "sampler", "spacing", "temperature"):
         WebDriverWait(browser, TIMEOUT).until(lambda d, name=name: d.find_elements(By.ID, f"t2i-{name}"), name)
     page = browser.find_element(By.TAG_NAME, "body").text
     assert "classifier-free guidance" in page and "same seed and settings give the same images" in page

@@ -84,8 +84,8 @@ def test_variation_start_masks_the_expected_count_for_counting_samplers() -> Non
     x0 = torch.randint(0, K_TOY, (50, N_TOY), generator=torch.Generator().manual_seed(0))
     t = 9
     expected = round(N_TOY * MASK_ONLY.cumulative_at(t)[2])
-    for sampler in ("uniform", "purity", "confidence"):
-        start = variation_start(MASK_ONLY, x0, t, sampler, torch.Generator().manual_seed(1))
+    for sampler in (s for s in SAMPLERS.values() if s.fills_fixed_count):  # uniform, purity, confidence
+        start = variation_start(MASK_ONLY, x0, t, sampler.fills_fixed_count, torch.Generator().manual_seed(1))
         assert ((start == K_TOY).sum(1) == expected).all()
         assert torch.equal(torch.where(start == K_TOY, x0, start), x0)  # the rest is x0
 

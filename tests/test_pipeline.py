@@ -13,6 +13,7 @@ from support.weights import TinySpec, save_diffusers_pipeline
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.config import ConfigError
 from vqdiffusion.diffusion import truncate_log_probs
+from vqdiffusion.samplers import Ancestral, Purity, Uniform
 from vqdiffusion.sampling import guided_predictor
 
 diffusers = pytest.importorskip("diffusers")
@@ -149,12 +150,10 @@ def test_call_options_override_model_defaults(pair) -> None:
     saved = ours.defaults
     try:
         ours.defaults = dataclasses.replace(saved, sampler="purity", prior_weight=2.0, tokens_per_call=3)
-        assert ours.sampling_options().prior_weight == 2.0
+        assert ours.sampling_options().sampler == Purity(prior_weight=2.0, tokens_per_call=3)
         # another sampler drops the purity-only settings the call does not give
-        plain = ours.sampling_options(sampler="ancestral")
-        assert (plain.sampler, plain.prior_weight, plain.tokens_per_call) == ("ancestral", 0.0, None)
-        uniform = ours.sampling_options(sampler="uniform")
-        assert (uniform.prior_weight, uniform.tokens_per_call) == (0.0, 3)
+        assert ours.sampling_options(sampler="ancestral").sampler == Ancestral()
+        assert ours.sampling_options(sampler="uniform").sampler == Uniform(tokens_per_call=3)
         with pytest.raises(ValueError, match="prior_weight"):
             ours.sampling_options(sampler="uniform", prior_weight=1.0)
     finally:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_samplers import K_TOY, N_TOY, ToyPredictor, exact_subset_probabilities, frequency_bound
 
-from vqdiffusion.diffusion import MaskReplaceSchedule, spaced_timesteps
+from vqdiffusion.diffusion import MaskReplaceSchedule, ordered_unmask_step, spaced_timesteps
 from vqdiffusion.sampling import SamplingOptions, sample_tokens
 from vqdiffusion.unmasking import (
     confidence_masked_counts,
@@ -19,7 +19,6 @@ from vqdiffusion.unmasking import (
     halton_order,
     halton_ranks,
     nearest_step,
-    ordered_unmask_step,
     radical_inverse,
     remask_sigma,
     remask_step,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,6 +14,44 @@ C = TypeVar("C", bound="ConfigBase")
 
 class ConfigError(ValueError):
     """A configuration is malformed or does not match the weights it describes."""
+
+
+def is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool`` (NaN and infinities included)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    label: str | None = None,
+    choices: Collection[Any] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    step: float | None = None,
+    ui_high: float | None = None,
+) -> Any:
+    """A dataclass field that carries what a user interface needs to offer it: ``help`` (one line), the
+    ``label`` of a form control (default: the field name in words), ``choices`` of a text setting, and the
+    ``low`` / ``high`` bounds and ``step`` of a number (``ui_high``: the top of a slider when ``high`` is far
+    above the useful range).  The CLI flags and the demo's controls are built from
+    this metadata (:mod:`vqdiffusion.cli.sampling_flags`, :mod:`vqdiffusion.demo`), so a setting is written
+    once, where its dataclass declares it."""
+    metadata = {"help": help, "label": label, "choices": choices, "low": low, "high": high, "step": step}
+    metadata["ui_high"] = ui_high
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,6 @@ from .diffusion import Generator, MaskReplaceSchedule, q_sample, select_position
 
 KNOWN_TOKEN_MODES = ("renoise", "clean")
 DEFAULT_KNOWN_TOKEN_MODE = "renoise"
-# Samplers that fill a fixed number of [MASK] positions per step: their start needs the same number of
-# [MASK] positions in every row, and a variation start masks an exact count (see :func:`variation_start`).
-COUNTING_SAMPLERS = ("uniform", "purity", "confidence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,17 +111,17 @@ def variation_start(
     schedule: MaskReplaceSchedule,
     x0: torch.Tensor,
     t: int,
-    sampler: str,
+    exact_count: bool = False,
     generator: Generator = None,
 ) -> torch.Tensor:
     """The start x_t of a variation at step index ``t`` from the image's tokens ``x0`` [B, N].
 
-    For the ancestral-type samplers a draw of q(x_t | x0) (the chain's own marginal).  The counting samplers
-    (:data:`COUNTING_SAMPLERS`) keep every unmasked token and fill a fixed number per step, so their start
-    masks exactly round(N gbar_t) positions of each row, drawn uniformly without replacement (the count
-    they expect at t; for a mask-only schedule the q(x_t | x0) draw conditioned on its expected count).
+    For the ancestral-type samplers a draw of q(x_t | x0) (the chain's own marginal).  A sampler that keeps
+    every unmasked token and fills a fixed number per step (``exact_count``: its ``fills_fixed_count``) starts
+    from exactly round(N gbar_t) masked positions of each row, drawn uniformly without replacement (the count
+    it expects at t; for a mask-only schedule the q(x_t | x0) draw conditioned on its expected count).
     """
-    if sampler not in COUNTING_SAMPLERS:
+    if not exact_count:
         return q_sample(schedule, x0, t, generator)
     B, N = x0.shape
     count = round(N * schedule.cumulative_at(t)[2])

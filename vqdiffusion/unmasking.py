@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .diffusion import Generator, MaskReplaceSchedule, _rand, sample_categorical
+from .diffusion import Generator, MaskReplaceSchedule, rand_uniform, sample_categorical
 
 # A schedule whose replace mass K * bbar_t never exceeds this is "mask-only" (the reference schedule has
 # abar + gbar = 0.999999, i.e. a replace mass of 1e-6, "in effect mask only").
@@ -44,8 +44,8 @@ def require_mask_only(schedule: MaskReplaceSchedule, sampler: str) -> None:
 
 
 def _gumbel(shape: Sequence[int], generator: Generator, device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise -log(-log U), float64 (see :func:`vqdiffusion.diffusion._rand`)."""
-    return -torch.log(-torch.log(_rand(shape, generator, device)))
+    """Standard Gumbel noise -log(-log U), float64 (see :func:`vqdiffusion.diffusion.rand_uniform`)."""
+    return -torch.log(-torch.log(rand_uniform(shape, generator, device)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def remask_step(
         raise ValueError(f"sigma must be in [0, {sigma_max:.6g}] for this step, got {sigma}")
     unmask = (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t)
     is_mask = x_t == K
-    u = _rand((B, N), generator, x_t.device)
+    u = rand_uniform((B, N), generator, x_t.device)
     candidates = sample_categorical(log_p_x0, generator)
     filled = torch.where(u < unmask, candidates, x_t)
     remasked = torch.where(u < sigma, torch.full_like(x_t, K), x_t)
@@ -195,7 +195,7 @@ def first_hitting_steps(
     start = schedule.cumulative_at(steps[0])[2]
     survival = [schedule.cumulative_at(s)[2] / start for s in steps[1:]] + [0.0]  # S_0 .. S_{n-1}
     s_table = torch.tensor(survival, dtype=torch.float64, device=device)
-    u = _rand((batch_size, num_tokens), generator, torch.device(device))
+    u = rand_uniform((batch_size, num_tokens), generator, torch.device(device))
     return (s_table[None, None, :] > u[:, :, None]).sum(2)
 
 
@@ -253,20 +253,6 @@ def halton_ranks(
 ) -> torch.Tensor:
     """[B, h * w] long: rank[b, n] = place of cell n in image b's :func:`halton_order`, each image with its own
     uniform random shift (two float64 draws from its generator)."""
-    shifts = _rand((batch_size, 2), generator, torch.device(device)).cpu().tolist()
+    shifts = rand_uniform((batch_size, 2), generator, torch.device(device)).cpu().tolist()
     ranks = [torch.argsort(halton_order(height, width, (sx, sy))) for sx, sy in shifts]
     return torch.stack(ranks).to(device)
-
-
-def ordered_unmask_step(
-    log_p_x0: torch.Tensor, x_t: torch.Tensor, count: int, rank: torch.Tensor, generator: Generator = None
-) -> torch.Tensor:
-    """A budget step in a fixed order: fill the ``count`` [MASK] positions of lowest ``rank`` ([B, N]) with
-    x0 ~ p(x0 | x_t); every row needs at least ``count`` [MASK]."""
-    B, K, N = log_p_x0.shape
-    candidates = sample_categorical(log_p_x0, generator)
-    key = torch.where(x_t == K, rank.to(torch.float64), math.inf)
-    chosen = torch.zeros((B, N), dtype=torch.bool, device=x_t.device)
-    if count > 0:
-        chosen.scatter_(1, key.topk(count, dim=1, largest=False).indices, True)
-    return torch.where(chosen, candidates, x_t)

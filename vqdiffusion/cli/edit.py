@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import first_line
 from .errors import CLIError
 from .generate import (
     add_condition_arguments,
@@ -200,7 +201,7 @@ def read_image(path: str, flag: str) -> Any:
     except PermissionError:
         raise CLIError(f"{flag} {path}: permission denied; make the file readable") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise CLIError(f"{flag} {path} is not a readable image ({_first_line(err)}); give a PNG or JPEG file") from None
+        raise CLIError(f"{flag} {path} is not a readable image ({first_line(err)}); give a PNG or JPEG file") from None
 
 
 def read_mask(path: str, image_size: tuple[int, int]) -> Any:
@@ -300,8 +301,3 @@ def _run_options(args: argparse.Namespace, generator: Any) -> dict[str, Any]:
         "progress": not args.quiet,
         "batch_size": args.batch_size,
     }
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import sys
 
+from ..config import first_line
+
 USAGE_ERROR = 2
 INTERRUPTED = 130
 
@@ -67,26 +69,21 @@ def is_user_error(err: BaseException) -> bool:
 def message_of(err: BaseException) -> str:
     """The one line :func:`report` prints after ``error: ``."""
     if is_out_of_memory(err):
-        detail = _first_line(err)
+        detail = first_line(err)
         detail = f" ({detail})" if detail and detail != type(err).__name__ else ""
         return (
             f"out of memory{detail}; ask for less at once (fewer images, a smaller batch or size) or use a machine "
             "with more memory"
         )
     if isinstance(err, RecursionError):
-        return f"the input is nested too deeply to process ({_first_line(err)}); it is not a vqdiffusion file"
+        return f"the input is nested too deeply to process ({first_line(err)}); it is not a vqdiffusion file"
     if isinstance(err, OSError) and err.errno is not None and (err.filename is not None or err.errno == errno.ENOSPC):
         path = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
         template = _OS_MESSAGES.get(err.errno)
         if template is not None:
             return template.format(path=path if path is not None else "a file")
         return f"{err.strerror or 'error'}: {path}"
-    return _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err)
-    return text.splitlines()[0] if text.strip() else type(err).__name__
+    return first_line(err)
 
 
 def report(err: BaseException) -> int:

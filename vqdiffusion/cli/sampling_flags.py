@@ -1,70 +1,94 @@
-"""The sampling flags shared by ``generate``, ``eval`` and ``export``: one flag per field of
-:class:`vqdiffusion.sampling.SamplingOptions`, checked by the options' own validation."""
+"""The sampling flags shared by ``generate``, ``edit``, ``eval``, ``sample-set`` and ``export``, built from the
+fields of :class:`vqdiffusion.sampling.SamplingOptions` and of the strategies
+(:data:`vqdiffusion.samplers.SAMPLERS`) and their metadata (help, choices), checked by their own
+validation."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from .errors import CLIError
 
-# flag -> (SamplingOptions field, type, help)
-SAMPLING_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--steps": ("num_inference_steps", int, "sampling steps, 1..T"),
-    "--guidance": ("guidance_scale", float, "classifier-free guidance scale (1 = off, one pass per step)"),
-    "--truncation": ("truncation_rate", float, "truncation rate in (0, 1] (1 = off)"),
-    "--sampler": (
-        "sampler",
-        str,
-        "ancestral; uniform or purity (high-quality inference, Improved VQ-Diffusion); confidence (MaskGIT-style, "
-        "not the trained chain); remdm (remasking) or first_hitting (exact, fewer model calls): mask-only schedules",
-    ),
-    "--prior-weight": ("prior_weight", float, "r of the purity sampler, >= 0"),
-    "--spacing": ("spacing", str, "step indices: uniform or quadratic"),
-    "--temperature": ("temperature", float, "temperature of p(x0 | x_t), > 0"),
-    "--tokens-per-call": ("tokens_per_call", int, "budget samplers: positions filled per model call"),
-    "--order": ("order", str, "uniform sampler: random or halton order of the positions filled"),
-    "--masking-schedule": ("masking_schedule", str, "confidence sampler: cosine or linear masked fraction"),
-    "--choice-temperature": ("choice_temperature", float, "confidence sampler: Gumbel scale, annealed to 0"),
-    "--remask-schedule": ("remask_schedule", str, "remdm sampler: cap or rescale remasking probability"),
-    "--remask-eta": ("remask_eta", float, "remdm sampler: eta in [0, 1]"),
-}
-CHOICES = {
-    "--sampler": ["ancestral", "uniform", "purity", "confidence", "remdm", "first_hitting"],
-    "--spacing": ["uniform", "quadratic"],
-    "--order": ["random", "halton"],
-    "--masking-schedule": ["cosine", "linear"],
-    "--remask-schedule": ["cap", "rescale"],
-}
-FLAG_OF_FIELD = {field: flag for flag, (field, _, _) in SAMPLING_FLAGS.items()}
+# The shared settings whose flags predate the generated names (every other flag is --<field-name>).
+SHORT_FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "truncation_rate": "--truncation"}
+
+
+def flag_of(field: str) -> str:
+    """The flag of a setting: ``--steps`` ... or ``--<field-name>`` with dashes."""
+    return SHORT_FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def sampling_flags() -> dict[str, tuple[str, type, str, list[Any] | None]]:
+    """flag -> (setting, argparse type, help, choices): the shared settings, then every strategy's own."""
+    from ..samplers import SAMPLERS, owners, sampler_settings
+    from ..sampling import SamplingOptions
+
+    out: dict[str, tuple[str, type, str, list[Any] | None]] = {}
+    for field in dataclasses.fields(SamplingOptions):
+        text = field.metadata["help"]
+        if field.name == "sampler":
+            text = "; ".join(f"{cls.name}: {cls.summary}" for cls in SAMPLERS.values())
+        out[flag_of(field.name)] = (field.name, _kind(field), text, _choices(field))
+    for field in sampler_settings().values():
+        text = f"{' and '.join(owners(field.name))} sampler: {field.metadata['help']}"
+        out[flag_of(field.name)] = (field.name, _kind(field), text, _choices(field))
+    return out
+
+
+def _kind(field: dataclasses.Field) -> type:
+    if field.metadata.get("choices") is not None:
+        return str
+    annotation = str(field.type)
+    return int if annotation.startswith("int") else float if annotation.startswith("float") else str
+
+
+def _choices(field: dataclasses.Field) -> list[Any] | None:
+    choices = field.metadata.get("choices")
+    return None if choices is None else list(choices)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, default_text: str = "the model's") -> None:
     """Add the sampling flags (all default to None: ``default_text``)."""
-    for flag, (dest, kind, text) in SAMPLING_FLAGS.items():
+    for flag, (dest, kind, text, choices) in sampling_flags().items():
         text = f"{text} (default: {default_text})"
-        parser.add_argument(flag, dest=dest, type=kind, default=None, choices=CHOICES.get(flag), help=text)
+        parser.add_argument(flag, dest=dest, type=kind, default=None, choices=choices, help=text)
 
 
 def sampling_arguments(args: argparse.Namespace) -> dict[str, object]:
-    """The sampling flags that were given, as :class:`SamplingOptions` fields, validated before any model is
-    loaded (the checks that need the model, such as ``--steps`` against T, come with it)."""
-    given = {dest: getattr(args, dest) for dest, _, _ in SAMPLING_FLAGS.values() if getattr(args, dest) is not None}
-    from ..sampling import SAMPLER_FIELDS, SAMPLERS, SamplingOptions
+    """The sampling flags that were given, as :class:`SamplingOptions` keywords, validated before any model is
+    loaded (the checks that need the model, such as ``--steps`` against T, come with it).
 
-    # Field checks only: without --sampler the model's default sampler decides later whether sampler-only
-    # settings (--prior-weight, --order, ...) apply, so they are checked here against a sampler that uses
-    # them all (purity when there is one; none when they belong to different samplers: then the error says so).
-    usable = [s for s in SAMPLERS if all(s in SAMPLER_FIELDS[f] for f in given if f in SAMPLER_FIELDS)]
-    check_with = "purity" if "purity" in usable or not usable else usable[0]
+    Without ``--sampler`` the model's default sampler decides later whether a strategy's flags apply; here
+    each value is checked, and the strategy flags given must belong to one sampler together."""
+    from ..samplers import SAMPLERS, check_setting, owners, sampler_settings
+    from ..sampling import SamplingOptions
+
+    fields = [dest for dest, _, _, _ in sampling_flags().values()]
+    given = {dest: getattr(args, dest) for dest in fields if getattr(args, dest, None) is not None}
+    settings = sampler_settings()
+    own = {name: value for name, value in given.items() if name in settings}
     try:
-        SamplingOptions(**{"sampler": check_with, **given})
+        if "sampler" in given:
+            SamplingOptions(**given)
+        else:
+            SamplingOptions(**{k: v for k, v in given.items() if k not in own})
+            for name, value in own.items():
+                check_setting(settings[name], value)
+            if own and not any(set(own) <= set(cls.setting_names()) for cls in SAMPLERS.values()):
+                used = ", ".join(f"{flag_of(name)} ({' or '.join(owners(name))})" for name in own)
+                raise CLIError(f"{used} belong to different samplers; give the settings of one --sampler")
+    except CLIError:
+        raise
     except ValueError as err:
         raise CLIError(flag_message(str(err))) from None
     return given
 
 
 def flag_message(message: str) -> str:
-    """A SamplingOptions message (it starts with the field name) with the field named by its flag."""
+    """A SamplingOptions message (it starts with the setting's name) with the setting named by its flag."""
     first = message.split(" ", 1)[0].rstrip(":")
-    flag = FLAG_OF_FIELD.get(first)
-    return message if flag is None else flag + message[len(first) :]
+    if first not in {dest for dest, _, _, _ in sampling_flags().values()}:
+        return message
+    return flag_of(first) + message[len(first) :]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..models.vqvae import _PRESETS
+from ..models.vqvae_config import _PRESETS
 from ..training.vqvae import train_vqvae
 from ..training.vqvae_config import VQVAETrainConfig
 from .flag_tables import FlagTable, add_flag_table, checkpoint_to_continue, given_fields

@@ -43,17 +43,39 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .shape_captions import (
+    OBJECT_TEMPLATES,
+    SIZE_WORDS,
+    TWO_OBJECT_TEMPLATES,
+    canonical_caption,
+    caption,
+    parse_caption,
+)
+from .shape_vocab import (
+    COLORS,
+    HELD_OUT_PAIRS,
+    POSITION_CELLS,
+    POSITIONS,
+    PROMPT_SETS,
+    SHAPES,
+    SIZE_PIXELS,
+    SIZES,
+    SPLITS,
+    Scene,
+    ShapeObject,
+)
+
 __all__ = [
     "CELL_MARGIN",
+    "SIZE_WORDS",
+    "TWO_OBJECT_TEMPLATES",
     "COLORS",
     "EDGE_PAD",
     "HELD_OUT_PAIRS",
@@ -83,42 +105,6 @@ __all__ = [
     "sample_scene",
 ]
 
-# ---------------------------------------------------------------------------------------------------------
-# Vocabulary
-# ---------------------------------------------------------------------------------------------------------
-
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-    "purple": (150, 60, 200),
-    "orange": (240, 140, 30),
-    "cyan": (40, 200, 210),
-    "white": (240, 240, 240),
-}
-SIZES: tuple[str, ...] = ("small", "large")
-#: Nominal side of an object's bounding box in pixels of a 64 x 64 image.
-SIZE_PIXELS: dict[str, float] = {"small": 12.0, "large": 24.0}
-#: Position name -> (row, column) of its cell in the 3 x 3 grid.
-POSITION_CELLS: dict[str, tuple[int, int]] = {
-    "top left": (0, 0),
-    "top": (0, 1),
-    "top right": (0, 2),
-    "left": (1, 0),
-    "center": (1, 1),
-    "right": (1, 2),
-    "bottom left": (2, 0),
-    "bottom": (2, 1),
-    "bottom right": (2, 2),
-}
-POSITIONS: tuple[str, ...] = tuple(POSITION_CELLS)
-#: (color, shape) pairs never seen in the ``"train"`` split.
-HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("cyan", "square")})
-SPLITS: tuple[str, ...] = ("train", "heldout", "all")
-PROMPT_SETS: tuple[str, ...] = ("single_seen", "two_objects", "heldout")
-
 # Geometry, in pixels of a 64 x 64 image (other sizes scale it).
 IMAGE_SIZE = 64
 CELL = IMAGE_SIZE / 3
@@ -141,55 +127,6 @@ DEFAULT_TWO_OBJECT_FRACTION = 0.3
 # ---------------------------------------------------------------------------------------------------------
 # Scenes
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShapeObject:
-    """One object: ``shape`` in :data:`SHAPES`, ``color`` in :data:`COLORS`, ``size`` in :data:`SIZES`,
-    ``position`` in :data:`POSITIONS`.  Out-of-vocabulary values raise ``ValueError``."""
-
-    shape: str
-    color: str
-    size: str
-    position: str
-
-    def __post_init__(self) -> None:
-        for field, value, allowed in (
-            ("shape", self.shape, SHAPES),
-            ("color", self.color, COLORS),
-            ("size", self.size, SIZES),
-            ("position", self.position, POSITIONS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{field} must be one of {tuple(allowed)}, got {value!r}")
-
-    def to_dict(self) -> dict[str, str]:
-        return {"shape": self.shape, "color": self.color, "size": self.size, "position": self.position}
-
-
-@dataclass(frozen=True)
-class Scene:
-    """The objects of one image, in caption order (a detected scene may have any number, even none)."""
-
-    objects: tuple[ShapeObject, ...]
-
-    def __post_init__(self) -> None:
-        objects = tuple(self.objects)
-        if not all(isinstance(obj, ShapeObject) for obj in objects):
-            raise TypeError("Scene.objects must be ShapeObject instances")
-        object.__setattr__(self, "objects", objects)
-
-    def __len__(self) -> int:
-        return len(self.objects)
-
-    def to_list(self) -> list[dict[str, str]]:
-        """The objects as JSON-ready dicts."""
-        return [obj.to_dict() for obj in self.objects]
-
-    @classmethod
-    def from_list(cls, items: list[dict[str, Any]]) -> Scene:
-        """Inverse of :meth:`to_list` (extra keys such as ``"bbox"`` are ignored)."""
-        return cls(tuple(ShapeObject(d["shape"], d["color"], d["size"], d["position"]) for d in items))
 
 
 def _allowed_pairs(split: str) -> list[tuple[str, str]]:
@@ -383,147 +320,6 @@ def draw_placements(placements: tuple[Placement, ...], size: int) -> Image.Image
 def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
     """Render ``scene`` as a ``size`` x ``size`` RGB image (deterministic given the state of ``rng``)."""
     return draw_placements(layout(scene, rng, size), size)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Captions
-# ---------------------------------------------------------------------------------------------------------
-
-#: One-object phrase templates: ``{a}``/``{a_color}`` the article of the next word, ``{size}`` a size word
-#: or synonym, ``{size_name}`` the size name, ``{where}`` a position phrase, ``{pos}`` the bare position
-#: name.  Template 0 is the canonical form.
-OBJECT_TEMPLATES: tuple[str, ...] = (
-    "{a} {size} {color} {shape} {where}",
-    "{pos}: {a} {size} {color} {shape}",
-    "{a_color} {color} {shape}, {size}, {where}",
-    "there is {a} {size} {color} {shape} {where}",
-    "{where}, {a} {size} {color} {shape}",
-    "{a_color} {color} {shape} of {size_name} size {where}",
-)
-TWO_OBJECT_TEMPLATES: tuple[str, ...] = ("{0} and {1}", "{0}, and {1}", "two shapes: {0} and {1}")
-SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
-_CORNERS = ("top left", "top right", "bottom left", "bottom right")
-
-
-def _position_phrases(position: str) -> tuple[str, ...]:
-    """Every phrase naming a position; the first is canonical."""
-    phrases = [f"in the {position}", f"at the {position}"]
-    if position in _CORNERS:
-        phrases += [f"in the {position} corner", f"at the {position} corner"]
-    elif position in ("top", "bottom"):
-        phrases += [f"at the {position} edge", f"along the {position}"]
-    elif position in ("left", "right"):
-        phrases += [f"on the {position} side", f"on the {position}"]
-    else:
-        phrases += ["in the middle", "at the centre"]
-    return tuple(phrases)
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _object_phrase(obj: ShapeObject, template: int, size_word: str, where: str) -> str:
-    return OBJECT_TEMPLATES[template].format(
-        a=_article(size_word),
-        a_color=_article(obj.color),
-        size=size_word,
-        size_name=obj.size,
-        color=obj.color,
-        shape=obj.shape,
-        where=where,
-        pos=obj.position,
-    )
-
-
-def canonical_caption(scene: Scene) -> str:
-    """``"a large red circle in the top left"``; several objects are joined by ``" and "``."""
-    return " and ".join(_object_phrase(obj, 0, obj.size, f"in the {obj.position}") for obj in scene.objects)
-
-
-def caption(scene: Scene, rng: np.random.Generator, *, template: int | None = None) -> str:
-    """A random paraphrase of the scene (``template`` fixes the index into :data:`OBJECT_TEMPLATES`)."""
-    if not scene.objects:
-        raise ValueError("cannot caption an empty scene")
-    if template is None:
-        template = int(rng.integers(len(OBJECT_TEMPLATES)))
-    if not 0 <= template < len(OBJECT_TEMPLATES):
-        raise ValueError(f"template must be in [0, {len(OBJECT_TEMPLATES)}), got {template}")
-    phrases = []
-    for obj in scene.objects:
-        words = SIZE_WORDS[obj.size]
-        where_options = _position_phrases(obj.position)
-        size_word = words[int(rng.integers(len(words)))]
-        where = where_options[int(rng.integers(len(where_options)))]
-        phrases.append(_object_phrase(obj, template, size_word, where))
-    if len(phrases) == 1:
-        return phrases[0]
-    if len(phrases) == 2:
-        return TWO_OBJECT_TEMPLATES[int(rng.integers(len(TWO_OBJECT_TEMPLATES)))].format(*phrases)
-    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
-
-
-_SIZE_LOOKUP = {word: size for size, words in SIZE_WORDS.items() for word in words}
-_POSITION_WORDS = {"top", "bottom", "left", "right", "center", "centre", "middle"}
-_FILLERS = {
-    "a", "an", "the", "in", "at", "on", "of", "along", "there", "is", "size",
-    "corner", "edge", "side", "two", "shapes",
-}  # fmt: skip
-
-
-def _parse_object(tokens: list[str]) -> ShapeObject | None:
-    found: dict[str, str] = {}
-
-    def put(key: str, value: str) -> bool:
-        if key in found:
-            return False
-        found[key] = value
-        return True
-
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if token in ("top", "bottom") and i + 1 < len(tokens) and tokens[i + 1] in ("left", "right"):
-            ok = put("position", f"{token} {tokens[i + 1]}")
-            i += 1
-        elif token in _POSITION_WORDS:
-            ok = put("position", "center" if token in ("centre", "middle") else token)
-        elif token in _SIZE_LOOKUP:
-            ok = put("size", _SIZE_LOOKUP[token])
-        elif token in COLORS:
-            ok = put("color", token)
-        elif token in SHAPES:
-            ok = put("shape", token)
-        else:
-            ok = token in _FILLERS
-        if not ok:
-            return None
-        i += 1
-    if len(found) != 4:
-        return None
-    return ShapeObject(found["shape"], found["color"], found["size"], found["position"])
-
-
-def parse_caption(text: str) -> Scene | None:
-    """Recover the scene from a caption of the grammar; ``None`` for anything else.
-
-    Objects are separated by ``and``; each must name exactly one shape, color, size and position, and every
-    other word must be one of the grammar's filler words.
-    """
-    tokens = re.sub(r"[,:;.!]", " ", text.lower()).split()
-    segments: list[list[str]] = [[]]
-    for token in tokens:
-        if token == "and":
-            segments.append([])
-        else:
-            segments[-1].append(token)
-    objects = []
-    for segment in segments:
-        obj = _parse_object(segment)
-        if obj is None:
-            return None
-        objects.append(obj)
-    return Scene(tuple(objects))
 
 
 # ---------------------------------------------------------------------------------------------------------

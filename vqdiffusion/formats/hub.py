@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..config import first_line
 from . import diffusers as diffusers_format
 from . import ours as ours_format
 
@@ -164,7 +165,7 @@ def _hub_error(
     if _is_connection_error(err):
         return HubError(
             f"cannot download {repo_id} (revision {revision}): the Hugging Face Hub cannot be reached "
-            f"({_first_line(err)}); check the network connection, or set HF_HUB_OFFLINE=1 to use the cache {cache}"
+            f"({first_line(err)}); check the network connection, or set HF_HUB_OFFLINE=1 to use the cache {cache}"
         )
     if isinstance(err, errors.RevisionNotFoundError):
         return HubError(f"{repo_id} has no revision {revision!r}; give a branch, tag or commit it has (e.g. main)")
@@ -176,11 +177,11 @@ def _hub_error(
             "check the id, or give a local folder"
         )
     if isinstance(err, (errors.EntryNotFoundError, errors.RemoteEntryNotFoundError)):
-        return HubError(f"{repo_id} (revision {revision}) lacks a file it lists: {_first_line(err)}")
+        return HubError(f"{repo_id} (revision {revision}) lacks a file it lists: {first_line(err)}")
     if isinstance(err, errors.HFValidationError):
-        return HubError(f"{repo_id!r} is not a valid Hugging Face Hub id (org/name): {_first_line(err)}")
+        return HubError(f"{repo_id!r} is not a valid Hugging Face Hub id (org/name): {first_line(err)}")
     if isinstance(err, errors.HfHubHTTPError):
-        return HubError(f"the Hugging Face Hub failed for {repo_id} (revision {revision}): {_first_line(err)}")
+        return HubError(f"the Hugging Face Hub failed for {repo_id} (revision {revision}): {first_line(err)}")
     return None
 
 
@@ -191,8 +192,3 @@ def _is_connection_error(err: BaseException) -> bool:
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
     return from_http_client and ("Connect" in name or "Timeout" in name)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from ..config import ConfigBase, ConfigError, read_json_object
+from ..config import ConfigBase, ConfigError, is_int, read_json_object
 from ..diffusion import MaskReplaceSchedule
 from ..io import atomic_write_text, load_module, save_safetensors
 from ..models.conditions import CONDITION_KINDS, CLIPTextCondition, ConditionConfig, ConditionKind
@@ -138,13 +138,13 @@ def index_condition(path: Path, index: dict[str, Any]) -> ConditionConfig | _Con
     if block == ConditionKind.TEXT:
         if null not in ("learned", "empty_prompt"):
             raise ConfigError(f"{path}: null_condition must be 'learned' or 'empty_prompt', got {null!r}")
-        if pad is not None and not (_is_int(pad) and pad >= 0):
+        if pad is not None and not (is_int(pad) and pad >= 0):
             raise ConfigError(f"{path}: text_pad_token_id must be null or an id >= 0, got {pad!r}")
     else:
         for field, value in (("null_condition", null), ("text_pad_token_id", pad)):
             if value is not None:
                 raise ConfigError(f"{path}: {field} is for text models; a {block!r} model needs null, got {value!r}")
-    if label is not None and not (block == ConditionKind.CLASS and _is_int(label) and label >= 0):
+    if label is not None and not (block == ConditionKind.CLASS and is_int(label) and label >= 0):
         raise ConfigError(f"{path}: null_class_label must be null or (class models) a label >= 0, got {label!r}")
     return _ConditionV1(kind=block, null=null, pad_token_id=pad, null_class_label=label)
 
@@ -157,10 +157,6 @@ class _ConditionV1:
     null: str | None
     pad_token_id: int | None
     null_class_label: int | None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------------------

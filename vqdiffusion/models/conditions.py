@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigBase, ConfigError
+from ..config import ConfigBase, ConfigError, is_int
 from ..io import check_finite, read_weights_header
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ TEXT_WEIGHT_FILES = (
 # ---------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class ConditionConfig(ConfigBase):
     """The condition part of a model (the condition block of a model folder's index).  The defaults describe
@@ -96,18 +92,18 @@ class ConditionConfig(ConfigBase):
                 raise ConfigError(f"{name}: an unconditional model (kind='none') needs null='none', got {self.null!r}")
             return
         if self.kind == ConditionKind.CLASS:
-            if not _is_int(self.num_labels) or self.num_labels < 1:
+            if not is_int(self.num_labels) or self.num_labels < 1:
                 raise ConfigError(f"{name}: kind='class' needs num_labels >= 1, got {self.num_labels!r}")
             if self.null == "empty_prompt":
                 raise ConfigError(f"{name}: null='empty_prompt' needs a text condition; use 'learned' or 'none'")
             return
         for field in ("dim", "seq_len"):
             value = getattr(self, field)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{name}: {field} must be a positive integer for kind='text', got {value!r}")
         if self.num_labels is not None:
             raise ConfigError(f"{name}: num_labels is for kind='class', not 'text' (got {self.num_labels!r})")
-        if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
+        if self.pad_token_id is not None and (not is_int(self.pad_token_id) or self.pad_token_id < 0):
             raise ConfigError(
                 f"{name}: pad_token_id must be None (the tokenizer's padding) or an id >= 0 "
                 f"(0 for the authors' models), got {self.pad_token_id!r}"
@@ -266,7 +262,7 @@ class CLIPTextCondition(nn.Module):
         if pad_token_id is None:
             if tokenizer.pad_token_id is None:
                 raise ValueError("the tokenizer has no pad token; give pad_token_id (0 for the authors' padding)")
-        elif not _is_int(pad_token_id) or not 0 <= pad_token_id < vocab_size:
+        elif not is_int(pad_token_id) or not 0 <= pad_token_id < vocab_size:
             raise ValueError(f"pad_token_id must be an id in [0, {vocab_size}) or None, got {pad_token_id!r}")
         self.text_model = text_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -399,7 +395,7 @@ class CLIPTextCondition(nn.Module):
 # Null conditions (classifier-free guidance)
 # ---------------------------------------------------------------------------------------------------
 def _check_batch_size(batch_size: int) -> None:
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive
+from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive, is_number
 from ..diffusion import MaskReplaceSchedule
 from ..models.denoiser import ACTIVATIONS, DENOISER_PRESETS, DenoiserConfig
 from ..objectives import is_mask_only
@@ -192,17 +191,17 @@ class DenoiserTrainConfig(ConfigBase):
             if value is not None and key != "text_pad_token_id":
                 check_positive(name, **{key: value})
         for key, value in {**nonneg, "min_lr": self.min_lr, "weight_decay": self.weight_decay}.items():
-            if not _is_number(value) or not value >= 0:
+            if not is_number(value) or not value >= 0:
                 raise ConfigError(f"{name}: {key} must be a number >= 0, got {value!r}")
-        if not _is_number(self.aux_weight) or not self.aux_weight >= 0:
+        if not is_number(self.aux_weight) or not self.aux_weight >= 0:
             raise ConfigError(f"{name}: aux_weight must be a number >= 0, got {self.aux_weight!r}")
-        if len(self.mask_weight) != 2 or not all(_is_number(w) and w >= 0 for w in self.mask_weight):
+        if len(self.mask_weight) != 2 or not all(is_number(w) and w >= 0 for w in self.mask_weight):
             raise ConfigError(f"{name}: mask_weight must be two numbers >= 0 ([MASK], other), got {self.mask_weight}")
-        if not _is_number(self.cond_drop_prob) or not 0.0 <= self.cond_drop_prob < 1.0:
+        if not is_number(self.cond_drop_prob) or not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"{name}: cond_drop_prob must be in [0, 1), got {self.cond_drop_prob!r}")
-        if not _is_number(self.ema_decay) or not 0.0 <= self.ema_decay < 1.0:
+        if not is_number(self.ema_decay) or not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{name}: ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if len(self.adam_betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.adam_betas):
+        if len(self.adam_betas) != 2 or not all(is_number(b) and 0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"{name}: adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if self.grad_clip is not None:
             check_positive(name, grad_clip=self.grad_clip)
@@ -283,7 +282,3 @@ class DenoiserTrainConfig(ConfigBase):
         """Width of a trained text model: ``cond_dim`` or the preset's."""
         value = self.cond_dim if self.cond_dim is not None else DENOISER_PRESETS[self.preset].cond_dim
         return int(value or DENOISER_PRESETS[self.preset].dim)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -6,7 +6,7 @@ import dataclasses
 
 from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive
 from ..data.folders import RESIZE_MODES
-from ..models.vqvae import _PRESETS, VQVAEConfig
+from ..models.vqvae_config import _PRESETS, VQVAEConfig
 from .codebook import CODE_RESTARTS, CODEBOOK_INITS
 from .lr_schedule import LR_SCHEDULES
 

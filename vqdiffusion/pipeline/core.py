@@ -1,8 +1,6 @@
-"""Text-to-image pipeline: condition encoder -> discrete diffusion over VQ tokens -> VQ decoder.
-
-Reads our own layout (JSON configs + safetensors, :mod:`vqdiffusion.formats.ours`) and diffusers'
-VQ-Diffusion layout (:mod:`vqdiffusion.formats.diffusers`), writes ours.
-"""
+"""The text-to-image pipeline: condition encoder -> discrete diffusion over VQ tokens -> VQ decoder
+(generation, batching by memory, options, saving and loading; the editing methods come from
+:class:`~vqdiffusion.pipeline.editing.EditingMixin`)."""
 
 from __future__ import annotations
 
@@ -10,65 +8,34 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .config import ConfigError
-from .devices import available_memory, format_bytes, resolve_device
-from .diffusion import Generator, MaskReplaceSchedule
-from .editing import (
-    COUNTING_SAMPLERS,
-    DEFAULT_KNOWN_TOKEN_MODE,
-    KNOWN_TOKEN_MODES,
-    KnownTokens,
-    place_on_canvas,
-    token_mask,
-    variation_start,
-    variation_start_step,
-    variation_timesteps,
-)
-from .formats import diffusers as diffusers_format
-from .formats import hub as hub_format
-from .formats import ours as ours_format
-from .formats.components import PipelineComponents
-from .image_inputs import ImageInput, MaskInput, image_batch, mask_batch
-from .models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
-from .models.denoiser import Denoiser, DenoiserConfig
-from .models.vqvae import VQVAE
-from .sampling import SAMPLER_FIELDS, SamplingOptions, guided_predictor, sample_tokens
+from ..config import ConfigError
+from ..devices import available_memory, format_bytes, resolve_device
+from ..diffusion import Generator, MaskReplaceSchedule
+from ..formats import diffusers as diffusers_format
+from ..formats import ours as ours_format
+from ..formats.components import PipelineComponents
+from ..formats.paths import resolve_model_path
+from ..image_outputs import OutputType, join_outputs, to_output_type
+from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
+from ..models.denoiser import Denoiser, DenoiserConfig
+from ..models.memory import sampling_memory_per_image
+from ..models.vqvae import VQVAE
+from ..samplers import Sampler
+from ..sampling import SamplingOptions, guided_predictor, sample_tokens
+from .editing import EditingMixin, EditRows
+from .output import PipelineOutput, batch_callback
 
 logger = logging.getLogger(__name__)
-
-BUILTIN_PREFIX = "builtin:"
-# Models shipped inside the package (``vqdiffusion/assets/<name>``), loadable as ``"builtin:<name>"``.
-BUILTIN_MODELS = ("shapes",)
-DEFAULT_MODEL = "builtin:shapes"
-OutputType = Literal["pil", "np", "pt", "tokens"]
-
-
-# An editing method's per-run hook: (image rows [b] long, options, the rows' generator) -> the extra keywords
-# of sample_tokens for those rows (known tokens, start state, steps).
-_EditRows = Callable[[torch.Tensor, SamplingOptions, Generator], dict[str, Any]]
-
 
 # Per-model default sampling settings (``defaults.json``), used for every knob a call does not give.
 PipelineDefaults = SamplingOptions
 
 
-@dataclasses.dataclass
-class PipelineOutput:
-    """``images``: PIL list, float array [B, H, W, 3] or tensor [B, 3, H, W] in [0, 1], or None for
-    ``output_type="tokens"``; ``tokens``: [B, h, w] long."""
-
-    images: Any
-    tokens: torch.Tensor
-
-
-class VQDiffusionPipeline:
+class VQDiffusionPipeline(EditingMixin):
     """VQ-Diffusion text-to-image sampling (Gu et al. 2022; Tang et al. 2022).
 
     Components: ``vqvae`` (tokens <-> pixels), ``denoiser`` ((x_t, t, cond) -> log p(x0)), ``schedule``
@@ -219,18 +186,12 @@ class VQDiffusionPipeline:
         output_type: OutputType = "pil",
         progress: bool = True,
         *,
-        sampler: str | None = None,
-        prior_weight: float | None = None,
+        sampler: str | Sampler | None = None,
         spacing: str | None = None,
         temperature: float | None = None,
-        tokens_per_call: int | None = None,
         batch_size: int | None = None,
         callback: Callable[[int, int], None] | None = None,
-        order: str | None = None,
-        masking_schedule: str | None = None,
-        choice_temperature: float | None = None,
-        remask_schedule: str | None = None,
-        remask_eta: float | None = None,
+        **sampler_settings: Any,
     ) -> PipelineOutput:
         """Generate images for ``prompt``: one string or a list (text models), a list of class labels
         (class-conditional models), or None (unconditional models: ``num_images_per_prompt`` images).
@@ -242,15 +203,12 @@ class VQDiffusionPipeline:
             num_inference_steps: 1..T steps (exact skip-step posterior below T).
             guidance_scale: classifier-free guidance scale; 1.0 costs one forward pass per step.
             truncation_rate: keep the most likely classes up to this mass, in (0, 1].
-            sampler: "ancestral", "uniform" or "purity" (high-quality inference, Improved VQ-Diffusion),
-                "confidence" (MaskGIT-style, not the trained chain), "remdm" (remasking) or "first_hitting"
-                (the exact chain with fewer model calls); the last two need a mask-only schedule.
-            prior_weight: r of the purity sampler.
+            sampler: a strategy object (``Purity(prior_weight=1.0)``, :mod:`vqdiffusion.samplers`) or the
+                name of one in the registry :data:`vqdiffusion.samplers.SAMPLERS`.
+            sampler_settings: the chosen strategy's own settings as flat keywords, e.g.
+                ``sampler="purity", prior_weight=1.0`` or ``tokens_per_call=8`` (see its class).
             spacing: "uniform" or "quadratic" step indices.
             temperature: temperature of p(x0 | x_t).
-            tokens_per_call: budget samplers fill at most this many positions per model evaluation.
-            order, masking_schedule, choice_temperature, remask_schedule, remask_eta: sampler-specific
-                settings (see :class:`~vqdiffusion.sampling.SamplingOptions`).
             num_images_per_prompt: images per prompt (prompt-major order).
             generator: a ``torch.Generator`` (or one per image) for reproducible sampling.
             output_type: "pil", "np" ([B, H, W, 3] float in [0, 1]), "pt" ([B, 3, H, W] in [0, 1]) or
@@ -267,15 +225,9 @@ class VQDiffusionPipeline:
             "guidance_scale": guidance_scale,
             "truncation_rate": truncation_rate,
             "sampler": sampler,
-            "prior_weight": prior_weight,
             "spacing": spacing,
             "temperature": temperature,
-            "tokens_per_call": tokens_per_call,
-            "order": order,
-            "masking_schedule": masking_schedule,
-            "choice_temperature": choice_temperature,
-            "remask_schedule": remask_schedule,
-            "remask_eta": remask_eta,
+            **sampler_settings,
         }
         return self._generate(
             prompt, given, num_images_per_prompt, generator, output_type, progress, batch_size, callback
@@ -291,7 +243,7 @@ class VQDiffusionPipeline:
         progress: bool,
         batch_size: int | None,
         callback: Callable[[int, int], None] | None,
-        edit: _EditRows | None = None,
+        edit: EditRows | None = None,
     ) -> PipelineOutput:
         """:meth:`__call__` with the sampling knobs as ``given`` (None = the model's default) and, for the
         editing methods, ``edit(rows, options, generator)``: the extra :func:`sample_tokens` keywords (known
@@ -341,7 +293,7 @@ class VQDiffusionPipeline:
                 generator=rows_generator,
                 device=self.device,
                 progress=progress,
-                callback=_batch_callback(callback, chunk_index, len(chunks)),
+                callback=batch_callback(callback, chunk_index, len(chunks)),
                 token_shape=(cfg.height, cfg.width),
                 **extra,
             ).view(n, cfg.height, cfg.width)
@@ -351,239 +303,14 @@ class VQDiffusionPipeline:
         tokens = token_parts[0] if len(token_parts) == 1 else torch.cat(token_parts)
         if output_type == "tokens":
             return PipelineOutput(images=None, tokens=tokens)
-        return PipelineOutput(images=_join(image_parts, output_type), tokens=tokens)
-
-    # -- editing (docs/design.md §10) ----------------------------------------------------------------------
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(width, height) of the model's images."""
-        cfg, factor = self.denoiser.config, self.vqvae.config.downsample_factor
-        return cfg.width * factor, cfg.height * factor
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """The VQ encoder's tokens of ``images`` [B, 3, H, W] in [0, 1] -> [B, h, w] long."""
-        vq_dtype = next(self.vqvae.parameters()).dtype
-        return self.vqvae.encode(images.to(self.device, vq_dtype) * 2 - 1)
-
-    @torch.inference_mode()
-    def inpaint(
-        self,
-        prompt: str | list[str] | list[int] | None,
-        image: ImageInput,
-        mask: MaskInput,
-        *,
-        known_tokens: str = DEFAULT_KNOWN_TOKEN_MODE,
-        num_images_per_prompt: int = 1,
-        generator: Generator = None,
-        output_type: OutputType = "pil",
-        progress: bool = True,
-        batch_size: int | None = None,
-        callback: Callable[[int, int], None] | None = None,
-        **sampling: Any,
-    ) -> PipelineOutput:
-        """Regenerate the masked part of ``image`` for ``prompt`` (docs/design.md §10.1).
-
-        Args:
-            image: the image to edit at the model's size (:mod:`vqdiffusion.image_inputs`), one for all
-                prompts or one per prompt.
-            mask: white / True = regenerate, same size, one or one per prompt.  A token is regenerated when
-                its f x f pixel patch holds a masked pixel; every other token of the output is the image's
-                token, unchanged (the decoder's overlap still changes the pixels next to the mask a little).
-            known_tokens: what the model sees at the kept positions: ``"renoise"`` (q(x_t | x0) drawn before
-                every call, like training inputs) or ``"clean"`` (the tokens themselves).
-            sampling: any sampling keyword of :meth:`__call__` (``num_inference_steps``, ``guidance_scale``,
-                ``truncation_rate``, ``sampler``, ...); the other arguments are those of :meth:`__call__`.
-        """
-        size, factor = self.image_size, self.vqvae.config.downsample_factor
-        images = image_batch(image, size)
-        regenerate = token_mask(mask_batch(mask, size), factor).flatten(1)  # [M, N]
-        count = regenerate.sum(1)
-        if bool((count == 0).any()):
-            raise ValueError("the mask is empty: paint (white) the part of the image to regenerate")
-        if bool((count == regenerate.shape[1]).any()):
-            raise ValueError(
-                "the mask covers every token, so nothing of the image is kept; use plain generation (pipe(prompt)) "
-                "or a variation (pipe.variation)"
-            )
-        if known_tokens not in KNOWN_TOKEN_MODES:  # before anything is encoded or sampled
-            raise ValueError(f"known_tokens must be one of {list(KNOWN_TOKEN_MODES)}, got {known_tokens!r}")
-        x0 = self.encode_images(images).flatten(1)  # [I, N] on the device
-        regenerate = regenerate.to(x0.device)
-        prompts = self._edit_prompts(prompt, (("image", len(x0)), ("mask", len(regenerate))))
-        x0, regenerate = _per_prompt(x0, len(prompts)), _per_prompt(regenerate, len(prompts))
-        n = num_images_per_prompt
-
-        def edit(rows: torch.Tensor, options: SamplingOptions, rows_generator: Generator) -> dict[str, Any]:
-            row_prompt = rows.to(x0.device) // n
-            return {"known": KnownTokens(x0[row_prompt], ~regenerate[row_prompt], known_tokens)}
-
-        given = _sampling_given(sampling)
-        options = self.sampling_options(**given)
-        counts = regenerate.sum(1).tolist()
-        if options.sampler in COUNTING_SAMPLERS and len(set(counts)) > 1:
-            # a counting sampler needs equal [MASK] counts per run: one run per mask size, rows put back in order
-            groups = [[p for p, c in enumerate(counts) if c == value] for value in sorted(set(counts))]
-            return self._edit_in_groups(
-                prompts, groups, given, n, generator, output_type, progress, batch_size, callback, edit
-            )
-        return self._generate(
-            self._as_prompt(prompt, prompts), given, n, generator, output_type, progress, batch_size, callback, edit
-        )
-
-    @torch.inference_mode()
-    def outpaint(
-        self,
-        prompt: str | list[str] | list[int] | None,
-        image: ImageInput,
-        offset: tuple[int, int] = (0, 0),
-        **kwargs: Any,
-    ) -> PipelineOutput:
-        """Extend or shift ``image`` within the model's canvas (docs/design.md §10.2): the image (any size) is
-        placed with its top-left corner at ``offset`` = (x, y) pixels on a black canvas of the model's size,
-        and the part it does not cover is inpainted.  ``kwargs`` are those of :meth:`inpaint`."""
-        width, height = self.image_size
-        parts = image if isinstance(image, list | tuple) else [image]
-        canvases, masks = [], []
-        for part in parts:
-            pixels = image_batch(part, None, "image")
-            for one in pixels:
-                canvas, uncovered = place_on_canvas(one, (height, width), tuple(int(v) for v in offset))
-                if not bool(uncovered.any()):
-                    raise ValueError(
-                        f"the image covers the whole {width}x{height} canvas at offset {tuple(offset)}: nothing to "
-                        "outpaint; shift it (offset) or give a smaller image"
-                    )
-                canvases.append(canvas)
-                masks.append(uncovered)
-        return self.inpaint(prompt, torch.stack(canvases), torch.stack(masks), **kwargs)
-
-    @torch.inference_mode()
-    def variation(
-        self,
-        prompt: str | list[str] | list[int] | None,
-        image: ImageInput,
-        strength: float = 0.6,
-        *,
-        num_images_per_prompt: int = 1,
-        generator: Generator = None,
-        output_type: OutputType = "pil",
-        progress: bool = True,
-        batch_size: int | None = None,
-        callback: Callable[[int, int], None] | None = None,
-        **sampling: Any,
-    ) -> PipelineOutput:
-        """Image-to-image (docs/design.md §10.3): x_t ~ q(x_t | x0(image)) at the step t = ceil(strength T) - 1,
-        then the reverse chain from there (the steps of a ``num_inference_steps`` run below t).  ``strength``
-        in (0, 1]: near 0 the image comes back almost unchanged, 1 is plain generation from all-[MASK]
-        (the same draws as :meth:`__call__`).  Other arguments as :meth:`inpaint`."""
-        start_step = variation_start_step(strength, self.schedule.num_timesteps)
-        x0 = self.encode_images(image_batch(image, self.image_size)).flatten(1)
-        prompts = self._edit_prompts(prompt, (("image", len(x0)),))
-        x0 = _per_prompt(x0, len(prompts))
-        n = num_images_per_prompt
-
-        def edit(rows: torch.Tensor, options: SamplingOptions, rows_generator: Generator) -> dict[str, Any]:
-            if strength == 1:
-                return {}
-            row_prompt = rows.to(x0.device) // n
-            steps = variation_timesteps(
-                strength, self.schedule.num_timesteps, options.num_inference_steps, options.spacing
-            )
-            x_init = variation_start(self.schedule, x0[row_prompt], start_step, options.sampler, rows_generator)
-            return {"x_init": x_init, "timesteps": steps}
-
-        given = _sampling_given(sampling)
-        return self._generate(
-            self._as_prompt(prompt, prompts), given, n, generator, output_type, progress, batch_size, callback, edit
-        )
-
-    def _edit_prompts(self, prompt: Any, inputs: tuple[tuple[str, int], ...]) -> list[Any]:
-        """The prompt as a list (``[None]`` for an unconditional model), with each input's count checked: one,
-        or one per prompt."""
-        prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
-        for what, count in inputs:
-            if count not in (1, len(prompts)):
-                raise ValueError(
-                    f"got {count} {what}s for {len(prompts)} prompt(s): give one {what} or one per prompt"
-                )
-        return prompts
-
-    @staticmethod
-    def _as_prompt(prompt: Any, prompts: list[Any]) -> Any:
-        return prompt if isinstance(prompt, str) or prompt is None else prompts
-
-    def _edit_in_groups(
-        self,
-        prompts: list[Any],
-        groups: list[list[int]],
-        given: dict[str, Any],
-        n: int,
-        generator: Generator,
-        output_type: OutputType,
-        progress: bool,
-        batch_size: int | None,
-        callback: Callable[[int, int], None] | None,
-        edit: _EditRows,
-    ) -> PipelineOutput:
-        """:meth:`_generate` once per group of prompt indices, each group's rows mapped back to the whole
-        call's rows (for ``edit`` and a list of generators), the outputs in the call's row order."""
-        per_image = isinstance(generator, list | tuple)
-        outputs, order = [], []
-        for g, group in enumerate(groups):
-            rows = [p * n + i for p in group for i in range(n)]
-            index = torch.tensor(rows)
-
-            def group_edit(
-                rows: torch.Tensor, options: SamplingOptions, rows_generator: Generator, index: torch.Tensor = index
-            ) -> dict[str, Any]:
-                return edit(index[rows.cpu()], options, rows_generator)
-
-            outputs.append(
-                self._generate(
-                    [prompts[p] for p in group],
-                    given,
-                    n,
-                    [generator[r] for r in rows] if per_image else generator,
-                    output_type,
-                    progress,
-                    batch_size,
-                    _batch_callback(callback, g, len(groups)),
-                    group_edit,
-                )
-            )
-            order.extend(rows)
-        back = torch.argsort(torch.tensor(order))
-        tokens = torch.cat([o.tokens for o in outputs])[back]
-        if output_type == "tokens":
-            return PipelineOutput(images=None, tokens=tokens)
-        images = _join([o.images for o in outputs], output_type)
-        if output_type == "pil":
-            return PipelineOutput(images=[images[i] for i in back.tolist()], tokens=tokens)
-        return PipelineOutput(images=images[back.numpy() if output_type == "np" else back], tokens=tokens)
+        return PipelineOutput(images=join_outputs(image_parts, output_type), tokens=tokens)
 
     def memory_per_image(self, output_type: OutputType = "pil", guidance: bool = True) -> tuple[int, int]:
         """Rough upper estimates, in bytes per image: (working memory of one reverse-chain run and its decoding,
-        the results kept until the call returns).
-
-        Working memory counts the [K+1, N] float32 tensors of one step (log-probabilities, posterior, noise),
-        the denoiser's activations (twice with guidance: the null condition runs in the same batch) and the
-        VQ decoder's full-resolution activations; results are the tokens plus the images of ``output_type``.
+        the results kept until the call returns); see :func:`vqdiffusion.models.memory.sampling_memory_per_image`.
         """
-        cfg, vq = self.denoiser.config, self.vqvae.config
-        n = cfg.height * cfg.width
         context = self.text_encoder.max_length if self.text_encoder is not None else 1
-        passes = 2 if guidance else 1
-        width = max(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
-        denoiser = passes * (
-            8 * n * cfg.dim + 2 * n * width + 2 * cfg.num_heads * n * (n + context) + n * cfg.num_classes
-        )
-        side_h, side_w = cfg.height * vq.downsample_factor, cfg.width * vq.downsample_factor
-        decoder = 6 * max(vq.block_out_channels) * side_h * side_w
-        working = 4 * (8 * (cfg.num_classes + 1) * n + denoiser + decoder)
-        pixels = 3 * side_h * side_w
-        result = 8 * n + {"pil": pixels, "np": 4 * pixels, "pt": 4 * pixels, "tokens": 0}[output_type]
-        return working, result
+        return sampling_memory_per_image(self.denoiser.config, self.vqvae.config, context, output_type, guidance)
 
     def plan_batches(
         self, total: int, output_type: OutputType = "pil", guidance: bool = True, batch_size: int | None = None
@@ -622,19 +349,13 @@ class VQDiffusionPipeline:
         return [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
 
     def sampling_options(self, **overrides: Any) -> SamplingOptions:
-        """The model's defaults with the non-None ``overrides`` applied, validated for this model.
+        """The model's defaults with the non-None ``overrides`` applied (:meth:`SamplingOptions.with_values`),
+        validated for this model.
 
-        Choosing another sampler than the default drops the default's sampler-specific settings that the
-        new sampler does not use (``SAMPLER_FIELDS``: a purity ``prior_weight``, a budget sampler's
-        ``tokens_per_call``, ...), back to the field defaults.
+        Choosing another sampler than the default keeps only the default's settings that the new sampler
+        also has (a budget sampler's ``tokens_per_call``); the others start at their defaults.
         """
-        base = self.defaults
-        sampler = overrides.get("sampler")
-        if sampler is not None and sampler != base.sampler:
-            plain = {f.name: f.default for f in dataclasses.fields(SamplingOptions)}
-            unused = {f: plain[f] for f, samplers in SAMPLER_FIELDS.items() if sampler not in samplers}
-            base = dataclasses.replace(base, **unused)
-        options = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        options = self.defaults.with_values(**overrides)
         options.validate(self.schedule.num_timesteps)
         return options
 
@@ -723,72 +444,6 @@ class VQDiffusionPipeline:
         return pipe
 
 
-def resolve_model_path(
-    path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> Path:
-    """A model directory: a local folder as is, ``"builtin:<name>"`` mapped to the package's ``assets/<name>``
-    folder, and a Hub id ``org/name`` (that is not an existing local path) to its snapshot folder in the
-    Hugging Face cache, downloaded if needed (:func:`vqdiffusion.formats.hub.download_model`).
-
-    ``revision``, ``cache_dir`` and ``local_files_only`` apply to Hub ids only (ValueError otherwise).
-    """
-    text = os.fspath(path)
-    if hub_format.is_hub_id(text):
-        return hub_format.download_model(
-            text, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
-        )
-    hub_only = {"revision": revision, "cache_dir": cache_dir}
-    given = [name for name, value in hub_only.items() if value is not None]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} apply to Hugging Face Hub ids (org/name) only, not to the local model {text!r}"
-        )
-    if not text.startswith(BUILTIN_PREFIX):
-        return Path(text)
-    name = text[len(BUILTIN_PREFIX) :]
-    if name not in BUILTIN_MODELS:
-        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
-        raise ValueError(f"unknown built-in model {text!r}; built-in models: {known}")
-    root = Path(__file__).resolve().parent / "assets" / name
-    if not (root / ours_format.INDEX_FILE).is_file():
-        raise FileNotFoundError(
-            f"the built-in model {text!r} is missing from this installation ({root}); reinstall vqdiffusion "
-            "or rebuild it with scripts/train_default.sh"
-        )
-    return root
-
-
-def _sampling_given(sampling: dict[str, Any]) -> dict[str, Any]:
-    """The sampling keywords of an editing call, checked against :class:`SamplingOptions`' fields."""
-    fields = [f.name for f in dataclasses.fields(SamplingOptions)]
-    unknown = sorted(set(sampling) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown sampling keyword(s) {unknown}; the sampling keywords are {fields}")
-    return {name: sampling.get(name) for name in fields}
-
-
-def _per_prompt(x: torch.Tensor, prompts: int) -> torch.Tensor:
-    """Rows of ``x`` [1 or P, ...] for each of ``prompts`` prompts."""
-    return x.expand(prompts, *x.shape[1:]) if len(x) == 1 else x
-
-
-def _batch_callback(
-    callback: Callable[[int, int], None] | None, index: int, batches: int
-) -> Callable[[int, int], None] | None:
-    """A per-batch step callback reporting to ``callback`` the steps done over all ``batches`` of a call."""
-    if callback is None:
-        return None
-
-    def report(done: int, total: int) -> None:
-        callback(index * total + done, batches * total)
-
-    return report
-
-
 def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
     """``dtype`` or its diffusers spelling ``torch_dtype`` (ValueError if both are given and differ)."""
     for name, value in (("dtype", dtype), ("torch_dtype", torch_dtype)):
@@ -797,60 +452,6 @@ def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> to
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them (they are the same)")
     return dtype if dtype is not None else torch_dtype
-
-
-def to_output_type(images: torch.Tensor, output_type: OutputType) -> Any:
-    """[B, 3, H, W] float in [0, 1] -> the requested type."""
-    if output_type == "pt":
-        return images.cpu()
-    array = images.permute(0, 2, 3, 1).cpu().numpy()
-    if output_type == "np":
-        return array
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-
-
-def _join(parts: list[Any], output_type: OutputType) -> Any:
-    """The per-batch outputs of one call as one output of ``output_type``."""
-    if len(parts) == 1:
-        return parts[0]
-    if output_type == "pt":
-        return torch.cat(parts)
-    if output_type == "np":
-        return np.concatenate(parts)
-    return [image for part in parts for image in part]
-
-
-# The largest grid written (PIL's decompression-bomb limit: image viewers and PIL itself open nothing larger).
-MAX_GRID_PIXELS = 178_956_970
-
-
-def grid_shape(count: int, columns: int | None = None) -> tuple[int, int]:
-    """(columns, rows) of a grid of ``count`` images: ``columns`` or a square."""
-    columns = columns or int(np.ceil(np.sqrt(count)))
-    return columns, int(np.ceil(count / columns))
-
-
-def check_grid_size(count: int, width: int, height: int, columns: int | None = None) -> None:
-    """ValueError when a grid of ``count`` images of ``width`` x ``height`` exceeds :data:`MAX_GRID_PIXELS`."""
-    cols, rows = grid_shape(count, columns)
-    if cols * width * rows * height > MAX_GRID_PIXELS:
-        raise ValueError(
-            f"a grid of {count} images of {width} x {height} would be {cols * width} x {rows * height} pixels, more "
-            f"than the {MAX_GRID_PIXELS} an image may have; write the images to a folder or make fewer"
-        )
-
-
-def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Paste equally sized images into a grid, row-major (at most :data:`MAX_GRID_PIXELS` pixels)."""
-    if not images:
-        raise ValueError("no images to put in a grid")
-    w, h = images[0].size
-    check_grid_size(len(images), w, h, columns)
-    columns, rows = grid_shape(len(images), columns)
-    grid = Image.new("RGB", (columns * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
 
 
 def _check_condition_parts(
