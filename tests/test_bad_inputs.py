@@ -255,6 +255,10 @@ def row(id_: str, argv: list[str], words: tuple[str, ...], code: int = 2, marks=
 CASES = [
     # -- prompts, flags and sampling values ---------------------------------------------------------
     row("empty-prompt", ["generate", "   ", "--model", "{text}"], ("prompt is empty",)),
+    row("argparse-not-a-number", gen("--steps", "abc"), ("vqdiffusion generate", "--steps", "'abc'", "--help")),
+    row("argparse-bad-choice", gen("--sampler", "greedy"), ("--sampler", "'greedy'", "choose from")),
+    row("argparse-missing-argument", ["export"], ("vqdiffusion export", "required", "--help")),
+    row("argparse-unknown-command", ["nope"], ("'nope'", "vqdiffusion --help")),
     row("steps-0", gen("--steps", "0"), ("--steps", "positive integer")),
     row("steps-above-T", gen("--steps", "101"), ("--steps", "[1, 100]")),
     row("truncation-0", gen("--truncation", "0"), ("--truncation", "(0, 1]")),
@@ -465,6 +469,14 @@ def test_table_covers_every_command() -> None:
     commands = set(sub.choices)
     covered = {p.values[0][0] for p in CASES}
     assert commands - covered == set()
+
+
+def test_help_still_prints_the_usage(capsys) -> None:
+    """Only argparse's errors lose the usage block: ``--help`` prints it and exits 0."""
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: vqdiffusion generate")
 
 
 def test_a_traceback_is_kept_for_bugs(monkeypatch) -> None:
