@@ -21,9 +21,11 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +35,7 @@ from support.weights import tiny_text_components
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
 from vqdiffusion.devices import DeviceError
+from vqdiffusion.eval.fid import ReferenceStats, ReferenceStatsError
 from vqdiffusion.formats.components import PipelineComponents
 from vqdiffusion.formats.diffusers import save_diffusers
 from vqdiffusion.formats.ours import save_ours
@@ -144,6 +147,76 @@ VARIANTS: dict[str, tuple[str, Callable[[Path], None]]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Damaged files: reference statistics (.npz), networks, checkpoints, caption folders
+# ---------------------------------------------------------------------------------------------------------
+STATS_DIM = 8
+
+
+def _npz(path: Path, **changes) -> None:
+    """Reference statistics of ``STATS_DIM`` features (as ``--save-reference-stats`` writes), with ``changes``."""
+    arrays = {
+        "mu": np.zeros(STATS_DIM),
+        "sigma": np.eye(STATS_DIM),
+        "num_images": np.array(10),
+        "meta": np.array(json.dumps({"format": "vqdiffusion-fid-reference"})),
+    }
+    arrays.update(changes)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+class _NotInception(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _torchscript(path: Path, module: torch.nn.Module) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the published Inception files are TorchScript
+        torch.jit.save(torch.jit.script(module), str(path))
+
+
+def _asymmetric() -> np.ndarray:
+    sigma = np.eye(STATS_DIM)
+    sigma[0, 1] = 1.0
+    return sigma
+
+
+# name -> (file name, writer)
+FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "npz_nan_mu": ("s.npz", lambda f: _npz(f, mu=np.full(STATS_DIM, np.nan))),
+    "npz_negative_sigma": ("s.npz", lambda f: _npz(f, sigma=-1e6 * np.eye(STATS_DIM))),
+    "npz_asymmetric_sigma": ("s.npz", lambda f: _npz(f, sigma=_asymmetric())),
+    "npz_inf_sigma": ("s.npz", lambda f: _npz(f, sigma=np.full((STATS_DIM, STATS_DIM), np.inf))),
+    "npz_string_mu": ("s.npz", lambda f: _npz(f, mu=np.array(["a"] * STATS_DIM))),
+    "npz_meta_list": ("s.npz", lambda f: _npz(f, meta=np.array(["a", "b"]))),
+    "npz_meta_string": ("s.npz", lambda f: _npz(f, meta=np.array("not json"))),
+    "npz_meta_sha_int": ("s.npz", lambda f: _npz(f, meta=np.array(json.dumps({"inception": {"sha256": 5}})))),
+    "npz_num_images_vector": ("s.npz", lambda f: _npz(f, num_images=np.array([3, 4]))),
+    "npz_num_images_negative": ("s.npz", lambda f: _npz(f, num_images=np.array(-5))),
+    "npz_features_shape": ("s.npz", lambda f: _npz(f, features=np.zeros((4, STATS_DIM + 1)))),
+    "npz_empty": ("s.npz", lambda f: f.write_bytes(b"")),
+    "torchscript_not_inception": ("net.pt", lambda f: _torchscript(f, _NotInception())),
+}
+
+
+class _Files:
+    """``paths["f"][NAME]``: the damaged file NAME, written on first use."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.built = root, {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self.built:
+            file_name, write = FILES[name]
+            path = self.root / name / file_name
+            path.parent.mkdir(parents=True)
+            write(path)
+            self.built[name] = str(path)
+        return self.built[name]
+
+
 class _Variants:
     """``paths["v"][NAME]``: the folder of variant NAME, built on first use."""
 
@@ -190,6 +263,7 @@ def paths(tmp_path_factory, tiny_clip_dirs):
     yield {
         **{name: str(path) for name, path in bases.items()},
         "v": _Variants(root / "variants", bases),
+        "f": _Files(root / "damaged"),
         "afile": str(root / "afile"),
         "files": str(files),
         "ro": str(read_only),
@@ -236,6 +310,12 @@ TRAIN_VQVAE = ["train-vqvae", "{images}", "--image-size", "8", "--batch-size", "
 SS = ["sample-set", "--model", "{text}", "--out", "{tmp}/s", "--quiet"]
 FID = ["eval", "--suite", "fid", "--samples", "{images}", "--reference", "{images}", "--out", "{tmp}/e"]
 CLIPSCORE = ["eval", "--suite", "clipscore", "--samples", "{images}", "--out", "{tmp}/e"]
+
+
+def fid_ref(name: str) -> list[str]:
+    """``eval --suite fid`` against the damaged reference statistics NAME (checked before the network loads)."""
+    return [*FID, "--reference", f"{{f[{name}]}}", "--inception-weights", "{afile}"]
+
 
 ROOT_SKIP = pytest.mark.skipif(IS_ROOT, reason="root may write into read-only folders")
 CUDA_ONLY_SKIP = pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")
@@ -409,6 +489,23 @@ CASES = [
     row("fid-reference-missing", [*FID, "--reference", "{tmp}/no", "--inception-weights", "{afile}"], ("not found",)),
     row("fid-kid-subsets-0", [*FID, "--inception-weights", "{afile}", "--kid-subsets", "0"], ("--kid-subsets",)),
     row("fid-batch-size-0", [*FID, "--inception-weights", "{afile}", "--batch-size", "0"], ("--batch-size", ">= 1")),
+    row("fid-reference-nan-mu", fid_ref("npz_nan_mu"), ("s.npz", "'mu' holds NaN or infinite", "recompute")),
+    row("fid-reference-negative-sigma", fid_ref("npz_negative_sigma"), ("'sigma' has a negative eigenvalue",)),
+    row("fid-reference-asymmetric-sigma", fid_ref("npz_asymmetric_sigma"), ("'sigma' is not symmetric",)),
+    row("fid-reference-inf-sigma", fid_ref("npz_inf_sigma"), ("'sigma' holds NaN or infinite",)),
+    row("fid-reference-string-mu", fid_ref("npz_string_mu"), ("'mu' holds <U1 values, not real numbers",)),
+    row("fid-reference-meta-list", fid_ref("npz_meta_list"), ("'meta' is not the JSON object",)),
+    row("fid-reference-meta-string", fid_ref("npz_meta_string"), ("'meta' is not the JSON object",)),
+    row("fid-reference-meta-sha-int", fid_ref("npz_meta_sha_int"), ("'meta' is not the JSON object",)),
+    row("fid-reference-num-images-vector", fid_ref("npz_num_images_vector"), ("'num_images'", "[3, 4]")),
+    row("fid-reference-num-images-negative", fid_ref("npz_num_images_negative"), ("'num_images'", ">= 2", "-5")),
+    row("fid-reference-features-shape", fid_ref("npz_features_shape"), ("'features' has shape (4, 9)", "[n, 8]")),
+    row("fid-reference-empty-file", fid_ref("npz_empty"), ("s.npz", "an empty file", "--save-reference-stats")),
+    row(
+        "fid-weights-torchscript-not-inception",
+        [*FID, "--inception-weights", "{f[torchscript_not_inception]}"],
+        ("net.pt", "not the Inception", "return_features"),
+    ),
     row("clipscore-needs-clip", CLIPSCORE, ("needs --clip",)),
     row("clipscore-clip-missing", [*CLIPSCORE, "--clip", "{tmp}/no"], ("CLIP model folder not found",)),
     row("clipscore-not-clip", [*CLIPSCORE, "--clip", "{text}"], ("not a CLIP model folder",)),
@@ -515,6 +612,10 @@ def _call(**kwargs):
     return lambda p: VQDiffusionPipeline.from_pretrained(p["text"])("x", progress=False, **kwargs)
 
 
+def _stats(name: str):
+    return lambda p: ReferenceStats.load(p["f"][name])
+
+
 API_CASES = [
     pytest.param(_load("huge_T"), ValueError, ("timestep_embedding",), id="T-1e9"),
     pytest.param(_load("huge_codebook"), ValueError, ("codebook",), id="codebook-1e10"),
@@ -532,6 +633,9 @@ API_CASES = [
     pytest.param(_call(temperature=1e-300), ValueError, ("temperature",), id="temperature-tiny"),
     pytest.param(_call(num_images_per_prompt=10**12), ValueError, ("images need about",), id="num-images-huge"),
     pytest.param(_call(batch_size=0), ValueError, ("batch_size",), id="batch-size-0"),
+    pytest.param(_stats("npz_nan_mu"), ReferenceStatsError, ("'mu' holds NaN",), id="stats-nan-mu"),
+    pytest.param(_stats("npz_negative_sigma"), ReferenceStatsError, ("negative eigenvalue",), id="stats-sigma"),
+    pytest.param(_stats("npz_empty"), ReferenceStatsError, ("an empty file",), id="stats-empty"),
     pytest.param(
         lambda p: check_output_path(Path(p["afile"]) / "x.png"), OutputPathError, ("is a file",), id="out-path"
     ),
