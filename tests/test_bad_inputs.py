@@ -18,16 +18,19 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from support.data import make_caption_folder, make_token_dir
 from support.weights import tiny_text_components
@@ -166,6 +169,13 @@ def _npz(path: Path, **changes) -> None:
         np.savez(f, **arrays)
 
 
+class _InceptionLike(torch.nn.Module):
+    """The forward signature of NVIDIA's TorchScript Inception (never reached by the rows that use it)."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
+        return x.float().flatten(1)[:, :8]
+
+
 class _NotInception(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -183,6 +193,33 @@ def _asymmetric() -> np.ndarray:
     return sigma
 
 
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG that claims ``width`` x ``height`` 1-bit pixels (PIL reads the size before decoding anything)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    path.write_bytes(data + chunk(b"IEND", b""))
+
+
+def _folder(path: Path, files: dict[str, str | bytes], images: tuple[str, ...] = ("a.png",)) -> None:
+    """A folder holding 8x8 PNGs ``images`` and the text or bytes ``files``."""
+    make_caption_folder(path, count=0)
+    for name in images:
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(path / name)
+    for name, content in files.items():
+        target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+def _bomb_folder(path: Path) -> None:
+    _folder(path, {"a.txt": "a red square"}, images=())
+    _png_header(path / "a.png", 20_000, 20_000)  # 400 megapixels
+
+
 # name -> (file name, writer)
 FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "npz_nan_mu": ("s.npz", lambda f: _npz(f, mu=np.full(STATS_DIM, np.nan))),
@@ -197,7 +234,20 @@ FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "npz_num_images_negative": ("s.npz", lambda f: _npz(f, num_images=np.array(-5))),
     "npz_features_shape": ("s.npz", lambda f: _npz(f, features=np.zeros((4, STATS_DIM + 1)))),
     "npz_empty": ("s.npz", lambda f: f.write_bytes(b"")),
+    "npz_ok": ("s.npz", _npz),
+    "bomb_folder": ("data", _bomb_folder),
+    "csv_huge_caption": ("data", lambda f: _folder(f, {"captions.csv": "file,caption\na.png," + "x" * 200_000})),
+    "csv_not_utf8": ("data", lambda f: _folder(f, {"captions.csv": b"file,caption\na.png,a \xff b\n"})),
+    "jsonl_not_utf8": ("data", lambda f: _folder(f, {"captions.jsonl": b'{"file": "a.png", "caption": "\xff"}\n'})),
+    "jsonl_outside": (
+        "data",
+        lambda f: _folder(
+            f, {"captions.jsonl": '{"file": "a.png", "caption": "x"}\n{"file": "../b.png", "caption": "y"}'}
+        ),
+    ),
+    "manifest_file_int": ("data", lambda f: _folder(f, {"manifest.json": '{"images": [{"file": 5, "prompt": "x"}]}'})),
     "torchscript_not_inception": ("net.pt", lambda f: _torchscript(f, _NotInception())),
+    "torchscript_inception_like": ("net.pt", lambda f: _torchscript(f, _InceptionLike())),
 }
 
 
@@ -211,7 +261,7 @@ class _Files:
         if name not in self.built:
             file_name, write = FILES[name]
             path = self.root / name / file_name
-            path.parent.mkdir(parents=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             write(path)
             self.built[name] = str(path)
         return self.built[name]
@@ -310,6 +360,11 @@ TRAIN_VQVAE = ["train-vqvae", "{images}", "--image-size", "8", "--batch-size", "
 SS = ["sample-set", "--model", "{text}", "--out", "{tmp}/s", "--quiet"]
 FID = ["eval", "--suite", "fid", "--samples", "{images}", "--reference", "{images}", "--out", "{tmp}/e"]
 CLIPSCORE = ["eval", "--suite", "clipscore", "--samples", "{images}", "--out", "{tmp}/e"]
+
+
+def tok(name: str) -> list[str]:
+    """``tokenize`` of the damaged data folder NAME."""
+    return ["tokenize", f"{{f[{name}]}}", "--vqvae", "{text}/vqvae", "--out", "{tmp}/t", "--device", "cpu"]
 
 
 def fid_ref(name: str) -> list[str]:
@@ -506,6 +561,21 @@ CASES = [
         [*FID, "--inception-weights", "{f[torchscript_not_inception]}"],
         ("net.pt", "not the Inception", "return_features"),
     ),
+    row(
+        "fid-samples-decompression-bomb",
+        [
+            *FID,
+            "--samples",
+            "{f[bomb_folder]}",
+            "--reference",
+            "{f[npz_ok]}",
+            "--batch-size",
+            "1",
+            "--inception-weights",
+        ]
+        + ["{f[torchscript_inception_like]}"],
+        ("a.png", "decompression bomb", "resize it"),
+    ),
     row("clipscore-needs-clip", CLIPSCORE, ("needs --clip",)),
     row("clipscore-clip-missing", [*CLIPSCORE, "--clip", "{tmp}/no"], ("CLIP model folder not found",)),
     row("clipscore-not-clip", [*CLIPSCORE, "--clip", "{text}"], ("not a CLIP model folder",)),
@@ -514,6 +584,13 @@ CASES = [
         [*CLIPSCORE, "--samples", "{tmp}/no", "--clip", "{text}/text_encoder"],
         ("samples folder", "not found"),
     ),
+    row("sheet-decompression-bomb", ["sheet", "{f[bomb_folder]}", "--out", "{tmp}/s.png"], ("a.png", "resize it")),
+    row("sheet-manifest-file-int", ["sheet", "{f[manifest_file_int]}", "--out", "{tmp}/s.png"], ("images[0]", "5")),
+    row("sheet-root-folder", ["sheet", "/"], ("'/'", "--out")),
+    row("tokenize-csv-huge-caption", tok("csv_huge_caption"), ("captions.csv", "after line 1", "131072", "shorten")),
+    row("tokenize-csv-not-utf8", tok("csv_not_utf8"), ("captions.csv is not UTF-8", "offset 21")),
+    row("tokenize-jsonl-not-utf8", tok("jsonl_not_utf8"), ("captions.jsonl is not UTF-8", "save it as UTF-8")),
+    row("tokenize-jsonl-outside", tok("jsonl_outside"), ("captions.jsonl:2", "'../b.png' is outside the data folder")),
     row("sheet-missing", ["sheet", "{tmp}/no"], ("not found",)),
     row("sheet-not-a-folder", ["sheet", "{afile}"], ("not a folder of images",)),
     row("sheet-no-images", ["sheet", "{tmp}", "--out", "{tmp}/s.png"], ("holds no images",)),

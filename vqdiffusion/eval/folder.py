@@ -50,6 +50,11 @@ def read_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError as err:  # PIL's guard against images too large to decode
+        raise ValueError(
+            f"cannot read image {path}: {err}; images of an evaluation folder are samples, not posters (resize it, "
+            "or take it out of the folder)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's decode errors
         raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
 
@@ -115,9 +120,13 @@ def captions_of(folder: str | os.PathLike, paths: list[Path], *, strict: bool = 
     manifest = read_manifest(root)
     found: dict[Path, str] = {}
     if manifest is not None:
-        for entry in manifest["images"]:
-            if not isinstance(entry, dict) or "file" not in entry:
-                continue
+        for number, entry in enumerate(manifest["images"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
+                shown = entry.get("file") if isinstance(entry, dict) else entry
+                raise ValueError(
+                    f"{root / MANIFEST_FILE}: images[{number}] has no file name (got {shown!r}); each entry needs "
+                    '"file": "NAME.png" (rewrite the folder with sample-set)'
+                )
             if isinstance(entry.get("prompt"), str):
                 found[Path(os.path.normpath(root / entry["file"]))] = entry["prompt"]
             elif isinstance(entry.get("label"), int):
