@@ -28,6 +28,7 @@ from ..io import check_finite, read_weights_header
 
 logger = logging.getLogger(__name__)
 
+
 class ConditionKind(str, enum.Enum):
     """What a model is conditioned on: ``TEXT`` (cross-attention to a CLIP text sequence [B, L, D]),
     ``CLASS`` (integer labels [B] through the denoiser's label AdaLN table) or ``NONE`` (unconditional).
