@@ -31,12 +31,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from support.data import make_caption_folder, make_token_dir
 from support.weights import tiny_text_components
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
+from vqdiffusion.config import ConfigError
 from vqdiffusion.devices import DeviceError
 from vqdiffusion.eval.fid import ReferenceStats, ReferenceStatsError
 from vqdiffusion.formats.components import PipelineComponents
@@ -45,7 +47,8 @@ from vqdiffusion.formats.ours import save_ours
 from vqdiffusion.io import OutputPathError, atomic_write_bytes, check_output_path
 from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
 from vqdiffusion.sampling import SamplingOptions
-from vqdiffusion.training.checkpoint import find_latest_checkpoint, load_checkpoint
+from vqdiffusion.training.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
+from vqdiffusion.training.denoiser_config import DenoiserTrainConfig
 from vqdiffusion.training.output_dir import OutputDirInUseError, claim_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,6 +277,80 @@ class _Files:
         return self.built[name]
 
 
+def _edit_checkpoint(path: Path, edit: Callable[[dict, dict[str, torch.Tensor]], object]) -> None:
+    """Rewrite a training checkpoint with ``edit(meta, tensors)``; a non-None return value replaces the meta."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    meta = json.loads(metadata["meta"])
+    replaced = edit(meta, tensors)
+    metadata["meta"] = json.dumps(meta if replaced is None else replaced)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _without(meta: dict, key: str) -> None:
+    del meta[key]
+
+
+def _drop_optimizer_tensor(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    del tensors[next(key for key in sorted(tensors) if key.startswith("optimizer."))]
+
+
+def _nan_ema(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    key = next(k for k in sorted(tensors) if k.startswith("ema.") and tensors[k].is_floating_point())
+    tensors[key].view(-1)[0] = float("nan")
+
+
+# name -> (the training run it starts from: "denoiser" or "vqvae", the edit of its checkpoint)
+CHECKPOINTS: dict[str, tuple[str, Callable[[dict, dict[str, torch.Tensor]], object]]] = {
+    "meta_empty": ("denoiser", lambda meta, t: {}),
+    "meta_list": ("denoiser", lambda meta, t: []),
+    "config_list": ("denoiser", lambda meta, t: meta.update(config=[1, 2])),
+    "no_rng": ("denoiser", lambda meta, t: _without(meta, "rng")),
+    "optimizer_tensor_missing": ("denoiser", _drop_optimizer_tensor),
+    "nan_ema": ("denoiser", _nan_ema),
+    "dim_1e20": ("denoiser", lambda meta, t: meta["denoiser_config"].update(dim=10**20)),
+    "vq_meta_empty": ("vqvae", lambda meta, t: {}),
+    "vq_meta_list": ("vqvae", lambda meta, t: []),
+    "vq_config_list": ("vqvae", lambda meta, t: meta.update(config=[1, 2])),
+    "vq_no_rng": ("vqvae", lambda meta, t: _without(meta, "rng")),
+    "vq_optimizer_tensor_missing": ("vqvae", _drop_optimizer_tensor),
+}
+
+
+class _Runs:
+    """``paths["c"][NAME]``: a training ``--out`` folder whose checkpoint is damaged as ``CHECKPOINTS[NAME]``
+    says; the two base runs (one step each) are trained on first use."""
+
+    def __init__(self, root: Path, tokens: Path, images: Path) -> None:
+        self.root, self.tokens, self.images, self.built = root, tokens, images, {}
+
+    def _base(self, kind: str) -> Path:
+        out = self.root / f"base_{kind}"
+        if not out.exists():
+            flags = {"tokens": str(self.tokens), "images": str(self.images), "tmp": str(self.root)}
+            argv = ["train", "{tokens}", *TRAIN_FLAGS] if kind == "denoiser" else TRAIN_VQVAE
+            assert main([*(a.format(**flags) for a in argv), "--out", str(out), "--quiet"]) == 0
+        return out
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self.built:
+            kind, edit = CHECKPOINTS[name]
+            out = self.root / name
+            shutil.copytree(self._base(kind), out)
+            _edit_checkpoint(find_latest_checkpoint(out / "checkpoints"), edit)
+            self.built[name] = str(out)
+        return self.built[name]
+
+
+def _tokens_without_vqvae(root: Path, tokens: Path) -> Path:
+    """A copy of the token folder whose recorded VQ-VAE folder does not exist."""
+    copy = root / "tokens_no_vqvae"
+    if not copy.exists():
+        shutil.copytree(tokens, copy)
+        _edit_json(copy / "meta.json", vqvae_dir=str(root / "gone_vqvae"))
+    return copy
+
+
 class _Variants:
     """``paths["v"][NAME]``: the folder of variant NAME, built on first use."""
 
@@ -321,6 +398,8 @@ def paths(tmp_path_factory, tiny_clip_dirs):
         **{name: str(path) for name, path in bases.items()},
         "v": _Variants(root / "variants", bases),
         "f": _Files(root / "damaged"),
+        "c": _Runs(root / "runs", tokens, images),
+        "tokens_no_vqvae": str(_tokens_without_vqvae(root, tokens)),
         "afile": str(root / "afile"),
         "files": str(files),
         "ro": str(read_only),
@@ -372,6 +451,19 @@ CLIPSCORE = ["eval", "--suite", "clipscore", "--samples", "{images}", "--out", "
 def tok(name: str) -> list[str]:
     """``tokenize`` of the damaged data folder NAME."""
     return ["tokenize", f"{{f[{name}]}}", "--vqvae", "{text}/vqvae", "--out", "{tmp}/t", "--device", "cpu"]
+
+
+def resume(name: str) -> list[str]:
+    """``train --resume`` on the damaged run NAME."""
+    return ["train", "{tokens}", "--out", f"{{c[{name}]}}", "--resume", "--device", "cpu"]
+
+
+def vq_resume(name: str) -> list[str]:
+    return ["train-vqvae", "{images}", "--out", f"{{c[{name}]}}", "--resume", "--device", "cpu"]
+
+
+def export(name: str) -> list[str]:
+    return ["export", f"{{c[{name}]}}", "{tmp}/m"]
 
 
 def fid_ref(name: str) -> list[str]:
@@ -456,6 +548,32 @@ CASES = [
         ("afile",),
     ),
     row("train-resume-nothing", [*TRAIN, "--out", "{tmp}/fresh", "--resume"], ("no checkpoint",)),
+    row("resume-meta-empty", resume("meta_empty"), ("step_00000001.safetensors", "has no 'kind'", "'denoiser'")),
+    row("resume-meta-list", resume("meta_list"), ("metadata is a JSON list, not an object",)),
+    row("resume-config-list", resume("config_list"), ("'config' is a JSON list, not an object",)),
+    row("resume-no-rng", resume("no_rng"), ("'rng' is missing", "resume from an earlier checkpoint")),
+    row("resume-optimizer-tensor-missing", resume("optimizer_tensor_missing"), ("lacks the tensor 'optimizer.",)),
+    row("resume-nan-ema", resume("nan_ema"), ("ema.", "NaN or infinite", "diverged")),
+    row(
+        "train-vqvae-folder-gone",
+        ["train", "{tokens_no_vqvae}", *TRAIN[2:], "--out", "{tmp}/run"],
+        ("gone_vqvae", "which is gone", "tokenize"),
+    ),
+    row("vq-resume-meta-empty", vq_resume("vq_meta_empty"), ("has no 'kind'", "'vqvae'")),
+    row("vq-resume-meta-list", vq_resume("vq_meta_list"), ("metadata is a JSON list",)),
+    row("vq-resume-config-list", vq_resume("vq_config_list"), ("'config' is a JSON list",)),
+    row("vq-resume-no-rng", vq_resume("vq_no_rng"), ("'rng' is missing",)),
+    row("vq-resume-optimizer-tensor-missing", vq_resume("vq_optimizer_tensor_missing"), ("lacks the tensor",)),
+    row("export-meta-empty", export("meta_empty"), ("has no 'kind'",)),
+    row("export-meta-list", export("meta_list"), ("metadata is a JSON list",)),
+    row("export-config-list", export("config_list"), ("'config' is a JSON list",)),
+    row("export-no-rng", export("no_rng"), ("'rng' is missing",)),
+    row("export-optimizer-tensor-missing", export("optimizer_tensor_missing"), ("lacks the tensor",)),
+    row("export-nan-ema", export("nan_ema"), ("NaN or infinite",)),
+    row("export-dim-1e20", export("dim_1e20"), ("dim=100000000000000000000", "limit")),
+    row("train-sample-steps-above-T", [*TRAIN, "--out", "{tmp}/r", "--sample-steps", "1000"], ("sample_steps=1000",)),
+    row("train-pad-token-negative", [*TRAIN, "--out", "{tmp}/r", "--text-pad-token-id=-1"], ("text_pad_token_id",)),
+    row("train-min-lr-above-lr", [*TRAIN, "--out", "{tmp}/r", "--lr", "1e-4", "--min-lr", "1e-3"], ("min_lr=0.001",)),
     row("export-missing-checkpoint", ["export", "{tmp}/nope.safetensors", "{tmp}/m"], ("not found",)),
     row("export-not-a-checkpoint", ["export", "{afile}", "{tmp}/m"], ("afile",)),
     row("make-shapes-n-0", ["make-shapes", "{tmp}/s", "--n", "0"], ("--n", ">= 1")),
@@ -727,6 +845,18 @@ API_CASES = [
     pytest.param(_call(temperature=1e-300), ValueError, ("temperature",), id="temperature-tiny"),
     pytest.param(_call(num_images_per_prompt=10**12), ValueError, ("images need about",), id="num-images-huge"),
     pytest.param(_call(batch_size=0), ValueError, ("batch_size",), id="batch-size-0"),
+    pytest.param(
+        lambda p: load_checkpoint(find_latest_checkpoint(Path(p["c"]["config_list"]) / "checkpoints"), "denoiser"),
+        CheckpointError,
+        ("'config' is a JSON list",),
+        id="checkpoint-config-list",
+    ),
+    pytest.param(
+        lambda p: DenoiserTrainConfig(token_dir="t", output_dir="o", num_timesteps=10, sample_steps=20),
+        ConfigError,
+        ("sample_steps=20",),
+        id="train-config-sample-steps",
+    ),
     pytest.param(_stats("npz_nan_mu"), ReferenceStatsError, ("'mu' holds NaN",), id="stats-nan-mu"),
     pytest.param(_stats("npz_negative_sigma"), ReferenceStatsError, ("negative eigenvalue",), id="stats-sigma"),
     pytest.param(_stats("npz_empty"), ReferenceStatsError, ("an empty file",), id="stats-empty"),

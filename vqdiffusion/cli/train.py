@@ -9,6 +9,7 @@ from typing import Any
 from ..data.tokens import TokenDataset
 from ..models.denoiser import DENOISER_PRESETS
 from ..text_vocab import caption_words
+from ..training.checkpoint import DENOISER_CHECKPOINT
 from ..training.denoiser import train_denoiser
 from ..training.denoiser_config import DenoiserTrainConfig
 from .flag_tables import FlagTable, add_flag_table, checkpoint_to_continue, given_fields
@@ -121,7 +122,7 @@ def run_train(args: argparse.Namespace) -> int:
     overrides["token_dir"], overrides["output_dir"] = str(args.token_dir), str(args.out)
     resume_path = None
     if args.resume:
-        resume_path, meta = checkpoint_to_continue(args.out)
+        resume_path, meta = checkpoint_to_continue(args.out, DENOISER_CHECKPOINT)
         saved_vocab = "words" if meta["config"].get("text_words") else "chars"
         if args.text_vocab is not None and args.text_vocab != saved_vocab:
             raise ValueError(

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..models.vqvae import _PRESETS
+from ..training.checkpoint import VQVAE_CHECKPOINT
 from ..training.vqvae import train_vqvae
 from ..training.vqvae_config import VQVAETrainConfig
 from .flag_tables import FlagTable, add_flag_table, checkpoint_to_continue, given_fields
@@ -90,7 +91,7 @@ def run_train_vqvae(args: argparse.Namespace) -> int:
     overrides["data_dir"], overrides["output_dir"] = str(args.data_dir), str(args.out)
     resume_path = None
     if args.resume:
-        resume_path, meta = checkpoint_to_continue(args.out)
+        resume_path, meta = checkpoint_to_continue(args.out, VQVAE_CHECKPOINT)
         config = VQVAETrainConfig.from_dict({**meta["config"], **overrides})
     else:
         config = VQVAETrainConfig(**overrides)

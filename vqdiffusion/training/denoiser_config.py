@@ -210,7 +210,27 @@ class DenoiserTrainConfig(ConfigBase):
             raise ConfigError(f"{name}: text_words must be non-empty strings, got {list(self.text_words)[:5]}...")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"{name}: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        self._check_relations(name)
         self.schedule(2)  # validates the endpoints
+
+    def _check_relations(self, name: str) -> None:
+        """Values that are each valid but contradict another: sampling steps beyond T, a negative pad id, a
+        final learning rate above the peak."""
+        if self.sample_steps > self.num_timesteps:
+            raise ConfigError(
+                f"{name}: sample_steps={self.sample_steps} is more than the num_timesteps={self.num_timesteps} "
+                f"diffusion steps; use --sample-steps <= {self.num_timesteps}"
+            )
+        if self.text_pad_token_id is not None and self.text_pad_token_id < 0:
+            raise ConfigError(
+                f"{name}: text_pad_token_id must be a token id >= 0, got {self.text_pad_token_id} (leave it out to "
+                "use the tokenizer's)"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"{name}: min_lr={self.min_lr} is above lr={self.lr}, so the learning rate would rise; use "
+                "--min-lr <= --lr"
+            )
 
     def schedule(self, num_classes: int) -> MaskReplaceSchedule:
         """The noise schedule for a codebook of ``num_classes`` tokens."""

@@ -32,7 +32,6 @@ from .denoiser_config import DenoiserTrainConfig
 __all__ = ["export_pipeline", "pipeline_from_checkpoint", "training_defaults"]
 
 
-
 def training_defaults(schedule: MaskReplaceSchedule, has_null: bool) -> PipelineDefaults:
     """Default sampling settings of a freshly trained model: all T steps, truncation 1, guidance
     :data:`DEFAULT_GUIDANCE_SCALE` when a null condition was trained, else 1 (off)."""
@@ -102,9 +101,7 @@ def pipeline_from_checkpoint(
     from ..models.vqvae import load_vqvae
 
     path = _resolve_checkpoint(checkpoint)
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != DENOISER_CHECKPOINT:
-        raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint, not a denoiser training checkpoint")
+    tensors, meta = load_checkpoint(path, DENOISER_CHECKPOINT)
     kind = checkpoint_condition(meta)
     state = take_prefix("model", tensors)
     if ema:
