@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support import authors
 from support.data import make_caption_folder, make_token_dir
 from support.weights import tiny_text_components
 
@@ -230,6 +231,29 @@ def _bomb_folder(path: Path) -> None:
     _png_header(path / "a.png", 20_000, 20_000)  # 400 megapixels
 
 
+AUTHORS_K = 12  # codebook of the tiny authors' checkpoint
+
+
+def _authors_checkpoint(path: Path, *, nan_ema: bool = False) -> None:
+    """A tiny unconditional authors' checkpoint (DiffusionTransformer + PatchVQGAN copy)."""
+    gen = torch.Generator().manual_seed(0)
+    raw = authors.transformer_state("none", AUTHORS_K, gen)
+    ema = authors.ema_of(raw, gen)
+    if nan_ema:
+        ema["transformer.to_logits.1.weight"][0, 0] = float("nan")
+    authors.save_checkpoint(path, raw, ema, authors.codec_copy(authors.taming_state(AUTHORS_K, gen)))
+
+
+def _authors_yaml(path: Path, replace: tuple[str, str] = ("", ""), **params) -> None:
+    """The YAML of :func:`_authors_checkpoint`, with ``params`` overriding the transformer's and one text
+    replacement."""
+    authors.write_yaml(path, "none", AUTHORS_K, codec="ema_vqvae.PatchVQVAE", **params)
+    if replace[0]:
+        path.write_text(path.read_text().replace(*replace))
+
+
+_T_LINE = f"diffusion_step: {authors.T}"
+
 # name -> (file name, writer)
 FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "npz_nan_mu": ("s.npz", lambda f: _npz(f, mu=np.full(STATS_DIM, np.nan))),
@@ -245,6 +269,14 @@ FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "npz_features_shape": ("s.npz", lambda f: _npz(f, features=np.zeros((4, STATS_DIM + 1)))),
     "npz_empty": ("s.npz", lambda f: f.write_bytes(b"")),
     "npz_ok": ("s.npz", _npz),
+    "authors_ckpt": ("model.pth", _authors_checkpoint),
+    "authors_ckpt_nan_ema": ("model.pth", lambda f: _authors_checkpoint(f, nan_ema=True)),
+    "authors_yaml": ("c.yaml", _authors_yaml),
+    "authors_yaml_T_1e12": ("c.yaml", lambda f: _authors_yaml(f, (_T_LINE, "diffusion_step: 1000000000000"))),
+    "authors_yaml_T_1e9": ("c.yaml", lambda f: _authors_yaml(f, (_T_LINE, "diffusion_step: 1000000000"))),
+    "authors_yaml_layers_1e9": ("c.yaml", lambda f: _authors_yaml(f, n_layer=10**9)),
+    "authors_yaml_not_utf8": ("c.yaml", lambda f: f.write_bytes(b"model: \xff\n")),
+    "not_gzip": ("x.pth", lambda f: f.write_bytes(b"PK\x03\x04 not a tokenizer")),
     "bomb_folder": ("data", _bomb_folder),
     "csv_huge_caption": ("data", lambda f: _folder(f, {"captions.csv": "file,caption\na.png," + "x" * 200_000})),
     "csv_not_utf8": ("data", lambda f: _folder(f, {"captions.csv": b"file,caption\na.png,a \xff b\n"})),
@@ -453,6 +485,11 @@ def tok(name: str) -> list[str]:
     return ["tokenize", f"{{f[{name}]}}", "--vqvae", "{text}/vqvae", "--out", "{tmp}/t", "--device", "cpu"]
 
 
+def conv(yaml: str, ckpt: str = "authors_ckpt") -> list[str]:
+    """``convert`` of an authors' checkpoint with the YAML ``yaml`` (both from ``FILES``)."""
+    return ["convert", f"{{f[{ckpt}]}}", "{tmp}/c", "--config", f"{{f[{yaml}]}}"]
+
+
 def resume(name: str) -> list[str]:
     """``train --resume`` on the damaged run NAME."""
     return ["train", "{tokens}", "--out", f"{{c[{name}]}}", "--resume", "--device", "cpu"]
@@ -574,6 +611,17 @@ CASES = [
     row("train-sample-steps-above-T", [*TRAIN, "--out", "{tmp}/r", "--sample-steps", "1000"], ("sample_steps=1000",)),
     row("train-pad-token-negative", [*TRAIN, "--out", "{tmp}/r", "--text-pad-token-id=-1"], ("text_pad_token_id",)),
     row("train-min-lr-above-lr", [*TRAIN, "--out", "{tmp}/r", "--lr", "1e-4", "--min-lr", "1e-3"], ("min_lr=0.001",)),
+    row("convert-yaml-T-1e12", conv("authors_yaml_T_1e12"), ("num_timesteps=1000000000000", "limit")),
+    row("convert-yaml-T-1e9", conv("authors_yaml_T_1e9"), ("T=1000000000", "does not match the checkpoint")),
+    row("convert-yaml-layers-1e9", conv("authors_yaml_layers_1e9"), ("n_layer=1000000000", "holds 2 blocks")),
+    row("convert-yaml-not-utf8", conv("authors_yaml_not_utf8"), ("c.yaml is not UTF-8", "offset 7")),
+    row("convert-nan-ema", conv("authors_yaml", ckpt="authors_ckpt_nan_ema"), ("ema weights", "to_logits.1.weight")),
+    row(
+        "convert-codes-map-unused",
+        [*conv("authors_yaml"), "--codes-map", "{afile}"],
+        ("--codes-map", "no quantize_number", "leave --codes-map out"),
+    ),
+    row("convert-tokenizer-not-gzip", [*conv("authors_yaml"), "--tokenizer", "{f[not_gzip]}"], ("x.pth", "not a gzip")),
     row("export-missing-checkpoint", ["export", "{tmp}/nope.safetensors", "{tmp}/m"], ("not found",)),
     row("export-not-a-checkpoint", ["export", "{afile}", "{tmp}/m"], ("afile",)),
     row("make-shapes-n-0", ["make-shapes", "{tmp}/s", "--n", "0"], ("--n", ">= 1")),
