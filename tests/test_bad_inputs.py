@@ -625,6 +625,21 @@ CASES = [
     row("export-missing-checkpoint", ["export", "{tmp}/nope.safetensors", "{tmp}/m"], ("not found",)),
     row("export-not-a-checkpoint", ["export", "{afile}", "{tmp}/m"], ("afile",)),
     row("make-shapes-n-0", ["make-shapes", "{tmp}/s", "--n", "0"], ("--n", ">= 1")),
+    row("make-shapes-n-huge", ["make-shapes", "{tmp}/s", "--n", str(10**12)], ("1000000000000 images", "10000000")),
+    row("make-shapes-seed-negative", ["make-shapes", "{tmp}/s", "--seed=-1"], ("--seed", "[0, 9223372036854775807]")),
+    row("make-shapes-not-empty", ["make-shapes", "{root}", "--n", "1"], ("not empty", "--overwrite")),
+    row("export-out-not-empty", ["export", "{afile}", "{root}"], ("model folder", "not empty", "--overwrite")),
+    row("eval-n-huge", ev("--n", str(10**12)), ("--n must be at most 100000", "1000000000000")),
+    row(
+        "fid-kid-subsets-huge",
+        [*FID, "--inception-weights", "{afile}", "--kid", "--kid-subsets", str(10**12)],
+        ("--kid-subsets must be at most 10000",),
+    ),
+    row("seed-huge", gen("--seed", str(10**30)), ("--seed", "must be an integer in [0, 9223372036854775807]")),
+    row("seed-float", gen("--seed", "1e30"), ("--seed", "'1e30'")),
+    row("seed-negative", gen("--seed=-1"), ("--seed", "got -1")),
+    row("sample-set-seed-huge", ss("--seed", str(10**30)), ("--seed", "9223372036854775807")),
+    row("train-seed-huge", [*TRAIN, "--out", "{tmp}/r", "--seed", str(10**30)], ("--seed",)),
     row("make-shapes-out-parent-is-file", ["make-shapes", "{afile}/s", "--n", "1"], ("afile",)),
     # -- sample-set, sheet and the image-folder eval suites -------------------------------------------
     row("sample-set-out-parent-is-file", ss("--out", "{afile}/s"), ("--out", "afile is a file")),
@@ -1073,3 +1088,19 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(paths, tmp_path, 
     ckpt_dir = out / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000001.safetensors"]  # no partial file
     assert load_checkpoint(ckpt_dir / "step_00000001.safetensors")[1]["step"] == 1
+
+
+def test_make_shapes_overwrite_replaces_only_its_own_files(tmp_path) -> None:
+    """A data set folder is refused when not empty; ``overwrite`` replaces the earlier set (no stale image
+    beyond the new ``n``) and leaves other files alone."""
+    from vqdiffusion.data.shapes import make_dataset
+    from vqdiffusion.io import OutputExistsError
+
+    out = make_dataset(tmp_path / "s", 3, 0)
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        make_dataset(out, 2, 0)
+    make_dataset(out, 2, 1, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png"]
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 2
+    assert (out / "notes.md").read_text() == "mine"

@@ -168,6 +168,19 @@ def check_output_path(path: str | os.PathLike, *, folder: bool = False, what: st
     return path
 
 
+class OutputExistsError(ValueError):
+    """An output folder that already holds files, refused unless the caller asked to overwrite it."""
+
+
+def check_new_folder(path: str | os.PathLike, *, overwrite: bool = False, what: str = "the output folder") -> Path:
+    """``path`` as an output folder: refused (:class:`OutputExistsError`) when it exists and is not empty,
+    unless ``overwrite``; a file there is refused as :func:`check_output_path` refuses it."""
+    folder = check_output_path(path, folder=True, what=what)
+    if not overwrite and folder.is_dir() and any(folder.iterdir()):
+        raise OutputExistsError(f"{what} {folder} exists and is not empty; choose a new folder or give --overwrite")
+    return folder
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write_with`)."""
     return atomic_write_with(path, lambda tmp: tmp.write_bytes(data))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .arg_types import seed
 from .errors import CLIError
 from .sampling_flags import add_sampling_arguments, sampling_arguments
 
@@ -39,7 +40,7 @@ def add_condition_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
     """``--seed``, ``--num-images``, ``--batch-size``, ``--output``, ``--device``, ``--bf16`` and ``--quiet``."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     parser.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
     parser.add_argument(
         "--batch-size",

@@ -12,6 +12,7 @@ from ..text_vocab import caption_words
 from ..training.checkpoint import DENOISER_CHECKPOINT
 from ..training.denoiser import train_denoiser
 from ..training.denoiser_config import DenoiserTrainConfig
+from .arg_types import seed
 from .flag_tables import FlagTable, add_flag_table, checkpoint_to_continue, given_fields
 
 
@@ -66,7 +67,7 @@ _FLAGS: FlagTable = {
     "--sample-steps": ("sample_steps", int, "sampling steps of the grids (default 25)"),
     "--num-samples": ("num_samples", int, "images per grid (default 8)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "checkpoints kept (default 2)"),
-    "--seed": ("seed", int, "random seed (default 0)"),
+    "--seed": ("seed", seed, "random seed (default 0)"),
     "--device": ("device", str, "auto (default), cpu, cuda, cuda:N"),
     "--num-workers": ("num_workers", int, "data loader processes (default 0)"),
 }

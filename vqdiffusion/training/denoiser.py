@@ -165,7 +165,7 @@ def _train(
             if last_saved is None:
                 last_saved = checkpoint_path(ckpt_dir, trainer.step)
                 trainer.save(last_saved)
-        export_pipeline(last_saved, out / "model")
+        export_pipeline(last_saved, out / "model", overwrite=True)  # the run's own model folder
     world.barrier()
     return out / "model"
 

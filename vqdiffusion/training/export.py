@@ -20,7 +20,7 @@ import torch
 from ..config import ConfigError
 from ..data.tokens import CONDITION_OF_DATA_KIND
 from ..diffusion import MaskReplaceSchedule
-from ..io import load_into
+from ..io import check_new_folder, load_into
 from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
 from ..pipeline import PipelineDefaults, VQDiffusionPipeline
@@ -144,12 +144,15 @@ def export_pipeline(
     vqvae_dir: str | os.PathLike | None = None,
     defaults: dict[str, Any] | None = None,
     weights_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the pipeline of ``checkpoint`` (see :func:`pipeline_from_checkpoint`) to ``out_dir``; returns it.
 
     ``defaults`` replaces fields of the model's default sampling settings (:class:`PipelineDefaults`);
     ``weights_dtype`` stores the weights in that dtype (see :meth:`VQDiffusionPipeline.save_pretrained`).
+    An ``out_dir`` that exists and is not empty is refused unless ``overwrite``.
     """
+    check_new_folder(out_dir, overwrite=overwrite, what="the model folder")
     pipe = pipeline_from_checkpoint(checkpoint, ema=ema, vqvae_dir=vqvae_dir)
     if defaults:
         pipe.defaults = pipe.sampling_options(**defaults)  # validated for this model
