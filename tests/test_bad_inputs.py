@@ -13,6 +13,7 @@ disk during a save) are tests of their own at the end.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -551,6 +552,7 @@ CASES = [
     row("tokens-per-call-ancestral", gen("--tokens-per-call", "4"), ("tokens_per_call", "budget sampler")),
     row("unsupported-image-type", gen("--output", "{tmp}/out.txt"), ("unsupported image type", ".txt")),
     # -- output paths ---------------------------------------------------------------------------------
+    row("output-empty", gen("--output", ""), ("--output is empty", ".png")),
     row("output-parent-is-file", gen("--output", "{afile}/o.png"), ("afile is a file, not a folder",)),
     row("output-deep-parent-is-file", gen("--output", "{afile}/a/b/o.png"), ("afile is a file",)),
     row("output-is-file-without-suffix", gen("--output", "{afile}"), ("without an image suffix", ".png")),
@@ -1104,3 +1106,22 @@ def test_make_shapes_overwrite_replaces_only_its_own_files(tmp_path) -> None:
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png"]
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 2
     assert (out / "notes.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("redirect", ["pipe", "file"])
+def test_output_dev_stdout_is_one_png(paths, tmp_path, redirect) -> None:
+    """``--output /dev/stdout`` writes the PNG bytes and nothing else, piped (not seekable) or redirected to a
+    file (a regular file behind /dev/stdout, never replaced)."""
+    if not os.path.exists("/dev/stdout"):
+        pytest.skip("no /dev/stdout")
+    argv = [sys.executable, "-m", "vqdiffusion.cli", *_format(gen("--output", "/dev/stdout"), paths, tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    target = tmp_path / "redirected.png"
+    with open(target, "wb") if redirect == "file" else open(os.devnull, "wb") as sink:
+        stdout = sink if redirect == "file" else subprocess.PIPE
+        proc = subprocess.run([*argv, "--quiet"], stdout=stdout, stderr=subprocess.PIPE, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    data = target.read_bytes() if redirect == "file" else proc.stdout
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.size[0] > 0
+    assert data.endswith(b"IEND\xaeB`\x82")  # nothing printed after the image
