@@ -277,6 +277,10 @@ FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "authors_yaml_T_1e9": ("c.yaml", lambda f: _authors_yaml(f, (_T_LINE, "diffusion_step: 1000000000"))),
     "authors_yaml_layers_1e9": ("c.yaml", lambda f: _authors_yaml(f, n_layer=10**9)),
     "authors_yaml_not_utf8": ("c.yaml", lambda f: f.write_bytes(b"model: \xff\n")),
+    "coco_image_id_list": (
+        "captions.json",
+        lambda f: f.write_text(json.dumps({"annotations": [{"image_id": [1, 2], "caption": "a red circle"}]})),
+    ),
     "not_gzip": ("x.pth", lambda f: f.write_bytes(b"PK\x03\x04 not a tokenizer")),
     "bomb_folder": ("data", _bomb_folder),
     "csv_huge_caption": ("data", lambda f: _folder(f, {"captions.csv": "file,caption\na.png," + "x" * 200_000})),
@@ -648,6 +652,7 @@ CASES = [
     row("sample-set-prompts-empty", ss("--prompts", "{files}/empty.txt"), ("holds no prompts",)),
     row("sample-set-prompts-deep-json", ss("--prompts", "{files}/deep.json"), ("deep.json", "not valid JSON")),
     row("sample-set-num-huge", ss("--num", str(10**12)), ("--num 1000000000000", "sample fewer images")),
+    row("sample-set-image-id-list", ss("--prompts", "{f[coco_image_id_list]}"), ("annotation 0", "image_id [1, 2]")),
     row("sample-set-batch-size-0", ss("--batch-size", "0"), ("--batch-size", ">= 1")),
     row("sample-set-guidance-1e30", ss("--guidance", "1e30"), ("--guidance",)),
     row("sample-set-labels-garbage", ss("--class-labels", "x-3", model="{class}", prompts=False), ("'x-3'",)),
@@ -1125,3 +1130,18 @@ def test_output_dev_stdout_is_one_png(paths, tmp_path, redirect) -> None:
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == "PNG" and image.size[0] > 0
     assert data.endswith(b"IEND\xaeB`\x82")  # nothing printed after the image
+
+
+def test_sample_set_resume_redoes_an_empty_png(paths, tmp_path, capsys) -> None:
+    """A 0-byte (or cut) image left in a sample-set folder is sampled again on resume, not counted as done."""
+    out = tmp_path / "samples"
+    args = _format(ss("--num", "2", "--out", str(out)), paths, tmp_path) + ["--quiet"]
+    assert main(args) == 0
+    first = (out / "000000.png").read_bytes()
+    (out / "000000.png").write_bytes(b"")
+    (out / "000001.png").write_bytes((out / "000001.png").read_bytes()[:-12])  # cut before IEND
+    assert main(args) == 0
+    capsys.readouterr()
+    assert (out / "000000.png").read_bytes() == first  # the same seed gives the same image
+    with Image.open(out / "000001.png") as image:
+        image.load()

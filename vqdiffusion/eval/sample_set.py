@@ -70,6 +70,12 @@ def read_prompts(path: str | os.PathLike, *, first_caption_per_image: bool = Fal
             for number, ann in enumerate(data["annotations"]):
                 if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
                     raise ValueError(f"{path}: annotation {number} has no 'caption' string")
+                image_id = ann.get("image_id")
+                if image_id is not None and (isinstance(image_id, bool) or not isinstance(image_id, (int, str))):
+                    raise ValueError(
+                        f"{path}: annotation {number} has image_id {image_id!r}; COCO image ids are numbers (or "
+                        "strings)"
+                    )
                 if first_caption_per_image:
                     if ann.get("image_id") in seen:
                         continue
@@ -215,7 +221,7 @@ def write_sample_set(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
 
-    pending = [i for i in range(num) if not (out / image_file(i)).is_file()]
+    pending = [i for i in range(num) if not _is_complete_png(out / image_file(i))]
     bar = tqdm(total=num, initial=num - len(pending), desc="sample-set", unit="img", disable=not progress)
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
@@ -230,6 +236,23 @@ def write_sample_set(
         bar.update(len(chunk))
     bar.close()
     return {"written": len(pending), "skipped": num - len(pending), "num": num, "out_dir": str(out)}
+
+
+_PNG_START = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _is_complete_png(path: Path) -> bool:
+    """A finished image of the set: a PNG from its signature to its IEND chunk (an empty or cut file, e.g.
+    left by a full disk or a copy, is sampled again)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_PNG_START)) != _PNG_START:
+                return False
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return f.read() == _PNG_END
+    except OSError:  # missing, a folder, or shorter than both markers
+        return False
 
 
 def _check_same_settings(out: Path, old: Any, new: dict[str, Any]) -> None:
