@@ -802,6 +802,9 @@ CASES = [
     row("demo-port", ["demo", "--port", "-1"], ("--port must be in [0, 65535], got -1",)),
     row("demo-device-meta", ["demo", "--device", "meta"], ("device 'meta'",)),
     row(
+        "demo-host-not-here", ["demo", "--host", "192.0.2.1"], ("--host '192.0.2.1'", "cannot serve on it", "127.0.0.1")
+    ),
+    row(
         "generate-hub-not-cached",
         ["generate", "x", "--model", "acme/absent", "--local-files-only", "--cache-dir", "{tmp}/hub"],
         ("acme/absent (revision main) is not in the Hugging Face cache", "local_files_only"),
