@@ -531,6 +531,11 @@ def row(id_: str, argv: list[str], words: tuple[str, ...], code: int = 2, marks=
 CASES = [
     # -- prompts, flags and sampling values ---------------------------------------------------------
     row("empty-prompt", ["generate", "   ", "--model", "{text}"], ("prompt is empty",)),
+    row(
+        "prompt-not-utf8",
+        ["generate", "a \udcff b", "--model", "{text}", "--steps", "2", "--output", "{tmp}/out.png"],
+        ("prompt 'a \\udcff b' is not valid text", "not UTF-8"),
+    ),
     row("argparse-not-a-number", gen("--steps", "abc"), ("vqdiffusion generate", "--steps", "'abc'", "--help")),
     row("argparse-bad-choice", gen("--sampler", "greedy"), ("--sampler", "'greedy'", "choose from")),
     row("argparse-missing-argument", ["export"], ("vqdiffusion export", "required", "--help")),
@@ -913,6 +918,12 @@ API_CASES = [
     ),
     pytest.param(
         lambda p: VQDiffusionPipeline.from_pretrained(p["text"]).to("meta"), DeviceError, ("meta",), id="to-meta"
+    ),
+    pytest.param(
+        lambda p: VQDiffusionPipeline.from_pretrained(p["text"])("a \udcff", progress=False),
+        ValueError,
+        ("not valid text",),
+        id="prompt-not-utf8",
     ),
     pytest.param(_call(guidance_scale=1e30), ValueError, ("guidance_scale",), id="guidance-1e30"),
     pytest.param(_call(temperature=1e-300), ValueError, ("temperature",), id="temperature-tiny"),
