@@ -795,6 +795,10 @@ CASES = [
     row("sheet-decompression-bomb", ["sheet", "{f[bomb_folder]}", "--out", "{tmp}/s.png"], ("a.png", "resize it")),
     row("sheet-manifest-file-int", ["sheet", "{f[manifest_file_int]}", "--out", "{tmp}/s.png"], ("images[0]", "5")),
     row("sheet-root-folder", ["sheet", "/"], ("'/'", "--out")),
+    row(
+        "sheet-csv-huge-caption", ["sheet", "{f[csv_huge_caption]}", "--out", "{tmp}/s.png"], ("captions.csv", "131072")
+    ),
+    row("sheet-jsonl-not-utf8", ["sheet", "{f[jsonl_not_utf8]}", "--out", "{tmp}/s.png"], ("is not UTF-8",)),
     row("tokenize-csv-huge-caption", tok("csv_huge_caption"), ("captions.csv", "after line 1", "131072", "shorten")),
     row("tokenize-csv-not-utf8", tok("csv_not_utf8"), ("captions.csv is not UTF-8", "offset 21")),
     row("tokenize-jsonl-not-utf8", tok("jsonl_not_utf8"), ("captions.jsonl is not UTF-8", "save it as UTF-8")),

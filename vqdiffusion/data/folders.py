@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "CaptionFileError",
     "ClassFolder",
     "ImageCaptionFolder",
     "ImageFolder",
@@ -149,13 +150,18 @@ def _verify_image(path: Path) -> str | None:
     return None
 
 
+class CaptionFileError(ValueError):
+    """A ``captions.jsonl`` / ``captions.csv`` that cannot be read as a whole (not UTF-8, not CSV, naming
+    images outside its folder): refused even where captions are optional."""
+
+
 @contextlib.contextmanager
 def _utf8_errors(path: Path) -> Iterator[None]:
     """A file that is not UTF-8 becomes a ValueError naming it (the codec's own message names no file)."""
     try:
         yield
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise CaptionFileError(
             f"{path} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} at offset {err.start}); "
             "save it as UTF-8"
         ) from None
@@ -363,7 +369,7 @@ class ImageCaptionFolder(_FolderDataset):
         path = Path(os.path.normpath(self.root / file.strip()))
         root = Path(os.path.normpath(self.root))
         if root not in path.parents:
-            raise ValueError(
+            raise CaptionFileError(
                 f"{where}: {file!r} is outside the data folder {self.root}; a captions file may only name images "
                 "inside its folder (move the image in or fix the path)"
             )
@@ -404,12 +410,14 @@ class ImageCaptionFolder(_FolderDataset):
             try:
                 fields = [name.strip() for name in reader.fieldnames or []]
                 if "file" not in fields or "caption" not in fields:
-                    raise ValueError(f"{path}: the header must name the columns 'file' and 'caption', got {fields}")
+                    raise CaptionFileError(
+                        f"{path}: the header must name the columns 'file' and 'caption', got {fields}"
+                    )
                 reader.fieldnames = fields
                 for row in reader:
                     self._add_caption(captions, f"{path}:{reader.line_num}", row.get("file"), row.get("caption"))
             except csv.Error as err:
-                raise ValueError(
+                raise CaptionFileError(
                     f"{path}: not valid CSV after line {reader.line_num} ({err}; a caption may hold at most "
                     f"{csv.field_size_limit()} characters); fix or shorten the next row"
                 ) from None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.folders import IMAGE_EXTENSIONS, ImageCaptionFolder
+from ..data.folders import IMAGE_EXTENSIONS, CaptionFileError, ImageCaptionFolder
 
 __all__ = ["MANIFEST_FILE", "ImageBatches", "captions_of", "list_images", "read_manifest", "read_rgb"]
 
@@ -139,6 +139,8 @@ def captions_of(folder: str | os.PathLike, paths: list[Path], *, strict: bool = 
         try:
             dataset = ImageCaptionFolder(root, image_size=1, verify=False)
             found = dict(zip(dataset.paths, dataset.captions, strict=True))
+        except CaptionFileError:
+            raise  # a damaged captions file is an error even where captions are optional
         except ValueError:
             if strict:
                 raise
