@@ -41,16 +41,20 @@ from support.weights import tiny_text_components
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
 from vqdiffusion.config import ConfigError
+from vqdiffusion.convert.authors import convert_authors_checkpoint
+from vqdiffusion.data.shapes import make_dataset
 from vqdiffusion.devices import DeviceError
 from vqdiffusion.eval.fid import ReferenceStats, ReferenceStatsError
 from vqdiffusion.formats.components import PipelineComponents
 from vqdiffusion.formats.diffusers import save_diffusers
+from vqdiffusion.formats.keymap import ConversionError
 from vqdiffusion.formats.ours import save_ours
-from vqdiffusion.io import OutputPathError, atomic_write_bytes, check_output_path
+from vqdiffusion.io import OutputExistsError, OutputPathError, atomic_write_bytes, check_output_path
 from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
 from vqdiffusion.sampling import SamplingOptions
 from vqdiffusion.training.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
 from vqdiffusion.training.denoiser_config import DenoiserTrainConfig
+from vqdiffusion.training.export import export_pipeline
 from vqdiffusion.training.output_dir import OutputDirInUseError, claim_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -945,6 +949,21 @@ API_CASES = [
         ("sample_steps=20",),
         id="train-config-sample-steps",
     ),
+    pytest.param(
+        lambda p: make_dataset(Path(p["root"]) / "shapes_huge", 10**12, 0),
+        ValueError,
+        ("limit of 10000000",),
+        id="make-dataset-huge",
+    ),
+    pytest.param(
+        lambda p: export_pipeline(p["afile"], p["root"]), OutputExistsError, ("--overwrite",), id="export-not-empty"
+    ),
+    pytest.param(
+        lambda p: convert_authors_checkpoint(p["f"]["authors_ckpt"], p["f"]["authors_yaml_layers_1e9"]),
+        ConversionError,
+        ("n_layer=1000000000",),
+        id="convert-layers-1e9",
+    ),
     pytest.param(_stats("npz_nan_mu"), ReferenceStatsError, ("'mu' holds NaN",), id="stats-nan-mu"),
     pytest.param(_stats("npz_negative_sigma"), ReferenceStatsError, ("negative eigenvalue",), id="stats-sigma"),
     pytest.param(_stats("npz_empty"), ReferenceStatsError, ("an empty file",), id="stats-empty"),
@@ -1118,9 +1137,6 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(paths, tmp_path, 
 def test_make_shapes_overwrite_replaces_only_its_own_files(tmp_path) -> None:
     """A data set folder is refused when not empty; ``overwrite`` replaces the earlier set (no stale image
     beyond the new ``n``) and leaves other files alone."""
-    from vqdiffusion.data.shapes import make_dataset
-    from vqdiffusion.io import OutputExistsError
-
     out = make_dataset(tmp_path / "s", 3, 0)
     (out / "notes.md").write_text("mine")
     with pytest.raises(OutputExistsError, match="--overwrite"):
