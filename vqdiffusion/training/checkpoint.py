@@ -228,7 +228,8 @@ class CheckpointError(ValueError):
     """A training checkpoint whose meta or tensors are not what its trainer wrote (damaged or crafted)."""
 
 
-# The meta fields of each kind of checkpoint and the JSON types they must have (None: may be null).
+# The meta fields of each kind of checkpoint and the JSON types they must have (None: may be null); those in
+# _REQUIRED must be there (the others are read with a default, so older checkpoints may lack them).
 _OBJECT, _LIST, _TEXT = (dict,), (list,), (str,)
 _MAYBE_OBJECT, _MAYBE_LIST = (dict, type(None)), (list, type(None))
 _META_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -252,6 +253,7 @@ _META_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "rng": _OBJECT,
     },
 }
+_REQUIRED = frozenset({"config", "denoiser_config", "model_config", "schedule", "optimizer", "rng"})
 # The weights each kind must hold (the EMA weights are what a denoiser run exports), and those that must be
 # finite.
 _WEIGHTS = {DENOISER_CHECKPOINT: ("model.", "ema."), VQVAE_CHECKPOINT: ("model.",)}
@@ -275,6 +277,8 @@ def check_checkpoint(
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{source}: the checkpoint's 'step' must be an integer >= 0, got {step!r}")
     for field, types in _META_FIELDS[kind].items():
+        if field not in meta and field not in _REQUIRED:
+            continue
         if field not in meta or not isinstance(meta[field], types):
             found = "missing" if field not in meta else f"a JSON {type(meta[field]).__name__}"
             wanted = " or ".join("null" if t is type(None) else _JSON_NAMES[t] for t in types)
