@@ -13,33 +13,48 @@ disk during a save) are tests of their own at the end.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
+import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support import authors
 from support.data import make_caption_folder, make_token_dir
 from support.weights import tiny_text_components
 
 from vqdiffusion import VQDiffusionPipeline
 from vqdiffusion.cli import main
+from vqdiffusion.config import ConfigError
+from vqdiffusion.convert.authors import convert_authors_checkpoint
+from vqdiffusion.data.shapes import make_dataset
 from vqdiffusion.devices import DeviceError
+from vqdiffusion.eval.fid import ReferenceStats, ReferenceStatsError
 from vqdiffusion.formats.components import PipelineComponents
 from vqdiffusion.formats.diffusers import save_diffusers
+from vqdiffusion.formats.keymap import ConversionError
 from vqdiffusion.formats.ours import save_ours
-from vqdiffusion.io import OutputPathError, atomic_write_bytes, check_output_path
+from vqdiffusion.io import OutputExistsError, OutputPathError, atomic_write_bytes, check_output_path
 from vqdiffusion.models.denoiser import Denoiser, DenoiserConfig
 from vqdiffusion.sampling import SamplingOptions
-from vqdiffusion.training.checkpoint import find_latest_checkpoint, load_checkpoint
+from vqdiffusion.training.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
+from vqdiffusion.training.denoiser_config import DenoiserTrainConfig
+from vqdiffusion.training.export import export_pipeline
 from vqdiffusion.training.output_dir import OutputDirInUseError, claim_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +127,13 @@ VARIANTS: dict[str, tuple[str, Callable[[Path], None]]] = {
         "diffusers",
         lambda m: _edit_json(m / "transformer" / "config.json", attention_head_dim=10**6),
     ),
+    "huge_dim": ("text", lambda m: _edit_json(m / "denoiser" / "config.json", dim=10**20)),
+    "mlp_ratio_digits": ("text", lambda m: _edit_json(m / "denoiser" / "config.json", mlp_ratio=10**400)),
+    "mlp_ratio_1e308": ("text", lambda m: _edit_json(m / "denoiser" / "config.json", mlp_ratio=1e308)),
+    "norm_eps_inf": ("text", lambda m: _edit_json(m / "denoiser" / "config.json", norm_eps=float("inf"))),
+    "norm_eps_1e300": ("text", lambda m: _edit_json(m / "denoiser" / "config.json", norm_eps=1e300)),
+    "vqvae_norm_eps_inf": ("text", lambda m: _edit_json(m / "vqvae" / "config.json", norm_eps=float("inf"))),
+    "vqvae_norm_eps_1e300": ("text", lambda m: _edit_json(m / "vqvae" / "config.json", norm_eps=1e300)),
     "nan_weights": ("text", lambda m: _edit_weights(m / "denoiser" / "model.safetensors", _nan_in_first_matrix)),
     "nan_vqvae": ("text", lambda m: _edit_weights(m / "vqvae" / "model.safetensors", _nan_in_first_matrix)),
     "nan_null": ("text", lambda m: _edit_weights(m / "null_condition.safetensors", _nan_in_first_matrix)),
@@ -142,6 +164,232 @@ VARIANTS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "text_deep_config": ("text", lambda m: _deep(m / "text_encoder" / "config.json", '{"a":', "}")),
     "truncated_weights": ("text", lambda m: (m / "denoiser" / "model.safetensors").write_bytes(b"\x00" * 10)),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damaged files: reference statistics (.npz), networks, checkpoints, caption folders
+# ---------------------------------------------------------------------------------------------------------
+STATS_DIM = 8
+
+
+def _npz(path: Path, **changes) -> None:
+    """Reference statistics of ``STATS_DIM`` features (as ``--save-reference-stats`` writes), with ``changes``."""
+    arrays = {
+        "mu": np.zeros(STATS_DIM),
+        "sigma": np.eye(STATS_DIM),
+        "num_images": np.array(10),
+        "meta": np.array(json.dumps({"format": "vqdiffusion-fid-reference"})),
+    }
+    arrays.update(changes)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+class _InceptionLike(torch.nn.Module):
+    """The forward signature of NVIDIA's TorchScript Inception (never reached by the rows that use it)."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
+        return x.float().flatten(1)[:, :8]
+
+
+class _NotInception(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _torchscript(path: Path, module: torch.nn.Module) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the published Inception files are TorchScript
+        torch.jit.save(torch.jit.script(module), str(path))
+
+
+def _asymmetric() -> np.ndarray:
+    sigma = np.eye(STATS_DIM)
+    sigma[0, 1] = 1.0
+    return sigma
+
+
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG that claims ``width`` x ``height`` 1-bit pixels (PIL reads the size before decoding anything)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    path.write_bytes(data + chunk(b"IEND", b""))
+
+
+def _folder(path: Path, files: dict[str, str | bytes], images: tuple[str, ...] = ("a.png",)) -> None:
+    """A folder holding 8x8 PNGs ``images`` and the text or bytes ``files``."""
+    make_caption_folder(path, count=0)
+    for name in images:
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(path / name)
+    for name, content in files.items():
+        target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+def _bomb_folder(path: Path) -> None:
+    _folder(path, {"a.txt": "a red square"}, images=())
+    _png_header(path / "a.png", 20_000, 20_000)  # 400 megapixels
+
+
+AUTHORS_K = 12  # codebook of the tiny authors' checkpoint
+
+
+def _authors_checkpoint(path: Path, *, nan_ema: bool = False) -> None:
+    """A tiny unconditional authors' checkpoint (DiffusionTransformer + PatchVQGAN copy)."""
+    gen = torch.Generator().manual_seed(0)
+    raw = authors.transformer_state("none", AUTHORS_K, gen)
+    ema = authors.ema_of(raw, gen)
+    if nan_ema:
+        ema["transformer.to_logits.1.weight"][0, 0] = float("nan")
+    authors.save_checkpoint(path, raw, ema, authors.codec_copy(authors.taming_state(AUTHORS_K, gen)))
+
+
+def _authors_yaml(path: Path, replace: tuple[str, str] = ("", ""), **params) -> None:
+    """The YAML of :func:`_authors_checkpoint`, with ``params`` overriding the transformer's and one text
+    replacement."""
+    authors.write_yaml(path, "none", AUTHORS_K, codec="ema_vqvae.PatchVQVAE", **params)
+    if replace[0]:
+        path.write_text(path.read_text().replace(*replace))
+
+
+_T_LINE = f"diffusion_step: {authors.T}"
+
+# name -> (file name, writer)
+FILES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "npz_nan_mu": ("s.npz", lambda f: _npz(f, mu=np.full(STATS_DIM, np.nan))),
+    "npz_negative_sigma": ("s.npz", lambda f: _npz(f, sigma=-1e6 * np.eye(STATS_DIM))),
+    "npz_asymmetric_sigma": ("s.npz", lambda f: _npz(f, sigma=_asymmetric())),
+    "npz_inf_sigma": ("s.npz", lambda f: _npz(f, sigma=np.full((STATS_DIM, STATS_DIM), np.inf))),
+    "npz_string_mu": ("s.npz", lambda f: _npz(f, mu=np.array(["a"] * STATS_DIM))),
+    "npz_meta_list": ("s.npz", lambda f: _npz(f, meta=np.array(["a", "b"]))),
+    "npz_meta_string": ("s.npz", lambda f: _npz(f, meta=np.array("not json"))),
+    "npz_meta_sha_int": ("s.npz", lambda f: _npz(f, meta=np.array(json.dumps({"inception": {"sha256": 5}})))),
+    "npz_num_images_vector": ("s.npz", lambda f: _npz(f, num_images=np.array([3, 4]))),
+    "npz_num_images_negative": ("s.npz", lambda f: _npz(f, num_images=np.array(-5))),
+    "npz_features_shape": ("s.npz", lambda f: _npz(f, features=np.zeros((4, STATS_DIM + 1)))),
+    "npz_empty": ("s.npz", lambda f: f.write_bytes(b"")),
+    "npz_ok": ("s.npz", _npz),
+    "authors_ckpt": ("model.pth", _authors_checkpoint),
+    "authors_ckpt_nan_ema": ("model.pth", lambda f: _authors_checkpoint(f, nan_ema=True)),
+    "authors_yaml": ("c.yaml", _authors_yaml),
+    "authors_yaml_T_1e12": ("c.yaml", lambda f: _authors_yaml(f, (_T_LINE, "diffusion_step: 1000000000000"))),
+    "authors_yaml_T_1e9": ("c.yaml", lambda f: _authors_yaml(f, (_T_LINE, "diffusion_step: 1000000000"))),
+    "authors_yaml_layers_1e9": ("c.yaml", lambda f: _authors_yaml(f, n_layer=10**9)),
+    "authors_yaml_not_utf8": ("c.yaml", lambda f: f.write_bytes(b"model: \xff\n")),
+    "coco_image_id_list": (
+        "captions.json",
+        lambda f: f.write_text(json.dumps({"annotations": [{"image_id": [1, 2], "caption": "a red circle"}]})),
+    ),
+    "not_gzip": ("x.pth", lambda f: f.write_bytes(b"PK\x03\x04 not a tokenizer")),
+    "bomb_folder": ("data", _bomb_folder),
+    "csv_huge_caption": ("data", lambda f: _folder(f, {"captions.csv": "file,caption\na.png," + "x" * 200_000})),
+    "csv_not_utf8": ("data", lambda f: _folder(f, {"captions.csv": b"file,caption\na.png,a \xff b\n"})),
+    "jsonl_not_utf8": ("data", lambda f: _folder(f, {"captions.jsonl": b'{"file": "a.png", "caption": "\xff"}\n'})),
+    "jsonl_outside": (
+        "data",
+        lambda f: _folder(
+            f, {"captions.jsonl": '{"file": "a.png", "caption": "x"}\n{"file": "../b.png", "caption": "y"}'}
+        ),
+    ),
+    "manifest_file_int": ("data", lambda f: _folder(f, {"manifest.json": '{"images": [{"file": 5, "prompt": "x"}]}'})),
+    "torchscript_not_inception": ("net.pt", lambda f: _torchscript(f, _NotInception())),
+    "torchscript_inception_like": ("net.pt", lambda f: _torchscript(f, _InceptionLike())),
+}
+
+
+class _Files:
+    """``paths["f"][NAME]``: the damaged file NAME, written on first use."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.built = root, {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self.built:
+            file_name, write = FILES[name]
+            path = self.root / name / file_name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+            self.built[name] = str(path)
+        return self.built[name]
+
+
+def _edit_checkpoint(path: Path, edit: Callable[[dict, dict[str, torch.Tensor]], object]) -> None:
+    """Rewrite a training checkpoint with ``edit(meta, tensors)``; a non-None return value replaces the meta."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    meta = json.loads(metadata["meta"])
+    replaced = edit(meta, tensors)
+    metadata["meta"] = json.dumps(meta if replaced is None else replaced)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _without(meta: dict, key: str) -> None:
+    del meta[key]
+
+
+def _drop_optimizer_tensor(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    del tensors[next(key for key in sorted(tensors) if key.startswith("optimizer."))]
+
+
+def _nan_ema(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    key = next(k for k in sorted(tensors) if k.startswith("ema.") and tensors[k].is_floating_point())
+    tensors[key].view(-1)[0] = float("nan")
+
+
+# name -> (the training run it starts from: "denoiser" or "vqvae", the edit of its checkpoint)
+CHECKPOINTS: dict[str, tuple[str, Callable[[dict, dict[str, torch.Tensor]], object]]] = {
+    "meta_empty": ("denoiser", lambda meta, t: {}),
+    "meta_list": ("denoiser", lambda meta, t: []),
+    "config_list": ("denoiser", lambda meta, t: meta.update(config=[1, 2])),
+    "no_rng": ("denoiser", lambda meta, t: _without(meta, "rng")),
+    "optimizer_tensor_missing": ("denoiser", _drop_optimizer_tensor),
+    "nan_ema": ("denoiser", _nan_ema),
+    "dim_1e20": ("denoiser", lambda meta, t: meta["denoiser_config"].update(dim=10**20)),
+    "vq_meta_empty": ("vqvae", lambda meta, t: {}),
+    "vq_meta_list": ("vqvae", lambda meta, t: []),
+    "vq_config_list": ("vqvae", lambda meta, t: meta.update(config=[1, 2])),
+    "vq_no_rng": ("vqvae", lambda meta, t: _without(meta, "rng")),
+    "vq_optimizer_tensor_missing": ("vqvae", _drop_optimizer_tensor),
+}
+
+
+class _Runs:
+    """``paths["c"][NAME]``: a training ``--out`` folder whose checkpoint is damaged as ``CHECKPOINTS[NAME]``
+    says; the two base runs (one step each) are trained on first use."""
+
+    def __init__(self, root: Path, tokens: Path, images: Path) -> None:
+        self.root, self.tokens, self.images, self.built = root, tokens, images, {}
+
+    def _base(self, kind: str) -> Path:
+        out = self.root / f"base_{kind}"
+        if not out.exists():
+            flags = {"tokens": str(self.tokens), "images": str(self.images), "tmp": str(self.root)}
+            argv = ["train", "{tokens}", *TRAIN_FLAGS] if kind == "denoiser" else TRAIN_VQVAE
+            assert main([*(a.format(**flags) for a in argv), "--out", str(out), "--quiet"]) == 0
+        return out
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self.built:
+            kind, edit = CHECKPOINTS[name]
+            out = self.root / name
+            shutil.copytree(self._base(kind), out)
+            _edit_checkpoint(find_latest_checkpoint(out / "checkpoints"), edit)
+            self.built[name] = str(out)
+        return self.built[name]
+
+
+def _tokens_without_vqvae(root: Path, tokens: Path) -> Path:
+    """A copy of the token folder whose recorded VQ-VAE folder does not exist."""
+    copy = root / "tokens_no_vqvae"
+    if not copy.exists():
+        shutil.copytree(tokens, copy)
+        _edit_json(copy / "meta.json", vqvae_dir=str(root / "gone_vqvae"))
+    return copy
 
 
 class _Variants:
@@ -190,6 +438,9 @@ def paths(tmp_path_factory, tiny_clip_dirs):
     yield {
         **{name: str(path) for name, path in bases.items()},
         "v": _Variants(root / "variants", bases),
+        "f": _Files(root / "damaged"),
+        "c": _Runs(root / "runs", tokens, images),
+        "tokens_no_vqvae": str(_tokens_without_vqvae(root, tokens)),
         "afile": str(root / "afile"),
         "files": str(files),
         "ro": str(read_only),
@@ -237,6 +488,35 @@ SS = ["sample-set", "--model", "{text}", "--out", "{tmp}/s", "--quiet"]
 FID = ["eval", "--suite", "fid", "--samples", "{images}", "--reference", "{images}", "--out", "{tmp}/e"]
 CLIPSCORE = ["eval", "--suite", "clipscore", "--samples", "{images}", "--out", "{tmp}/e"]
 
+
+def tok(name: str) -> list[str]:
+    """``tokenize`` of the damaged data folder NAME."""
+    return ["tokenize", f"{{f[{name}]}}", "--vqvae", "{text}/vqvae", "--out", "{tmp}/t", "--device", "cpu"]
+
+
+def conv(yaml: str, ckpt: str = "authors_ckpt") -> list[str]:
+    """``convert`` of an authors' checkpoint with the YAML ``yaml`` (both from ``FILES``)."""
+    return ["convert", f"{{f[{ckpt}]}}", "{tmp}/c", "--config", f"{{f[{yaml}]}}"]
+
+
+def resume(name: str) -> list[str]:
+    """``train --resume`` on the damaged run NAME."""
+    return ["train", "{tokens}", "--out", f"{{c[{name}]}}", "--resume", "--device", "cpu"]
+
+
+def vq_resume(name: str) -> list[str]:
+    return ["train-vqvae", "{images}", "--out", f"{{c[{name}]}}", "--resume", "--device", "cpu"]
+
+
+def export(name: str) -> list[str]:
+    return ["export", f"{{c[{name}]}}", "{tmp}/m"]
+
+
+def fid_ref(name: str) -> list[str]:
+    """``eval --suite fid`` against the damaged reference statistics NAME (checked before the network loads)."""
+    return [*FID, "--reference", f"{{f[{name}]}}", "--inception-weights", "{afile}"]
+
+
 ROOT_SKIP = pytest.mark.skipif(IS_ROOT, reason="root may write into read-only folders")
 CUDA_ONLY_SKIP = pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")
 DEV_FULL_SKIP = pytest.mark.skipif(not HAS_DEV_FULL, reason="no /dev/full character device")
@@ -255,6 +535,15 @@ def row(id_: str, argv: list[str], words: tuple[str, ...], code: int = 2, marks=
 CASES = [
     # -- prompts, flags and sampling values ---------------------------------------------------------
     row("empty-prompt", ["generate", "   ", "--model", "{text}"], ("prompt is empty",)),
+    row(
+        "prompt-not-utf8",
+        ["generate", "a \udcff b", "--model", "{text}", "--steps", "2", "--output", "{tmp}/out.png"],
+        ("prompt 'a \\udcff b' is not valid text", "not UTF-8"),
+    ),
+    row("argparse-not-a-number", gen("--steps", "abc"), ("vqdiffusion generate", "--steps", "'abc'", "--help")),
+    row("argparse-bad-choice", gen("--sampler", "greedy"), ("--sampler", "'greedy'", "choose from")),
+    row("argparse-missing-argument", ["export"], ("vqdiffusion export", "required", "--help")),
+    row("argparse-unknown-command", ["nope"], ("'nope'", "vqdiffusion --help")),
     row("steps-0", gen("--steps", "0"), ("--steps", "positive integer")),
     row("steps-above-T", gen("--steps", "101"), ("--steps", "[1, 100]")),
     row("truncation-0", gen("--truncation", "0"), ("--truncation", "(0, 1]")),
@@ -276,6 +565,7 @@ CASES = [
     row("tokens-per-call-ancestral", gen("--tokens-per-call", "4"), ("tokens_per_call", "uniform', 'purity")),
     row("unsupported-image-type", gen("--output", "{tmp}/out.txt"), ("unsupported image type", ".txt")),
     # -- output paths ---------------------------------------------------------------------------------
+    row("output-empty", gen("--output", ""), ("--output is empty", ".png")),
     row("output-parent-is-file", gen("--output", "{afile}/o.png"), ("afile is a file, not a folder",)),
     row("output-deep-parent-is-file", gen("--output", "{afile}/a/b/o.png"), ("afile is a file",)),
     row("output-is-file-without-suffix", gen("--output", "{afile}"), ("without an image suffix", ".png")),
@@ -310,15 +600,68 @@ CASES = [
         ("afile",),
     ),
     row("train-resume-nothing", [*TRAIN, "--out", "{tmp}/fresh", "--resume"], ("no checkpoint",)),
+    row("resume-meta-empty", resume("meta_empty"), ("step_00000001.safetensors", "has no 'kind'", "'denoiser'")),
+    row("resume-meta-list", resume("meta_list"), ("metadata is a JSON list, not an object",)),
+    row("resume-config-list", resume("config_list"), ("'config' is a JSON list, not an object",)),
+    row("resume-no-rng", resume("no_rng"), ("'rng' is missing", "resume from an earlier checkpoint")),
+    row("resume-optimizer-tensor-missing", resume("optimizer_tensor_missing"), ("lacks the tensor 'optimizer.",)),
+    row("resume-nan-ema", resume("nan_ema"), ("ema.", "NaN or infinite", "diverged")),
+    row(
+        "train-vqvae-folder-gone",
+        ["train", "{tokens_no_vqvae}", *TRAIN[2:], "--out", "{tmp}/run"],
+        ("gone_vqvae", "which is gone", "tokenize"),
+    ),
+    row("vq-resume-meta-empty", vq_resume("vq_meta_empty"), ("has no 'kind'", "'vqvae'")),
+    row("vq-resume-meta-list", vq_resume("vq_meta_list"), ("metadata is a JSON list",)),
+    row("vq-resume-config-list", vq_resume("vq_config_list"), ("'config' is a JSON list",)),
+    row("vq-resume-no-rng", vq_resume("vq_no_rng"), ("'rng' is missing",)),
+    row("vq-resume-optimizer-tensor-missing", vq_resume("vq_optimizer_tensor_missing"), ("lacks the tensor",)),
+    row("export-meta-empty", export("meta_empty"), ("has no 'kind'",)),
+    row("export-meta-list", export("meta_list"), ("metadata is a JSON list",)),
+    row("export-config-list", export("config_list"), ("'config' is a JSON list",)),
+    row("export-no-rng", export("no_rng"), ("'rng' is missing",)),
+    row("export-optimizer-tensor-missing", export("optimizer_tensor_missing"), ("lacks the tensor",)),
+    row("export-nan-ema", export("nan_ema"), ("NaN or infinite",)),
+    row("export-dim-1e20", export("dim_1e20"), ("dim=100000000000000000000", "limit")),
+    row("train-sample-steps-above-T", [*TRAIN, "--out", "{tmp}/r", "--sample-steps", "1000"], ("sample_steps=1000",)),
+    row("train-pad-token-negative", [*TRAIN, "--out", "{tmp}/r", "--text-pad-token-id=-1"], ("text_pad_token_id",)),
+    row("train-min-lr-above-lr", [*TRAIN, "--out", "{tmp}/r", "--lr", "1e-4", "--min-lr", "1e-3"], ("min_lr=0.001",)),
+    row("convert-yaml-T-1e12", conv("authors_yaml_T_1e12"), ("num_timesteps=1000000000000", "limit")),
+    row("convert-yaml-T-1e9", conv("authors_yaml_T_1e9"), ("T=1000000000", "does not match the checkpoint")),
+    row("convert-yaml-layers-1e9", conv("authors_yaml_layers_1e9"), ("n_layer=1000000000", "holds 2 blocks")),
+    row("convert-yaml-not-utf8", conv("authors_yaml_not_utf8"), ("c.yaml is not UTF-8", "offset 7")),
+    row("convert-nan-ema", conv("authors_yaml", ckpt="authors_ckpt_nan_ema"), ("ema weights", "to_logits.1.weight")),
+    row(
+        "convert-codes-map-unused",
+        [*conv("authors_yaml"), "--codes-map", "{afile}"],
+        ("--codes-map", "no quantize_number", "leave --codes-map out"),
+    ),
+    row("convert-tokenizer-not-gzip", [*conv("authors_yaml"), "--tokenizer", "{f[not_gzip]}"], ("x.pth", "not a gzip")),
     row("export-missing-checkpoint", ["export", "{tmp}/nope.safetensors", "{tmp}/m"], ("not found",)),
     row("export-not-a-checkpoint", ["export", "{afile}", "{tmp}/m"], ("afile",)),
     row("make-shapes-n-0", ["make-shapes", "{tmp}/s", "--n", "0"], ("--n", ">= 1")),
+    row("make-shapes-n-huge", ["make-shapes", "{tmp}/s", "--n", str(10**12)], ("1000000000000 images", "10000000")),
+    row("make-shapes-seed-negative", ["make-shapes", "{tmp}/s", "--seed=-1"], ("--seed", "[0, 9223372036854775807]")),
+    row("make-shapes-not-empty", ["make-shapes", "{root}", "--n", "1"], ("not empty", "--overwrite")),
+    row("export-out-not-empty", ["export", "{afile}", "{root}"], ("model folder", "not empty", "--overwrite")),
+    row("eval-n-huge", ev("--n", str(10**12)), ("--n must be at most 100000", "1000000000000")),
+    row(
+        "fid-kid-subsets-huge",
+        [*FID, "--inception-weights", "{afile}", "--kid", "--kid-subsets", str(10**12)],
+        ("--kid-subsets must be at most 10000",),
+    ),
+    row("seed-huge", gen("--seed", str(10**30)), ("--seed", "must be an integer in [0, 9223372036854775807]")),
+    row("seed-float", gen("--seed", "1e30"), ("--seed", "'1e30'")),
+    row("seed-negative", gen("--seed=-1"), ("--seed", "got -1")),
+    row("sample-set-seed-huge", ss("--seed", str(10**30)), ("--seed", "9223372036854775807")),
+    row("train-seed-huge", [*TRAIN, "--out", "{tmp}/r", "--seed", str(10**30)], ("--seed",)),
     row("make-shapes-out-parent-is-file", ["make-shapes", "{afile}/s", "--n", "1"], ("afile",)),
     # -- sample-set, sheet and the image-folder eval suites -------------------------------------------
     row("sample-set-out-parent-is-file", ss("--out", "{afile}/s"), ("--out", "afile is a file")),
     row("sample-set-prompts-empty", ss("--prompts", "{files}/empty.txt"), ("holds no prompts",)),
     row("sample-set-prompts-deep-json", ss("--prompts", "{files}/deep.json"), ("deep.json", "not valid JSON")),
     row("sample-set-num-huge", ss("--num-images", str(10**12)), ("--num-images 1000000000000", "sample fewer images")),
+    row("sample-set-image-id-list", ss("--prompts", "{f[coco_image_id_list]}"), ("annotation 0", "image_id [1, 2]")),
     row("sample-set-batch-size-0", ss("--batch-size", "0"), ("--batch-size", ">= 1")),
     row("sample-set-guidance-1e30", ss("--guidance", "1e30"), ("--guidance",)),
     row("sample-set-labels-garbage", ss("--class-labels", "x-3", model="{class}", prompts=False), ("'x-3'",)),
@@ -366,10 +709,18 @@ CASES = [
     row("schedule-T-1e9", ["info", "{v[huge_T_schedule]}"], ("schedule.json", "num_timesteps=1000000000", "T=100")),
     row("config-width-1e6", ["info", "{v[huge_width]}"], ("shape", "(1000000,")),
     row("config-layers-1e9", ["info", "{v[huge_layers]}"], ("num_layers=1000000000", "holds only")),
-    row("config-codebook-1e10", ["info", "{v[huge_codebook]}"], ("codebook", "(10000000000, 4)")),
+    row("config-codebook-1e10", ["info", "{v[huge_codebook]}"], ("num_embeddings=10000000000", "above the limit")),
     row("vqvae-blocks-1e9", ["info", "{v[huge_vq_blocks]}"], ("layers_per_block", "holds only")),
     row("diffusers-T-1e9", ["info", "{v[huge_diffusers_T]}"], ("transformer", "1000000000")),
     row("diffusers-width-1e6", ["info", "{v[huge_diffusers_width]}"], ("transformer", "shape")),
+    row("config-dim-1e20", ["info", "{v[huge_dim]}"], ("dim=100000000000000000000", "above the limit 2147483647")),
+    row("config-mlp-ratio-digits", gen(model="{v[mlp_ratio_digits]}"), ("mlp_ratio", "402-digit integer", "limit")),
+    row("config-mlp-ratio-1e308", ["info", "{v[mlp_ratio_1e308]}"], ("dim * mlp_ratio=inf", "limit")),
+    row("config-norm-eps-inf", gen(model="{v[norm_eps_inf]}"), ("DenoiserConfig", "norm_eps", "(0, 0.1]", "inf")),
+    row("config-norm-eps-1e300", ["info", "{v[norm_eps_1e300]}"], ("norm_eps", "1e+300")),
+    row("vqvae-norm-eps-inf", ["info", "{v[vqvae_norm_eps_inf]}"], ("VQVAEConfig", "norm_eps", "inf")),
+    row("vqvae-norm-eps-1e300", gen(model="{v[vqvae_norm_eps_1e300]}"), ("VQVAEConfig", "norm_eps", "1e+300")),
+    row("train-mlp-ratio-1e308", [*TRAIN, "--out", "{tmp}/run", "--mlp-ratio", "1e308"], ("mlp_ratio", "limit")),
     row("weights-nan", gen(model="{v[nan_weights]}"), ("denoiser", "NaN or infinite", "re-export")),
     row("vqvae-weights-nan", ["info", "{v[nan_vqvae]}"], ("vqvae", "NaN or infinite")),
     row("null-condition-nan", ["info", "{v[nan_null]}"], ("null_condition.safetensors", "NaN or infinite")),
@@ -405,6 +756,38 @@ CASES = [
     row("fid-reference-missing", [*FID, "--reference", "{tmp}/no", "--inception-weights", "{afile}"], ("not found",)),
     row("fid-kid-subsets-0", [*FID, "--inception-weights", "{afile}", "--kid-subsets", "0"], ("--kid-subsets",)),
     row("fid-batch-size-0", [*FID, "--inception-weights", "{afile}", "--batch-size", "0"], ("--batch-size", ">= 1")),
+    row("fid-reference-nan-mu", fid_ref("npz_nan_mu"), ("s.npz", "'mu' holds NaN or infinite", "recompute")),
+    row("fid-reference-negative-sigma", fid_ref("npz_negative_sigma"), ("'sigma' has a negative eigenvalue",)),
+    row("fid-reference-asymmetric-sigma", fid_ref("npz_asymmetric_sigma"), ("'sigma' is not symmetric",)),
+    row("fid-reference-inf-sigma", fid_ref("npz_inf_sigma"), ("'sigma' holds NaN or infinite",)),
+    row("fid-reference-string-mu", fid_ref("npz_string_mu"), ("'mu' holds <U1 values, not real numbers",)),
+    row("fid-reference-meta-list", fid_ref("npz_meta_list"), ("'meta' is not the JSON object",)),
+    row("fid-reference-meta-string", fid_ref("npz_meta_string"), ("'meta' is not the JSON object",)),
+    row("fid-reference-meta-sha-int", fid_ref("npz_meta_sha_int"), ("'meta' is not the JSON object",)),
+    row("fid-reference-num-images-vector", fid_ref("npz_num_images_vector"), ("'num_images'", "[3, 4]")),
+    row("fid-reference-num-images-negative", fid_ref("npz_num_images_negative"), ("'num_images'", ">= 2", "-5")),
+    row("fid-reference-features-shape", fid_ref("npz_features_shape"), ("'features' has shape (4, 9)", "[n, 8]")),
+    row("fid-reference-empty-file", fid_ref("npz_empty"), ("s.npz", "an empty file", "--save-reference-stats")),
+    row(
+        "fid-weights-torchscript-not-inception",
+        [*FID, "--inception-weights", "{f[torchscript_not_inception]}"],
+        ("net.pt", "not the Inception", "return_features"),
+    ),
+    row(
+        "fid-samples-decompression-bomb",
+        [
+            *FID,
+            "--samples",
+            "{f[bomb_folder]}",
+            "--reference",
+            "{f[npz_ok]}",
+            "--batch-size",
+            "1",
+            "--inception-weights",
+        ]
+        + ["{f[torchscript_inception_like]}"],
+        ("a.png", "decompression bomb", "resize it"),
+    ),
     row("clipscore-needs-clip", CLIPSCORE, ("needs --clip",)),
     row("clipscore-clip-missing", [*CLIPSCORE, "--clip", "{tmp}/no"], ("CLIP model folder not found",)),
     row("clipscore-not-clip", [*CLIPSCORE, "--clip", "{text}"], ("not a CLIP model folder",)),
@@ -413,6 +796,17 @@ CASES = [
         [*CLIPSCORE, "--samples", "{tmp}/no", "--clip", "{text}/text_encoder"],
         ("samples folder", "not found"),
     ),
+    row("sheet-decompression-bomb", ["sheet", "{f[bomb_folder]}", "--out", "{tmp}/s.png"], ("a.png", "resize it")),
+    row("sheet-manifest-file-int", ["sheet", "{f[manifest_file_int]}", "--out", "{tmp}/s.png"], ("images[0]", "5")),
+    row("sheet-root-folder", ["sheet", "/"], ("'/'", "--out")),
+    row(
+        "sheet-csv-huge-caption", ["sheet", "{f[csv_huge_caption]}", "--out", "{tmp}/s.png"], ("captions.csv", "131072")
+    ),
+    row("sheet-jsonl-not-utf8", ["sheet", "{f[jsonl_not_utf8]}", "--out", "{tmp}/s.png"], ("is not UTF-8",)),
+    row("tokenize-csv-huge-caption", tok("csv_huge_caption"), ("captions.csv", "after line 1", "131072", "shorten")),
+    row("tokenize-csv-not-utf8", tok("csv_not_utf8"), ("captions.csv is not UTF-8", "offset 21")),
+    row("tokenize-jsonl-not-utf8", tok("jsonl_not_utf8"), ("captions.jsonl is not UTF-8", "save it as UTF-8")),
+    row("tokenize-jsonl-outside", tok("jsonl_outside"), ("captions.jsonl:2", "'../b.png' is outside the data folder")),
     row("sheet-missing", ["sheet", "{tmp}/no"], ("not found",)),
     row("sheet-not-a-folder", ["sheet", "{afile}"], ("not a folder of images",)),
     row("sheet-no-images", ["sheet", "{tmp}", "--out", "{tmp}/s.png"], ("holds no images",)),
@@ -420,6 +814,9 @@ CASES = [
     row("sheet-thumb-2", ["sheet", "{images}", "--thumb", "2", "--out", "{tmp}/s.png"], ("thumb >= 8",)),
     row("demo-port", ["demo", "--port", "-1"], ("--port must be in [0, 65535], got -1",)),
     row("demo-device-meta", ["demo", "--device", "meta"], ("device 'meta'",)),
+    row(
+        "demo-host-not-here", ["demo", "--host", "192.0.2.1"], ("--host '192.0.2.1'", "cannot serve on it", "127.0.0.1")
+    ),
     row(
         "generate-hub-not-cached",
         ["generate", "x", "--model", "acme/absent", "--local-files-only", "--cache-dir", "{tmp}/hub"],
@@ -467,6 +864,14 @@ def test_table_covers_every_command() -> None:
     assert commands - covered == set()
 
 
+def test_help_still_prints_the_usage(capsys) -> None:
+    """Only argparse's errors lose the usage block: ``--help`` prints it and exits 0."""
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: vqdiffusion generate")
+
+
 def test_a_traceback_is_kept_for_bugs(monkeypatch) -> None:
     """Only user errors become one line: a bug (here a TypeError) still raises."""
     import vqdiffusion.cli.generate as generate
@@ -503,9 +908,15 @@ def _call(**kwargs):
     return lambda p: VQDiffusionPipeline.from_pretrained(p["text"])("x", progress=False, **kwargs)
 
 
+def _stats(name: str):
+    return lambda p: ReferenceStats.load(p["f"][name])
+
+
 API_CASES = [
     pytest.param(_load("huge_T"), ValueError, ("timestep_embedding",), id="T-1e9"),
-    pytest.param(_load("huge_codebook"), ValueError, ("codebook",), id="codebook-1e10"),
+    pytest.param(_load("huge_codebook"), ValueError, ("num_embeddings",), id="codebook-1e10"),
+    pytest.param(_load("norm_eps_1e300"), ValueError, ("norm_eps",), id="norm-eps-1e300"),
+    pytest.param(_load("mlp_ratio_digits"), ValueError, ("402-digit",), id="mlp-ratio-digits"),
     pytest.param(_load("nan_weights"), ValueError, ("NaN",), id="nan-weights"),
     pytest.param(_load("int_weights"), ValueError, ("int32",), id="int-weights"),
     pytest.param(_load("defaults_steps"), ValueError, ("num_inference_steps",), id="defaults-steps"),
@@ -516,10 +927,46 @@ API_CASES = [
     pytest.param(
         lambda p: VQDiffusionPipeline.from_pretrained(p["text"]).to("meta"), DeviceError, ("meta",), id="to-meta"
     ),
+    pytest.param(
+        lambda p: VQDiffusionPipeline.from_pretrained(p["text"])("a \udcff", progress=False),
+        ValueError,
+        ("not valid text",),
+        id="prompt-not-utf8",
+    ),
     pytest.param(_call(guidance_scale=1e30), ValueError, ("guidance_scale",), id="guidance-1e30"),
     pytest.param(_call(temperature=1e-300), ValueError, ("temperature",), id="temperature-tiny"),
     pytest.param(_call(num_images_per_prompt=10**12), ValueError, ("images need about",), id="num-images-huge"),
     pytest.param(_call(batch_size=0), ValueError, ("batch_size",), id="batch-size-0"),
+    pytest.param(
+        lambda p: load_checkpoint(find_latest_checkpoint(Path(p["c"]["config_list"]) / "checkpoints"), "denoiser"),
+        CheckpointError,
+        ("'config' is a JSON list",),
+        id="checkpoint-config-list",
+    ),
+    pytest.param(
+        lambda p: DenoiserTrainConfig(token_dir="t", output_dir="o", num_timesteps=10, sample_steps=20),
+        ConfigError,
+        ("sample_steps=20",),
+        id="train-config-sample-steps",
+    ),
+    pytest.param(
+        lambda p: make_dataset(Path(p["root"]) / "shapes_huge", 10**12, 0),
+        ValueError,
+        ("limit of 10000000",),
+        id="make-dataset-huge",
+    ),
+    pytest.param(
+        lambda p: export_pipeline(p["afile"], p["root"]), OutputExistsError, ("--overwrite",), id="export-not-empty"
+    ),
+    pytest.param(
+        lambda p: convert_authors_checkpoint(p["f"]["authors_ckpt"], p["f"]["authors_yaml_layers_1e9"]),
+        ConversionError,
+        ("n_layer=1000000000",),
+        id="convert-layers-1e9",
+    ),
+    pytest.param(_stats("npz_nan_mu"), ReferenceStatsError, ("'mu' holds NaN",), id="stats-nan-mu"),
+    pytest.param(_stats("npz_negative_sigma"), ReferenceStatsError, ("negative eigenvalue",), id="stats-sigma"),
+    pytest.param(_stats("npz_empty"), ReferenceStatsError, ("an empty file",), id="stats-empty"),
     pytest.param(
         lambda p: check_output_path(Path(p["afile"]) / "x.png"), OutputPathError, ("is a file",), id="out-path"
     ),
@@ -685,3 +1132,50 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(paths, tmp_path, 
     ckpt_dir = out / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000001.safetensors"]  # no partial file
     assert load_checkpoint(ckpt_dir / "step_00000001.safetensors")[1]["step"] == 1
+
+
+def test_make_shapes_overwrite_replaces_only_its_own_files(tmp_path) -> None:
+    """A data set folder is refused when not empty; ``overwrite`` replaces the earlier set (no stale image
+    beyond the new ``n``) and leaves other files alone."""
+    out = make_dataset(tmp_path / "s", 3, 0)
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        make_dataset(out, 2, 0)
+    make_dataset(out, 2, 1, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png"]
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 2
+    assert (out / "notes.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("redirect", ["pipe", "file"])
+def test_output_dev_stdout_is_one_png(paths, tmp_path, redirect) -> None:
+    """``--output /dev/stdout`` writes the PNG bytes and nothing else, piped (not seekable) or redirected to a
+    file (a regular file behind /dev/stdout, never replaced)."""
+    if not os.path.exists("/dev/stdout"):
+        pytest.skip("no /dev/stdout")
+    argv = [sys.executable, "-m", "vqdiffusion.cli", *_format(gen("--output", "/dev/stdout"), paths, tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    target = tmp_path / "redirected.png"
+    with open(target, "wb") if redirect == "file" else open(os.devnull, "wb") as sink:
+        stdout = sink if redirect == "file" else subprocess.PIPE
+        proc = subprocess.run([*argv, "--quiet"], stdout=stdout, stderr=subprocess.PIPE, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    data = target.read_bytes() if redirect == "file" else proc.stdout
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.size[0] > 0
+    assert data.endswith(b"IEND\xaeB`\x82")  # nothing printed after the image
+
+
+def test_sample_set_resume_redoes_an_empty_png(paths, tmp_path, capsys) -> None:
+    """A 0-byte (or cut) image left in a sample-set folder is sampled again on resume, not counted as done."""
+    out = tmp_path / "samples"
+    args = _format(ss("--num", "2", "--out", str(out)), paths, tmp_path) + ["--quiet"]
+    assert main(args) == 0
+    first = (out / "000000.png").read_bytes()
+    (out / "000000.png").write_bytes(b"")
+    (out / "000001.png").write_bytes((out / "000001.png").read_bytes()[:-12])  # cut before IEND
+    assert main(args) == 0
+    capsys.readouterr()
+    assert (out / "000000.png").read_bytes() == first  # the same seed gives the same image
+    with Image.open(out / "000001.png") as image:
+        image.load()

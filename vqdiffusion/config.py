@@ -120,6 +120,39 @@ def parse_json(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: the JSON is nested too deeply to read; it is not a vqdiffusion file") from None
 
 
+#: The largest size (a width, a count of layers, tokens or classes) a config may give: no model this library
+#: builds comes near it, and a tensor dimension beyond it overflows torch's 32-bit kernels.
+MAX_CONFIG_SIZE = 2**31 - 1
+#: The largest normalisation eps a config may give (1e-5 and 1e-6 are standard; a large eps flattens every
+#: normalised activation, so the model's output no longer depends on its input).
+MAX_NORM_EPS = 0.1
+
+
+def shown(value: Any) -> str:
+    """``value`` for a message: an integer too long to print is given by its number of digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"a {len(str(abs(value)))}-digit integer"
+    return repr(value)
+
+
+def check_size_limit(owner: str, **values: int | float) -> None:
+    """Raise ConfigError naming the first size above :data:`MAX_CONFIG_SIZE`."""
+    for name, value in values.items():
+        if value > MAX_CONFIG_SIZE:
+            raise ConfigError(
+                f"{owner}: {name}={shown(value)} is above the limit {MAX_CONFIG_SIZE}, which no model comes near; "
+                "give a smaller value (or re-export a damaged model)"
+            )
+
+
+def check_norm_eps(owner: str, value: Any) -> None:
+    """Raise ConfigError unless ``value`` is a finite number in (0, :data:`MAX_NORM_EPS`]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{owner}: norm_eps must be a number, got {shown(value)}")
+    if not 0 < value <= MAX_NORM_EPS:
+        raise ConfigError(f"{owner}: norm_eps must be in (0, {MAX_NORM_EPS}] (1e-5 is standard), got {shown(value)}")
+
+
 def check_positive(owner: str, **values: int | float) -> None:
     """Raise ConfigError naming the first value that is not > 0."""
     for name, value in values.items():

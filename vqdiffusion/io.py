@@ -33,7 +33,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], object], 
     ``/dev/full``, a pipe) cannot be replaced: ``write(path)`` writes to it directly, and its errors are raised.
     """
     path = Path(path)
-    if is_special_file(path):
+    if is_stream(path):
         return _write_directly(path, write)
     check_output_path(path)
     try:
@@ -87,6 +87,50 @@ def is_special_file(path: str | os.PathLike) -> bool:
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+# Names of this process's own streams: symlinks into /proc/self/fd, whatever they are redirected to (a pipe,
+# a terminal or a regular file); never replaced by a rename.
+_STREAM_NAMES = ("/dev/stdin", "/dev/stdout", "/dev/stderr")
+_STREAM_PREFIXES = ("/dev/fd/", "/proc/self/fd/")
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """``path`` is written in place, never replaced: a device or a pipe (:func:`is_special_file`), or a name
+    of this process's standard output, standard error or a file descriptor (``/dev/stdout``, ``/dev/fd/N``),
+    even when that is redirected to a regular file."""
+    name = os.path.normpath(os.fspath(path))
+    return is_special_file(path) or name in _STREAM_NAMES or name.startswith(_STREAM_PREFIXES)
+
+
+def write_stream_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to the stream ``path`` (see :func:`is_stream`) in one sequential write: nothing is
+    sought, so a pipe works.  The process's own standard output is written through ``sys.stdout`` (after
+    what was printed before); another stream is opened for appending (a redirected file is not truncated).
+    An OSError names ``path``."""
+    import sys
+
+    path = Path(path)
+    try:
+        if _is_standard_output(path):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        else:
+            with open(path, "ab") as f:
+                f.write(data)
+    except OSError as err:
+        raise _naming(err, path, None) from err
+    return path
+
+
+def _is_standard_output(path: Path) -> bool:
+    import sys
+
+    try:
+        return os.path.samestat(path.stat(), os.fstat(sys.stdout.fileno()))
+    except (OSError, AttributeError, ValueError):  # no real stdout (captured, closed)
+        return False
 
 
 def _umask() -> int:
@@ -166,6 +210,19 @@ def check_output_path(path: str | os.PathLike, *, folder: bool = False, what: st
             f"{what} {path}: permission denied ({existing} is not writable); choose a location you can write to"
         )
     return path
+
+
+class OutputExistsError(ValueError):
+    """An output folder that already holds files, refused unless the caller asked to overwrite it."""
+
+
+def check_new_folder(path: str | os.PathLike, *, overwrite: bool = False, what: str = "the output folder") -> Path:
+    """``path`` as an output folder: refused (:class:`OutputExistsError`) when it exists and is not empty,
+    unless ``overwrite``; a file there is refused as :func:`check_output_path` refuses it."""
+    folder = check_output_path(path, folder=True, what=what)
+    if not overwrite and folder.is_dir() and any(folder.iterdir()):
+        raise OutputExistsError(f"{what} {folder} exists and is not empty; choose a new folder or give --overwrite")
+    return folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .convert import add_convert_parser
 from .demo import add_demo_parser
 from .edit import add_edit_parsers
-from .errors import CLIError, is_user_error, report
+from .errors import CLIError, OneLineParser, is_user_error, report
 from .evaluate import add_eval_parser, add_make_shapes_parser
 from .export import add_export_parser, run_export
 from .generate import add_generate_parser, add_info_parser
@@ -34,7 +34,7 @@ TORCHRUN_COMMANDS = ("train", "train-vqvae", "sample-set")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqdiffusion", description="VQ-Diffusion text-to-image synthesis")
+    parser = OneLineParser(prog="vqdiffusion", description="VQ-Diffusion text-to-image synthesis")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_edit_parsers(sub)
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except BaseException as err:
         if not is_user_error(err):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import socket
 from typing import Any
 
 from .errors import CLIError
@@ -29,6 +31,7 @@ def add_demo_parser(sub: Any) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    check_host(args.host)
     import torch
 
     from ..demo import import_gradio, launch_demo
@@ -45,3 +48,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         **hub_options(args),
     )
     return 0
+
+
+def check_host(host: str) -> None:
+    """``--host`` must be an address of this machine that a server can bind (checked on a free port, before
+    the model is loaded); CLIError naming it otherwise."""
+    try:
+        family, address = _bind_address(host)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except (OSError, UnicodeError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise CLIError(
+            f"--host {host!r}: cannot serve on it ({reason}); give an address of this machine, e.g. 127.0.0.1 "
+            "(only this machine) or 0.0.0.0 (every network interface)"
+        ) from None
+
+
+def _bind_address(host: str) -> tuple[socket.AddressFamily, tuple]:
+    """The socket family and address to bind ``host`` on a free port: an IP address as it is, a name through
+    the resolver."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        family, _, _, _, address = socket.getaddrinfo(
+            host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        return family, address
+    if ip.version == 6:
+        return socket.AF_INET6, (host, 0, 0, 0)
+    return socket.AF_INET, (host, 0)

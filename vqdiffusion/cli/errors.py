@@ -8,8 +8,10 @@ devices, a full disk, too little memory) rather than a bug, whose traceback is k
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
+from typing import NoReturn
 
 from ..config import first_line
 
@@ -19,6 +21,18 @@ INTERRUPTED = 130
 
 class CLIError(Exception):
     """A user error reported as one line with exit code 2."""
+
+
+class UsageError(CLIError):
+    """A value argparse cannot parse (not a number, not a choice, a missing argument)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error:`` line (raised as :class:`UsageError` for
+    :func:`report`), not argparse's usage block; ``--help`` still prints the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 # Exceptions that mean "bad input" (or an environment that cannot serve it): their message is what the user

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .arg_types import seed
 from .errors import CLIError
 from .generate import DEFAULT_MODEL
 from .sampling_flags import add_sampling_arguments, sampling_arguments
@@ -17,6 +18,11 @@ SUITES = ["shapes", "inpaint", "fid", "clipscore"]
 BATCH_SIZES = {"shapes": 16, "inpaint": 16, "fid": 50, "clipscore": 32}
 # --n of the model suites: images per prompt set (shapes), scenes (inpaint).
 DEFAULT_N = {"shapes": 256, "inpaint": 64}
+# The most --n of the model suites: every image is generated, so more cannot finish in any reasonable time.
+MAX_EVAL_N = 100_000
+N_UNITS = {"shapes": "images per prompt set", "inpaint": "scenes"}
+# The most KID subsets (clean-fid and torch-fidelity use 100; each one is a kernel over --kid-subset-size images).
+MAX_KID_SUBSETS = 10_000
 # The flags each suite requires.
 REQUIRED = {"fid": ("samples", "reference", "inception_weights"), "clipscore": ("samples", "clip")}
 
@@ -51,7 +57,7 @@ def add_eval_parser(sub: Any) -> None:
     )
     ev.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=0,
         help="random seed (shapes and inpaint scenes and sampling; KID subsets, IS splits)",
     )
@@ -84,7 +90,7 @@ def add_make_shapes_parser(sub: Any) -> None:
     shapes = sub.add_parser("make-shapes", help="write the synthetic shapes data set (image + caption folder)")
     shapes.add_argument("out_dir", help="output folder")
     shapes.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
-    shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    shapes.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     shapes.add_argument(
         "--split",
         default="train",
@@ -92,6 +98,7 @@ def add_make_shapes_parser(sub: Any) -> None:
         help="train: held-out colour-shape pairs excluded; heldout: only those pairs",
     )
     shapes.add_argument("--two-object-fraction", type=float, default=0.3, help="fraction of two-object scenes")
+    shapes.add_argument("--overwrite", action="store_true", help="replace the data set in an OUT_DIR that is not empty")
     shapes.set_defaults(run=cmd_make_shapes)
 
 
@@ -118,6 +125,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.n = DEFAULT_N[args.suite]
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
+    if args.n > MAX_EVAL_N:
+        raise CLIError(
+            f"--n must be at most {MAX_EVAL_N}, got {args.n} ({N_UNITS[args.suite]}, each one generated: more could "
+            "not finish in reasonable time); ask for fewer"
+        )
     if args.suite == "inpaint":
         return _eval_inpaint(args)
     sampling = sampling_arguments(args)
@@ -199,6 +211,11 @@ def _eval_fid(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
+    if args.kid_subsets > MAX_KID_SUBSETS:
+        raise CLIError(
+            f"--kid-subsets must be at most {MAX_KID_SUBSETS}, got {args.kid_subsets}; KID is stable with 100 "
+            "(the default of clean-fid and torch-fidelity)"
+        )
     from ..eval.fid import evaluate_fid
 
     report = evaluate_fid(
@@ -267,5 +284,13 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     if not 0.0 <= args.two_object_fraction <= 1.0:
         raise CLIError(f"--two-object-fraction must be in [0, 1], got {args.two_object_fraction}")
-    print(make_dataset(args.out_dir, args.n, args.seed, split=args.split, two_object_fraction=args.two_object_fraction))
+    out = make_dataset(
+        args.out_dir,
+        args.n,
+        args.seed,
+        split=args.split,
+        two_object_fraction=args.two_object_fraction,
+        overwrite=args.overwrite,
+    )
+    print(out)
     return 0

@@ -24,6 +24,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     parser.add_argument("--vqvae", default=None, help="VQ-VAE folder (default: the token folder's)")
     parser.add_argument("--half", action="store_true", help="store the VQ-VAE and denoiser weights as float16")
+    parser.add_argument("--overwrite", action="store_true", help="write into an OUT_DIR that is not empty")
     add_sampling_arguments(
         parser, default_text=f"T steps, guidance {DEFAULT_GUIDANCE_SCALE:g} (1 without a null condition), the rest off"
     )
@@ -40,6 +41,7 @@ def run_export(args: argparse.Namespace) -> int:
         vqvae_dir=args.vqvae,
         defaults=defaults,
         weights_dtype=torch.float16 if args.half else None,
+        overwrite=args.overwrite,
     )
     print(out)
     return 0

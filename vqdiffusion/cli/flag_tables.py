@@ -23,12 +23,13 @@ def given_fields(args: argparse.Namespace, fields: list[str]) -> dict[str, Any]:
     return {field: getattr(args, field) for field in fields if getattr(args, field, None) is not None}
 
 
-def checkpoint_to_continue(out: str | Path) -> tuple[Path, dict[str, Any]]:
-    """``--resume``: the latest checkpoint in ``out/checkpoints`` and its meta (FileNotFoundError if none)."""
+def checkpoint_to_continue(out: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """``--resume``: the latest checkpoint in ``out/checkpoints`` and its meta, checked to be a ``kind``
+    training checkpoint (FileNotFoundError if none)."""
     from ..training.checkpoint import find_latest_checkpoint, read_checkpoint_meta
 
     folder = Path(out) / "checkpoints"
     path = find_latest_checkpoint(folder)
     if path is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {folder}")
-    return path, read_checkpoint_meta(path)
+    return path, read_checkpoint_meta(path, kind)

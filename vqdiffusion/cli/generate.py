@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+from .arg_types import seed
 from .errors import CLIError
 from .sampling_flags import add_sampling_arguments, sampling_arguments
 
@@ -39,7 +41,7 @@ def add_condition_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
     """``--seed``, ``--num-images``, ``--batch-size``, ``--output``, ``--device``, ``--bf16`` and ``--quiet``."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     parser.add_argument("--num-images", type=int, default=1, help="number of images (default 1)")
     parser.add_argument(
         "--batch-size",
@@ -98,10 +100,12 @@ def _output_kind(args: argparse.Namespace) -> str:
     """How ``--output`` is written, checked before anything is computed: ``"file"`` (one image or a grid),
     ``"device"`` (an existing device or pipe such as /dev/stdout: one PNG written to it directly) or
     ``"folder"`` (numbered files)."""
-    from ..io import check_output_path, is_special_file
+    from ..io import check_output_path, is_stream
 
+    if not args.output.strip():
+        raise CLIError("--output is empty; give a file name ending in .png (one image or a grid) or a folder")
     out = Path(args.output)
-    if is_special_file(out):
+    if is_stream(out):
         return "device"
     if out.suffix:
         if out.suffix.lower() not in IMAGE_SUFFIXES:
@@ -172,7 +176,7 @@ def load_for_sampling(args: argparse.Namespace, kind: str) -> tuple[Any, str | l
 def write_images(images: list[Any], kind: str, output: str) -> list[Path]:
     """Write PIL ``images`` to ``--output`` as :func:`_output_kind` decided (each file atomically) and print
     the paths written."""
-    from ..io import atomic_write_with
+    from ..io import atomic_write_with, write_stream_bytes
     from ..pipeline import make_grid
 
     out = Path(output)
@@ -182,8 +186,11 @@ def write_images(images: list[Any], kind: str, output: str) -> list[Path]:
             written.append(atomic_write_with(out / f"{i:04d}.png", image.save))
     else:
         image = images[0] if len(images) == 1 else make_grid(images)
-        save = image.save if kind == "file" else lambda path: image.save(path, format="PNG")
-        written = [atomic_write_with(out, save)]  # a device is written directly; its errors are raised
+        if kind == "device":  # a pipe cannot seek: the PNG is encoded in memory, then written in one go
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return [write_stream_bytes(out, buffer.getvalue())]  # no path printed: it may be the image's stream
+        written = [atomic_write_with(out, image.save)]
     for path in written:
         print(path)
     return written

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from .arg_types import seed
 from .errors import CLIError
 from .generate import DEFAULT_MODEL
 from .sampling_flags import add_sampling_arguments, sampling_arguments
@@ -48,7 +49,7 @@ def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
     add_sampling_arguments(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of image 0; image i uses seed + i (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--bf16", action="store_true", help="run the denoiser in bfloat16")

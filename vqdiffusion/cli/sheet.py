@@ -27,7 +27,7 @@ def run_sheet(args: argparse.Namespace) -> int:
     from ..io import atomic_write_with, check_output_path
 
     folder = Path(args.folder)
-    out = Path(args.out) if args.out else folder.resolve().with_name(folder.resolve().name + "-sheet.png")
+    out = Path(args.out) if args.out else _default_out(folder)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out {out}: the sheet is a .png file")
     check_output_path(out, what="--out")
@@ -42,3 +42,11 @@ def run_sheet(args: argparse.Namespace) -> int:
     atomic_write_with(out, lambda tmp: sheet.save(tmp, format="PNG"))
     print(out)
     return 0
+
+
+def _default_out(folder: Path) -> Path:
+    """``FOLDER-sheet.png`` beside the folder; a folder without a name (``/``) needs ``--out``."""
+    resolved = folder.resolve()
+    if not resolved.name:
+        raise CLIError(f"the folder {str(folder)!r} has no name to name the sheet after; give --out SHEET.png")
+    return resolved.with_name(resolved.name + "-sheet.png")

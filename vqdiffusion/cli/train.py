@@ -9,8 +9,10 @@ from typing import Any
 from ..data.tokens import TokenDataset
 from ..models.denoiser import DENOISER_PRESETS
 from ..text_vocab import caption_words
+from ..training.checkpoint import DENOISER_CHECKPOINT
 from ..training.denoiser import train_denoiser
 from ..training.denoiser_config import DenoiserTrainConfig
+from .arg_types import seed
 from .flag_tables import FlagTable, add_flag_table, checkpoint_to_continue, given_fields
 
 
@@ -69,7 +71,7 @@ _FLAGS: FlagTable = {
     "--sample-steps": ("sample_steps", int, "sampling steps of the grids (default 25)"),
     "--num-samples": ("num_samples", int, "images per grid (default 8)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "checkpoints kept (default 2)"),
-    "--seed": ("seed", int, "random seed (default 0)"),
+    "--seed": ("seed", seed, "random seed (default 0)"),
     "--device": ("device", str, "auto (default), cpu, cuda, cuda:N"),
     "--num-workers": ("num_workers", int, "data loader processes (default 0)"),
 }
@@ -125,7 +127,7 @@ def run_train(args: argparse.Namespace) -> int:
     overrides["token_dir"], overrides["output_dir"] = str(args.token_dir), str(args.out)
     resume_path = None
     if args.resume:
-        resume_path, meta = checkpoint_to_continue(args.out)
+        resume_path, meta = checkpoint_to_continue(args.out, DENOISER_CHECKPOINT)
         saved_vocab = "words" if meta["config"].get("text_words") else "chars"
         if args.text_vocab is not None and args.text_vocab != saved_vocab:
             raise ValueError(

@@ -6,8 +6,10 @@ import argparse
 from typing import Any
 
 from ..models.vqvae_config import _PRESETS
+from ..training.checkpoint import VQVAE_CHECKPOINT
 from ..training.vqvae import train_vqvae
 from ..training.vqvae_config import VQVAETrainConfig
+from .arg_types import seed
 from .flag_tables import FlagTable, add_flag_table, checkpoint_to_continue, given_fields
 
 
@@ -54,7 +56,7 @@ _FLAGS: FlagTable = {
     "--sample-every": ("sample_every", int, "sample grid interval in steps (default 1000)"),
     "--log-every": ("log_every", int, "metrics interval in steps (default 50)"),
     "--keep-checkpoints": ("keep_checkpoints", int, "checkpoints kept (default 2)"),
-    "--seed": ("seed", int, "random seed (default 0)"),
+    "--seed": ("seed", seed, "random seed (default 0)"),
     "--device": ("device", str, "auto (default), cpu, cuda, cuda:N"),
     "--num-workers": ("num_workers", int, "data loader processes (default 0)"),
 }
@@ -90,7 +92,7 @@ def run_train_vqvae(args: argparse.Namespace) -> int:
     overrides["data_dir"], overrides["output_dir"] = str(args.data_dir), str(args.out)
     resume_path = None
     if args.resume:
-        resume_path, meta = checkpoint_to_continue(args.out)
+        resume_path, meta = checkpoint_to_continue(args.out, VQVAE_CHECKPOINT)
         config = VQVAETrainConfig.from_dict({**meta["config"], **overrides})
     else:
         config = VQVAETrainConfig(**overrides)

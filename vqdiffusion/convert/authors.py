@@ -38,10 +38,10 @@ import torch
 
 from ..diffusion import MaskReplaceSchedule
 from ..formats.keymap import ConversionError, convert_state_dict
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_finite
 from ..models.conditions import CLIPTextCondition, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
-from .authors_clip import clip_text_model_from_openai, load_clip_tokenizer
+from .authors_clip import check_tokenizer_path, clip_text_model_from_openai, load_clip_tokenizer
 from .authors_config import AuthorsConfig, parse_authors_config
 from .authors_files import StateDict, load_authors_checkpoint, read_authors_yaml, tensor_dict
 from .authors_vqvae import canonical_vqvae_state, used_code_table, vqvae_from_taming
@@ -115,6 +115,29 @@ def authors_to_denoiser_key_map(config: DenoiserConfig) -> dict[str, str]:
             for p in ("weight", "bias"):
                 km[f"{src}.mlp.{a}.{p}"] = f"{dst}.mlp.{b}.{p}"
     return km
+
+
+def _check_config_sizes(state: StateDict, config: DenoiserConfig, config_path: str, where: str) -> None:
+    """The YAML's n_layer and diffusion_step against the checkpoint's blocks and schedule buffers, checked
+    on the shapes alone: a config that does not match would otherwise build its own sizes first."""
+    blocks = {int(m.group(1)) for key in state if (m := re.match(r"transformer\.blocks\.(\d+)\.", key))}
+    found = max(blocks) + 1 if blocks else 0
+    if config.num_layers != found:
+        first = min(found, config.num_layers)
+        extra = "is missing" if config.num_layers > found else "is not in the config"
+        raise ConversionError(
+            f"{where}: the config {config_path} says n_layer={config.num_layers} but the checkpoint holds {found} "
+            f"blocks (transformer.blocks.{first}.* {extra}); the config does not match the checkpoint"
+        )
+    T = config.num_timesteps
+    for key in ("log_cumprod_at", "transformer.blocks.0.ln1.emb.weight"):
+        got = state.get(key)
+        rows = T + 1 if key.startswith("log_") else T
+        if got is not None and (got.ndim < 1 or got.shape[0] != rows):
+            raise ConversionError(
+                f"{where}: {key} has shape {tuple(got.shape)} but the config's diffusion_step T={T} needs "
+                f"{rows} rows: the config does not match the checkpoint"
+            )
 
 
 def _check_schedule(state: StateDict, schedule: MaskReplaceSchedule, where: str) -> None:
@@ -266,9 +289,20 @@ def convert_authors_checkpoint(
     checkpoint, config = Path(checkpoint), Path(config)
     where = str(checkpoint)
     cfg = parse_authors_config(read_authors_yaml(config), str(config))
+    if codes_map is not None and not cfg.quantize_number:
+        raise ValueError(
+            f"--codes-map {codes_map}: the config {config} sets no quantize_number, so its codec uses the whole "
+            "codebook and there is no map to apply; leave --codes-map out"
+        )
+    if tokenizer is not None:
+        check_tokenizer_path(tokenizer)
     ckpt = load_authors_checkpoint(checkpoint)
     state, codec_state, ignored, weights_used = _split_model(ckpt, use_ema, where)
+    weights = {k: v for k, v in state.items() if k not in _SCHEDULE_BUFFERS and k not in _LOSS_HISTORY}
+    check_finite(weights, f"{where} ({weights_used} weights)")  # the log-space schedule holds -inf by design
+    check_finite(codec_state, f"{where} (content_codec)")
     den_cfg = cfg.denoiser
+    _check_config_sizes(state, den_cfg, str(config), where)  # before anything of the config's size is built
     schedule = MaskReplaceSchedule(num_classes=den_cfg.num_classes, num_timesteps=den_cfg.num_timesteps)
 
     # -- the DiffusionTransformer's keys: every one is mapped or ignored -------------------------------

@@ -97,6 +97,27 @@ def clip_text_model_from_openai(state: StateDict, tokenizer: Any, where: str) ->
     return model.eval()
 
 
+#: The first bytes of every gzip file.
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def check_tokenizer_path(path: str | os.PathLike) -> None:
+    """``--tokenizer`` must be a folder (a CLIPTokenizer) or a gzip file (OpenAI's BPE merges), checked
+    before a checkpoint is loaded: FileNotFoundError or ValueError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path} (a CLIPTokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != _GZIP_MAGIC:
+        raise ValueError(
+            f"--tokenizer {path} is not a gzip file: give a CLIPTokenizer folder (e.g. the tokenizer/ of "
+            "microsoft/vq-diffusion-ithq) or OpenAI's bpe_simple_vocab_16e6.txt.gz"
+        )
+
+
 def load_clip_tokenizer(path: str | os.PathLike) -> Any:
     """A ``CLIPTokenizer`` from a local tokenizer folder, or built from OpenAI's ``bpe_simple_vocab_16e6.txt.gz``
     (the file the authors ship in ``image_synthesis/modeling/modules/clip/``): the vocabulary is the 256
@@ -110,10 +131,12 @@ def load_clip_tokenizer(path: str | os.PathLike) -> Any:
             return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as err:
             raise ValueError(f"cannot load a CLIP tokenizer from {path}: {err}") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {path} (a CLIPTokenizer folder or bpe_simple_vocab_16e6.txt.gz)")
-    with gzip.open(path) as f:
-        lines = f.read().decode("utf-8").split("\n")
+    check_tokenizer_path(path)
+    try:
+        with gzip.open(path) as f:
+            lines = f.read().decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"--tokenizer {path}: not a readable gzipped BPE merges file ({err})") from None
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1] if line.strip()]
     if any(len(m) != 2 for m in merges):
         raise ValueError(f"{path}: not a BPE merges file (each line after the first must hold two symbols)")

@@ -19,11 +19,13 @@ Layouts of :class:`ImageCaptionFolder`, checked in this order:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "CaptionFileError",
     "ClassFolder",
     "ImageCaptionFolder",
     "ImageFolder",
@@ -145,6 +148,23 @@ def _verify_image(path: Path) -> str | None:
     except Exception as err:  # PIL raises many exception types for bad files
         return f"unreadable image ({type(err).__name__}: {err})"
     return None
+
+
+class CaptionFileError(ValueError):
+    """A ``captions.jsonl`` / ``captions.csv`` that cannot be read as a whole (not UTF-8, not CSV, naming
+    images outside its folder): refused even where captions are optional."""
+
+
+@contextlib.contextmanager
+def _utf8_errors(path: Path) -> Iterator[None]:
+    """A file that is not UTF-8 becomes a ValueError naming it (the codec's own message names no file)."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise CaptionFileError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
 
 
 def _check_enough(root: Path, num_good: int, skipped: list[tuple[str, str]], what: str) -> None:
@@ -347,6 +367,12 @@ class ImageCaptionFolder(_FolderDataset):
             return
         # normalised but not resolved, the same form as the paths of _find_images
         path = Path(os.path.normpath(self.root / file.strip()))
+        root = Path(os.path.normpath(self.root))
+        if root not in path.parents:
+            raise CaptionFileError(
+                f"{where}: {file!r} is outside the data folder {self.root}; a captions file may only name images "
+                "inside its folder (move the image in or fix the path)"
+            )
         if not isinstance(caption, str) or not caption.strip():
             self.skipped.append((str(path), f"missing or empty caption at {where}"))
             return
@@ -356,6 +382,10 @@ class ImageCaptionFolder(_FolderDataset):
         captions[path] = caption.strip()
 
     def _read_jsonl(self, path: Path) -> dict[Path, str]:
+        with _utf8_errors(path):
+            return self._read_jsonl_lines(path)
+
+    def _read_jsonl_lines(self, path: Path) -> dict[Path, str]:
         captions: dict[Path, str] = {}
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
@@ -375,14 +405,22 @@ class ImageCaptionFolder(_FolderDataset):
 
     def _read_csv(self, path: Path) -> dict[Path, str]:
         captions: dict[Path, str] = {}
-        with open(path, encoding="utf-8", newline="") as f:
+        with _utf8_errors(path), open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
-            fields = [name.strip() for name in reader.fieldnames or []]
-            if "file" not in fields or "caption" not in fields:
-                raise ValueError(f"{path}: the header must name the columns 'file' and 'caption', got {fields}")
-            reader.fieldnames = fields
-            for row in reader:
-                self._add_caption(captions, f"{path}:{reader.line_num}", row.get("file"), row.get("caption"))
+            try:
+                fields = [name.strip() for name in reader.fieldnames or []]
+                if "file" not in fields or "caption" not in fields:
+                    raise CaptionFileError(
+                        f"{path}: the header must name the columns 'file' and 'caption', got {fields}"
+                    )
+                reader.fieldnames = fields
+                for row in reader:
+                    self._add_caption(captions, f"{path}:{reader.line_num}", row.get("file"), row.get("caption"))
+            except csv.Error as err:
+                raise CaptionFileError(
+                    f"{path}: not valid CSV after line {reader.line_num} ({err}; a caption may hold at most "
+                    f"{csv.field_size_limit()} characters); fix or shorten the next row"
+                ) from None
         return captions
 
     def _scan_sidecars(self) -> list[tuple[Path, dict[str, Any]]]:

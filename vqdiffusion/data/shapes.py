@@ -43,6 +43,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,27 +329,72 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Im
 # ---------------------------------------------------------------------------------------------------------
 
 
+#: The most images :func:`make_dataset` writes in one call (a few hours of writing at most).
+MAX_DATASET_IMAGES = 10_000_000
+#: A generous size on disk of one image of the data set: its PNG, caption file and metadata line.
+_BYTES_PER_IMAGE = 4096
+
+
+def _check_disk_space(out: Path, n: int) -> None:
+    """OSError-free refusal (ValueError) of a data set larger than the free space of ``out``'s disk."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if n * _BYTES_PER_IMAGE > free:
+        raise ValueError(
+            f"{n} images need about {n * _BYTES_PER_IMAGE / 1e9:.1f} GB but {existing} has {free / 1e9:.1f} GB "
+            "free; ask for fewer images or choose another disk"
+        )
+
+
+_DATASET_FILE = re.compile(r"^\d+\.(png|txt)$|^metadata\.jsonl$")
+
+
+def _remove_previous_dataset(out: Path) -> None:
+    """The files of an earlier data set in ``out`` (``NNNNN.png``, ``NNNNN.txt``, ``metadata.jsonl``): an
+    overwritten set must not keep images beyond its own ``n``.  Other files are left alone."""
+    for path in out.iterdir():
+        if _DATASET_FILE.match(path.name) and path.is_file():
+            path.unlink()
+
+
 def make_dataset(
     out_dir: str | os.PathLike,
     n: int,
     seed: int,
     split: str = "train",
     two_object_fraction: float = DEFAULT_TWO_OBJECT_FRACTION,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``n`` images with captions to ``out_dir``, deterministic by ``seed``.
 
     Files: ``00000.png`` + ``00000.txt`` (a random paraphrase, one line) per image, and ``metadata.jsonl``
     with one line per image: ``{"file", "caption", "canonical", "objects": [{shape, color, size, position,
     bbox}]}`` (``bbox`` is ``[x0, y0, x1, y1]`` in pixels).  Scenes have two objects with probability
-    ``two_object_fraction`` (the ``"heldout"`` split always has one).  Returns the folder.
+    ``two_object_fraction`` (the ``"heldout"`` split always has one).  Returns the folder.  Every argument
+    is checked before anything is written: at most :data:`MAX_DATASET_IMAGES` images, which must fit on the
+    disk; a folder that is not empty is refused unless ``overwrite``.
     """
+    from ..io import check_new_folder
+
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if n > MAX_DATASET_IMAGES:
+        raise ValueError(
+            f"{n} images are above the limit of {MAX_DATASET_IMAGES} for one data set (writing them would take "
+            "days); ask for fewer (make-shapes --n)"
+        )
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, {2**63 - 1}], got {seed}")
     if not 0.0 <= two_object_fraction <= 1.0:
         raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
     _allowed_pairs(split)  # validates the split
-    out = Path(out_dir)
+    out = check_new_folder(out_dir, overwrite=overwrite, what="the data set folder")
+    _check_disk_space(out, n)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_dataset(out)
     rng = np.random.default_rng(seed)
     width = max(5, len(str(max(n - 1, 0))))
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:

@@ -51,6 +51,7 @@ __all__ = [
     "FolderFeatures",
     "InceptionNetwork",
     "ReferenceStats",
+    "ReferenceStatsError",
     "compute_fid",
     "compute_isc",
     "compute_kid",
@@ -165,6 +166,7 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
                 module = torch.jit.load(str(path), map_location=device).eval()
         except RuntimeError as err:
             raise ValueError(f"{path}: not a loadable TorchScript Inception ({str(err).splitlines()[0]})") from None
+        _check_torchscript_inception(path, module)
         return InceptionNetwork("torchscript", path, sha, device, module)
     try:
         state = load_weights(path)
@@ -176,6 +178,24 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if "fc.weight" not in state:
         raise ValueError(f"{path}: a state dict without 'fc.weight' is not the FID Inception's")
     return InceptionNetwork("pytorch-fid", path, sha, device, fid_inception_from_state_dict(state, str(path), device))
+
+
+#: The keyword arguments of the forward of NVIDIA's TorchScript Inception that :class:`InceptionNetwork` uses.
+_TORCHSCRIPT_ARGUMENTS = ("return_features", "no_output_bias")
+
+
+def _check_torchscript_inception(path: Path, module: Any) -> None:
+    """A TorchScript file whose ``forward`` lacks the Inception's keyword arguments is another network."""
+    try:
+        names = {argument.name for argument in module.forward.schema.arguments}
+    except (AttributeError, RuntimeError):
+        names = set()
+    missing = [name for name in _TORCHSCRIPT_ARGUMENTS if name not in names]
+    if missing:
+        raise ValueError(
+            f"{path} is a TorchScript network but not the Inception of inception-2015-12-05.pt (its forward has no "
+            f"{', '.join(missing)} argument); give that file or pt_inception-2015-12-05-*.pth"
+        )
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -271,20 +291,94 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceStats:
+        """Read and check an ``.npz`` of statistics (every array checked before any FID work)."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as err:
-            raise ValueError(f"cannot read reference statistics {path}: {err}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            detail = "an empty file" if path.is_file() and path.stat().st_size == 0 else str(err)
+            raise ReferenceStatsError(
+                f"cannot read reference statistics {path}: {detail}; give an .npz saved by --save-reference-stats"
+            ) from None
         if "mu" not in arrays or "sigma" not in arrays:
-            raise ValueError(f"{path}: reference statistics need 'mu' and 'sigma' arrays, found {sorted(arrays)}")
-        mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+            raise ReferenceStatsError(
+                f"{path}: reference statistics need 'mu' and 'sigma' arrays, found {sorted(arrays)}"
+            )
+        mu, sigma = _real_array(path, "mu", arrays["mu"]), _real_array(path, "sigma", arrays["sigma"])
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-        meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {"format": "foreign (mu, sigma only)"}
-        num = int(arrays["num_images"]) if "num_images" in arrays else None
-        return cls(mu, sigma, num, meta, arrays.get("features"))
+            raise ReferenceStatsError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+        _check_covariance(path, sigma)
+        features = arrays.get("features")
+        if features is not None:
+            features = _real_array(path, "features", features)
+            if features.ndim != 2 or features.shape[1] != mu.shape[0]:
+                raise ReferenceStatsError(
+                    f"{path}: 'features' has shape {features.shape}, expected [n, {mu.shape[0]}] like mu"
+                )
+        return cls(mu, sigma, _num_images(path, arrays.get("num_images")), _meta(path, arrays.get("meta")), features)
+
+
+class ReferenceStatsError(ValueError):
+    """A reference ``.npz`` that is not usable statistics (names the file, the array and the fix)."""
+
+
+_RECOMPUTE = "recompute the statistics from the reference folder (--save-reference-stats)"
+
+
+def _real_array(path: Path, name: str, array: np.ndarray) -> np.ndarray:
+    """``array`` as float64, refused unless it is real numbers, all finite."""
+    if array.dtype.kind not in "biuf":
+        raise ReferenceStatsError(f"{path}: '{name}' holds {array.dtype} values, not real numbers; {_RECOMPUTE}")
+    values = array.astype(np.float64)
+    if values.size == 0 or not np.isfinite(values).all():
+        what = "is empty" if values.size == 0 else "holds NaN or infinite values"
+        raise ReferenceStatsError(f"{path}: '{name}' {what}; {_RECOMPUTE}")
+    return values
+
+
+def _check_covariance(path: Path, sigma: np.ndarray) -> None:
+    """A covariance is symmetric and positive semi-definite (both within float64 rounding of its scale)."""
+    scale = float(np.abs(sigma).max()) or 1.0
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    if asymmetry > 1e-6 * scale:
+        raise ReferenceStatsError(
+            f"{path}: 'sigma' is not symmetric (|sigma - sigma^T| up to {asymmetry:.3g}), so not a covariance; "
+            f"{_RECOMPUTE}"
+        )
+    smallest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min())
+    if smallest < -1e-6 * scale:
+        raise ReferenceStatsError(
+            f"{path}: 'sigma' has a negative eigenvalue ({smallest:.3g}), so it is not a covariance; {_RECOMPUTE}"
+        )
+
+
+def _num_images(path: Path, array: np.ndarray | None) -> int | None:
+    """The optional ``num_images``: one integer >= 2 (a covariance needs two images)."""
+    if array is None:
+        return None
+    if array.shape != () or array.dtype.kind not in "iu" or int(array) < 2:
+        shown = array.tolist() if array.size <= 4 else f"an array of shape {array.shape}"
+        raise ReferenceStatsError(
+            f"{path}: 'num_images' must be one integer >= 2, got {shown!r} ({array.dtype}); {_RECOMPUTE}"
+        )
+    return int(array)
+
+
+def _meta(path: Path, array: np.ndarray | None) -> dict[str, Any]:
+    """The optional ``meta``: a JSON object in a 0-d string array (as :meth:`ReferenceStats.save` writes it)."""
+    if array is None:
+        return {"format": "foreign (mu, sigma only)"}
+    try:
+        meta = json.loads(str(array)) if array.shape == () and array.dtype.kind == "U" else None
+    except (json.JSONDecodeError, RecursionError):
+        meta = None
+    inception = meta.get("inception", {}) if isinstance(meta, dict) else None
+    if not isinstance(inception, dict) or not isinstance(inception.get("sha256", ""), str):
+        raise ReferenceStatsError(
+            f"{path}: 'meta' is not the JSON object --save-reference-stats writes; {_RECOMPUTE} (or delete 'meta')"
+        )
+    return meta
 
 
 def _passthrough(num_features: int) -> nn.Module:
@@ -381,19 +475,20 @@ def evaluate_fid(
     reference = Path(reference)
     if not reference.exists():
         raise FileNotFoundError(f"reference {reference} not found (a folder of images or an .npz of statistics)")
+    if not reference.is_dir() and save_reference is not None:
+        raise ValueError("--save-reference-stats needs a reference folder, not statistics")
+    loaded = None if reference.is_dir() else ReferenceStats.load(reference)  # checked before any work
     network = load_inception(inception_weights, device)
     sample_features = folder_features(
         samples, network, batch_size=batch_size, log_probs=isc, progress=progress, what="samples folder"
     )
-    if reference.is_dir():
+    if loaded is None:
         found = folder_features(reference, network, batch_size=batch_size, progress=progress, what="reference folder")
         stats = ReferenceStats.from_features(found, network, keep_features=kid)
         reference_info = {"kind": "folder", "path": str(reference), "num_images": found.num_images}
         reference_info["image_size"] = list(found.image_size)
     else:
-        if save_reference is not None:
-            raise ValueError("--save-reference-stats needs a reference folder, not statistics")
-        stats = ReferenceStats.load(reference)
+        stats = loaded
         theirs = stats.meta.get("inception", {}).get("sha256")
         if theirs is not None and theirs != network.sha256:
             raise ValueError(

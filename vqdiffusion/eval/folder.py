@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.folders import IMAGE_EXTENSIONS, ImageCaptionFolder
+from ..data.folders import IMAGE_EXTENSIONS, CaptionFileError, ImageCaptionFolder
 
 __all__ = ["MANIFEST_FILE", "ImageBatches", "captions_of", "list_images", "read_manifest", "read_rgb"]
 
@@ -50,6 +50,11 @@ def read_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError as err:  # PIL's guard against images too large to decode
+        raise ValueError(
+            f"cannot read image {path}: {err}; images of an evaluation folder are samples, not posters (resize it, "
+            "or take it out of the folder)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's decode errors
         raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
 
@@ -115,9 +120,13 @@ def captions_of(folder: str | os.PathLike, paths: list[Path], *, strict: bool = 
     manifest = read_manifest(root)
     found: dict[Path, str] = {}
     if manifest is not None:
-        for entry in manifest["images"]:
-            if not isinstance(entry, dict) or "file" not in entry:
-                continue
+        for number, entry in enumerate(manifest["images"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
+                shown = entry.get("file") if isinstance(entry, dict) else entry
+                raise ValueError(
+                    f"{root / MANIFEST_FILE}: images[{number}] has no file name (got {shown!r}); each entry needs "
+                    '"file": "NAME.png" (rewrite the folder with sample-set)'
+                )
             if isinstance(entry.get("prompt"), str):
                 found[Path(os.path.normpath(root / entry["file"]))] = entry["prompt"]
             elif isinstance(entry.get("label"), int):
@@ -130,6 +139,8 @@ def captions_of(folder: str | os.PathLike, paths: list[Path], *, strict: bool = 
         try:
             dataset = ImageCaptionFolder(root, image_size=1, verify=False)
             found = dict(zip(dataset.paths, dataset.captions, strict=True))
+        except CaptionFileError:
+            raise  # a damaged captions file is an error even where captions are optional
         except ValueError:
             if strict:
                 raise

@@ -80,6 +80,12 @@ def read_prompts(path: str | os.PathLike, *, first_caption_per_image: bool = Fal
             for number, ann in enumerate(data["annotations"]):
                 if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
                     raise ValueError(f"{path}: annotation {number} has no 'caption' string")
+                image_id = ann.get("image_id")
+                if image_id is not None and (isinstance(image_id, bool) or not isinstance(image_id, (int, str))):
+                    raise ValueError(
+                        f"{path}: annotation {number} has image_id {image_id!r}; COCO image ids are numbers (or "
+                        "strings)"
+                    )
                 if first_caption_per_image:
                     if ann.get("image_id") in seen:
                         continue

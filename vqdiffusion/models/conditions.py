@@ -28,6 +28,7 @@ from ..io import check_finite, read_weights_header
 
 logger = logging.getLogger(__name__)
 
+
 class ConditionKind(str, enum.Enum):
     """What a model is conditioned on: ``TEXT`` (cross-attention to a CLIP text sequence [B, L, D]),
     ``CLASS`` (integer labels [B] through the denoiser's label AdaLN table) or ``NONE`` (unconditional).
@@ -194,6 +195,21 @@ def _check_tokenizer_dir(path: Path) -> None:
         )
 
 
+def check_prompt_text(prompt: Any) -> None:
+    """A prompt is a string of text: ValueError for another type, or for a string holding characters that are
+    not text, such as the lone surrogates Python makes of bytes that are not UTF-8 (``"a \\udcff"`` from a
+    command-line argument ``$'a \\xff'``)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"a prompt must be a string, got {type(prompt).__name__} {prompt!r}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"the prompt {prompt!r} is not valid text: position {err.start} holds {prompt[err.start]!r}, a byte "
+            "that is not UTF-8 (in a shell argument or a file); give the prompt as UTF-8 text"
+        ) from None
+
+
 class PromptIds:
     """Prompts -> CLIP token ids [B, L]: BOS, the prompt's pieces, EOS, then ``padding_id`` up to L =
     ``max_length``.  A prompt longer than L keeps BOS, its first L - 2 pieces and EOS (with a warning unless
@@ -204,6 +220,8 @@ class PromptIds:
         self.warn_truncation = warn_truncation
 
     def __call__(self, prompts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+        for prompt in prompts:
+            check_prompt_text(prompt)
         tok = self.tokenizer
         bos, eos, pad, length = tok.bos_token_id, tok.eos_token_id, self.padding_id, self.max_length
         pieces = tok(list(prompts), add_special_tokens=True, padding=False, truncation=False, verbose=False).input_ids

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
-from ..config import ConfigBase, ConfigError, is_int
+from ..config import ConfigBase, ConfigError, check_norm_eps, check_size_limit, is_int, shown
 from .conditions import ConditionKind
 
 ACTIVATIONS = ("gelu2", "gelu")
@@ -59,7 +60,13 @@ class DenoiserConfig(ConfigBase):
             value = getattr(self, field)
             if not is_int(value) or value < 1:
                 raise ConfigError(f"{name}: {field} must be a positive integer, got {value!r}")
+        check_size_limit(name, **{f: getattr(self, f) for f in ("num_classes", "height", "width", "num_layers", "dim")})
+        check_size_limit(name, num_heads=self.num_heads, num_timesteps=self.num_timesteps)
+        check_size_limit(name, num_tokens=self.height * self.width)
         cond_dim = self.cond_dim
+        for field in ("cond_dim", "num_class_labels"):
+            if is_int(getattr(self, field)):
+                check_size_limit(name, **{field: getattr(self, field)})
         if cond_dim is not None and (not is_int(cond_dim) or cond_dim < 1):
             raise ConfigError(
                 f"{name}: cond_dim must be a positive integer (condition width) or None (unconditional), "
@@ -72,15 +79,8 @@ class DenoiserConfig(ConfigBase):
             )
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"{name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)):
-            raise ConfigError(f"{name}: mlp_ratio must be a number, got {self.mlp_ratio!r}")
-        if int(self.dim * self.mlp_ratio) < 1:
-            raise ConfigError(
-                f"{name}: mlp_ratio={self.mlp_ratio} gives an MLP hidden width of "
-                f"{int(self.dim * self.mlp_ratio)}; use a ratio > 0 (4.0 is standard)"
-            )
-        if not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
-            raise ConfigError(f"{name}: norm_eps must be > 0 (1e-5 is standard), got {self.norm_eps!r}")
+        self._check_mlp_ratio(name)
+        check_norm_eps(name, self.norm_eps)
         if not isinstance(self.attention_bias, bool):
             raise ConfigError(f"{name}: attention_bias must be true or false, got {self.attention_bias!r}")
         if self.mlp_type not in MLP_TYPES:
@@ -108,6 +108,23 @@ class DenoiserConfig(ConfigBase):
     def mask_id(self) -> int:
         """Index of the [MASK] token (= K)."""
         return self.num_classes
+
+    def _check_mlp_ratio(self, name: str) -> None:
+        """``mlp_ratio`` is a finite number giving an MLP hidden width in [1, MAX_CONFIG_SIZE]."""
+        ratio = self.mlp_ratio
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or (isinstance(ratio, float) and not math.isfinite(ratio))
+        ):
+            raise ConfigError(f"{name}: mlp_ratio must be a finite number (4.0 is standard), got {shown(ratio)}")
+        hidden = self.dim * ratio
+        check_size_limit(name, **{"MLP hidden width dim * mlp_ratio": hidden})
+        if int(hidden) < 1:
+            raise ConfigError(
+                f"{name}: mlp_ratio={ratio} gives an MLP hidden width of {int(hidden)}; use a ratio > 0 (4.0 is "
+                "standard)"
+            )
 
     @property
     def num_tokens(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ConfigBase, ConfigError, check_positive, is_int
+from ..config import ConfigBase, ConfigError, check_norm_eps, check_positive, check_size_limit, is_int
 
 ENCODER_PADDINGS = ("zeros", "replicate")
 
@@ -79,9 +79,8 @@ class VQVAEConfig(ConfigBase):
             if not is_int(value):
                 raise ConfigError(f"{name}: {key} must be an integer, got {value!r}")
         check_positive(name, **ints)
-        if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool):
-            raise ConfigError(f"{name}: norm_eps must be a number, got {self.norm_eps!r}")
-        check_positive(name, norm_eps=self.norm_eps)
+        check_size_limit(name, **ints)
+        check_norm_eps(name, self.norm_eps)
         if self.encoder_padding not in ENCODER_PADDINGS:
             raise ConfigError(
                 f"{name}: encoder_padding must be one of {list(ENCODER_PADDINGS)}, got {self.encoder_padding!r}"

@@ -202,17 +202,172 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     atomic_write_with(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a :func:`save_checkpoint` file: ``(tensors on CPU, meta)``.  Never unpickles anything.
 
-    Raises FileNotFoundError for a missing file and ValueError for a file that is not such a checkpoint.
+    With ``kind`` (:data:`DENOISER_CHECKPOINT` or :data:`VQVAE_CHECKPOINT`) the meta and tensors are checked
+    to be a training checkpoint of that kind (:func:`check_checkpoint`).  Raises FileNotFoundError for a
+    missing file and ValueError for a file that is not such a checkpoint.
     """
-    return _read_checkpoint(Path(path), with_tensors=True)
+    tensors, meta = _read_checkpoint(Path(path), with_tensors=True)
+    if kind is not None:
+        check_checkpoint(meta, str(path), kind, tensors)
+    return tensors, meta
 
 
-def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Only the ``meta`` of a :func:`save_checkpoint` file (no tensor is read)."""
-    return _read_checkpoint(Path(path), with_tensors=False)[1]
+def read_checkpoint_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """Only the ``meta`` of a :func:`save_checkpoint` file (no tensor is read), checked as
+    :func:`load_checkpoint` does when ``kind`` is given."""
+    meta = _read_checkpoint(Path(path), with_tensors=False)[1]
+    if kind is not None:
+        check_checkpoint(meta, str(path), kind)
+    return meta
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint whose meta or tensors are not what its trainer wrote (damaged or crafted)."""
+
+
+# The meta fields of each kind of checkpoint and the JSON types they must have (None: may be null); those in
+# _REQUIRED must be there (the others are read with a default, so older checkpoints may lack them).
+_OBJECT, _LIST, _TEXT = (dict,), (list,), (str,)
+_MAYBE_OBJECT, _MAYBE_LIST = (dict, type(None)), (list, type(None))
+_META_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    DENOISER_CHECKPOINT: {
+        "config": _OBJECT,
+        "denoiser_config": _OBJECT,
+        "schedule": _OBJECT,
+        "condition": _TEXT,
+        "class_names": _MAYBE_LIST,
+        "text_model_config": _MAYBE_OBJECT,
+        "data": _OBJECT,
+        "optimizer": _OBJECT,
+        "scaler": _MAYBE_OBJECT,
+        "rng": _OBJECT,
+    },
+    VQVAE_CHECKPOINT: {
+        "config": _OBJECT,
+        "model_config": _OBJECT,
+        "optimizer": _OBJECT,
+        "disc_optimizer": _MAYBE_OBJECT,
+        "rng": _OBJECT,
+    },
+}
+_REQUIRED = frozenset({"config", "denoiser_config", "model_config", "schedule", "optimizer", "rng"})
+# The weights each kind must hold (the EMA weights are what a denoiser run exports), and those that must be
+# finite.
+_WEIGHTS = {DENOISER_CHECKPOINT: ("model.", "ema."), VQVAE_CHECKPOINT: ("model.",)}
+_FINITE = ("model.", "ema.", "codebook_ema.", "disc.")
+_RETRAIN = "resume from an earlier checkpoint or train again"
+
+
+def check_checkpoint(
+    meta: Any, source: str, kind: str, tensors: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """The one validation of a training checkpoint's meta (and, when given, its tensors): every field its
+    trainer reads has the type it wrote, each tensor the meta refers to is there, and the weights are finite.
+    Raises :class:`CheckpointError` naming the file, the field and the fix; returns ``meta``."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: the checkpoint metadata is a JSON {type(meta).__name__}, not an object")
+    if "kind" not in meta:
+        raise CheckpointError(f"{source}: the checkpoint metadata has no 'kind' (expected {kind!r}); {_RETRAIN}")
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{source} is a {meta['kind']!r} checkpoint, not a {kind} training checkpoint")
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{source}: the checkpoint's 'step' must be an integer >= 0, got {step!r}")
+    for field, types in _META_FIELDS[kind].items():
+        if field not in meta and field not in _REQUIRED:
+            continue
+        if field not in meta or not isinstance(meta[field], types):
+            found = "missing" if field not in meta else f"a JSON {type(meta[field]).__name__}"
+            wanted = " or ".join("null" if t is type(None) else _JSON_NAMES[t] for t in types)
+            raise CheckpointError(f"{source}: the checkpoint's {field!r} is {found}, not {wanted}; {_RETRAIN}")
+    _check_rng_meta(meta["rng"], source)
+    for field in ("optimizer", "disc_optimizer"):
+        if meta.get(field) is not None:
+            _check_optimizer_meta(meta[field], source, field)
+    if tensors is not None:
+        _check_checkpoint_tensors(meta, source, kind, tensors)
+    return meta
+
+
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string"}
+
+
+def _check_rng_meta(rng: dict[str, Any], source: str) -> None:
+    """The RNG states :func:`capture_rng_state` wrote: Python's (3 entries, 625 words), numpy's MT19937."""
+    python, numpy_state, num_cuda = rng.get("python"), rng.get("numpy"), rng.get("num_cuda", 0)
+    good = (
+        isinstance(python, list)
+        and len(python) == 3
+        and _int_list(python[1], 625)
+        and isinstance(numpy_state, list)
+        and len(numpy_state) == 5
+        and numpy_state[0] == "MT19937"
+        and _int_list(numpy_state[1], 624)
+        and all(isinstance(v, (int, float)) for v in numpy_state[2:])
+        and isinstance(num_cuda, int)
+        and 0 <= num_cuda <= 1024
+    )
+    if not good:
+        raise CheckpointError(
+            f"{source}: the checkpoint's random number generator states ('rng') are damaged; {_RETRAIN}"
+        )
+
+
+def _int_list(value: Any, length: int) -> bool:
+    return isinstance(value, list) and len(value) == length and all(isinstance(v, int) for v in value)
+
+
+def _check_optimizer_meta(state: dict[str, Any], source: str, field: str) -> None:
+    """An optimizer state dict: ``state`` and ``param_groups``, a list of objects each with a ``params`` list."""
+    groups = state.get("param_groups")
+    good = (
+        "state" in state
+        and isinstance(groups, list)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    )
+    if not good:
+        raise CheckpointError(f"{source}: the checkpoint's optimizer state ({field!r}) is damaged; {_RETRAIN}")
+
+
+def _tensor_keys(obj: Any) -> list[str]:
+    """The tensor keys a :func:`flatten_state` document refers to."""
+    found: list[str] = []
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if set(item) == {_TENSOR} and isinstance(item[_TENSOR], str):
+                found.append(item[_TENSOR])
+            else:
+                stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+def _check_checkpoint_tensors(
+    meta: dict[str, Any], source: str, kind: str, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    needed = [f"rng.cuda.{i}" for i in range(meta["rng"].get("num_cuda", 0))] + ["rng.torch_cpu"]
+    if kind == VQVAE_CHECKPOINT:
+        needed.append("rng.trainer")
+    needed += _tensor_keys(meta["optimizer"]) + _tensor_keys(meta.get("disc_optimizer"))
+    missing = [key for key in needed if key not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{source}: the checkpoint lacks the tensor {missing[0]!r} ({len(missing)} missing); {_RETRAIN}"
+        )
+    for prefix in _WEIGHTS[kind]:
+        if not any(key.startswith(prefix) for key in tensors):
+            raise CheckpointError(f"{source}: the checkpoint holds no {prefix[:-1]!r} weights; {_RETRAIN}")
+    for key, tensor in tensors.items():
+        if key.startswith(_FINITE) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{source}: {key} holds NaN or infinite values (the run diverged before this checkpoint); {_RETRAIN}"
+            )
 
 
 def _read_checkpoint(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -53,14 +53,22 @@ def _save_grid(rows: list[torch.Tensor], path: Path) -> None:
     atomic_write_with(path, Image.fromarray(np.ascontiguousarray(grid)).save)
 
 
+def _check_vqvae_folder(data: TokenDataset, token_dir: str) -> None:
+    """The token folder's VQ-VAE must be there before training: the sample grids and the exported model
+    need it (checked now rather than after the last step)."""
+    folder = data.vqvae_dir
+    if folder is None or not Path(folder).is_dir():
+        recorded = "records no VQ-VAE folder" if folder is None else f"was made with the VQ-VAE {folder}, which is gone"
+        raise FileNotFoundError(
+            f"the token folder {token_dir} {recorded}; the trained model needs it: restore that folder or "
+            "tokenize the images again with an existing --vqvae"
+        )
+
+
 def _load_sample_vqvae(data: TokenDataset, device: torch.device):
     from ..models.vqvae import load_vqvae
 
-    folder = data.vqvae_dir
-    if folder is None or not Path(folder).exists():
-        logger.warning("the token folder's VQ-VAE %s is missing: no sample grids", folder)
-        return None
-    return load_vqvae(folder).to(device).eval()
+    return load_vqvae(data.vqvae_dir).to(device).eval()
 
 
 def train_denoiser(config: DenoiserTrainConfig, *, resume: bool | str | os.PathLike = False) -> Path:
@@ -89,6 +97,7 @@ def _train(
     out = Path(config.output_dir)
     ckpt_dir = out / "checkpoints"
     data = TokenDataset(config.token_dir)
+    _check_vqvae_folder(data, config.token_dir)
     path = checkpoint_to_resume(ckpt_dir, resume)
     if path is not None:
         trainer = DenoiserTrainer.from_checkpoint(
@@ -156,7 +165,7 @@ def _train(
             if last_saved is None:
                 last_saved = checkpoint_path(ckpt_dir, trainer.step)
                 trainer.save(last_saved)
-        export_pipeline(last_saved, out / "model")
+        export_pipeline(last_saved, out / "model", overwrite=True)  # the run's own model folder
     world.barrier()
     return out / "model"
 

@@ -227,11 +227,31 @@ class DenoiserTrainConfig(ConfigBase):
             raise ConfigError(
                 f"{name}: init_from must be a model folder, builtin:NAME or a Hub id, got {self.init_from!r}"
             )
+        self._check_relations(name)
         schedule = self.schedule(2)  # validates the endpoints
         if self.objective == "elbo" and not is_mask_only(schedule):
             raise ConfigError(
                 f"{name}: objective 'elbo' is the bound of a mask-only schedule, and this one replaces tokens "
                 "(noise_schedule mask_and_replace); use objective 'vlb' or 'masked_ce', or the reference schedule"
+            )
+
+    def _check_relations(self, name: str) -> None:
+        """Values that are each valid but contradict another: sampling steps beyond T, a negative pad id, a
+        final learning rate above the peak."""
+        if self.sample_steps > self.num_timesteps:
+            raise ConfigError(
+                f"{name}: sample_steps={self.sample_steps} is more than the num_timesteps={self.num_timesteps} "
+                f"diffusion steps; use --sample-steps <= {self.num_timesteps}"
+            )
+        if self.text_pad_token_id is not None and self.text_pad_token_id < 0:
+            raise ConfigError(
+                f"{name}: text_pad_token_id must be a token id >= 0, got {self.text_pad_token_id} (leave it out to "
+                "use the tokenizer's)"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"{name}: min_lr={self.min_lr} is above lr={self.lr}, so the learning rate would rise; use "
+                "--min-lr <= --lr"
             )
 
     def schedule(self, num_classes: int) -> MaskReplaceSchedule:

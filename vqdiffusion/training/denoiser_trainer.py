@@ -435,9 +435,7 @@ class DenoiserTrainer:
     ) -> DenoiserTrainer:
         """A trainer restored from ``path``; ``config`` (default: the checkpoint's) may change only
         :data:`RESUMABLE_FIELDS` and must give the same model (ConfigError naming the differing fields)."""
-        tensors, meta = load_checkpoint(path)
-        if meta.get("kind") != DENOISER_CHECKPOINT:
-            raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint, not a denoiser training checkpoint")
+        tensors, meta = load_checkpoint(path, DENOISER_CHECKPOINT)
         saved = DenoiserTrainConfig.from_dict(meta["config"])
         config = saved if config is None else config
         data = TokenDataset(config.token_dir) if data is None else data

@@ -21,7 +21,7 @@ from ..config import ConfigError
 from ..data.tokens import CONDITION_OF_DATA_KIND
 from ..diffusion import MaskReplaceSchedule
 from ..formats.ours import write_history
-from ..io import load_into
+from ..io import check_new_folder, load_into
 from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
 from ..models.denoiser import Denoiser, DenoiserConfig
 from ..pipeline import PipelineDefaults, VQDiffusionPipeline
@@ -32,7 +32,6 @@ from .denoiser_config import DenoiserTrainConfig
 from .init_from import stage_record
 
 __all__ = ["export_pipeline", "pipeline_from_checkpoint", "training_defaults"]
-
 
 
 def training_defaults(schedule: MaskReplaceSchedule, has_null: bool) -> PipelineDefaults:
@@ -129,9 +128,7 @@ def _pipeline_and_meta(
     from ..models.vqvae import load_vqvae
 
     path = _resolve_checkpoint(checkpoint)
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != DENOISER_CHECKPOINT:
-        raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint, not a denoiser training checkpoint")
+    tensors, meta = load_checkpoint(path, DENOISER_CHECKPOINT)
     kind = checkpoint_condition(meta)
     state = take_prefix("model", tensors)
     if ema:
@@ -175,13 +172,16 @@ def export_pipeline(
     vqvae_dir: str | os.PathLike | None = None,
     defaults: dict[str, Any] | None = None,
     weights_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the pipeline of ``checkpoint`` (see :func:`pipeline_from_checkpoint`) to ``out_dir``; returns it.
 
     ``defaults`` replaces fields of the model's default sampling settings (:class:`PipelineDefaults`);
     ``weights_dtype`` stores the weights in that dtype (see :meth:`VQDiffusionPipeline.save_pretrained`).
     The folder's ``history.json`` records the stages that trained it (:func:`training_history`).
+    An ``out_dir`` that exists and is not empty is refused unless ``overwrite``.
     """
+    check_new_folder(out_dir, overwrite=overwrite, what="the model folder")
     pipe, meta = _pipeline_and_meta(checkpoint, ema=ema, vqvae_dir=vqvae_dir)
     if defaults:
         pipe.defaults = pipe.sampling_options(**defaults)  # validated for this model

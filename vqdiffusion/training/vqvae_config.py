@@ -187,6 +187,11 @@ class VQVAETrainConfig(ConfigBase):
         for key, value in floats_nonneg.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ConfigError(f"{name}: {key} must be a number >= 0, got {value!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"{name}: min_lr={self.min_lr} is above lr={self.lr}, so the learning rate would rise; use "
+                "--min-lr <= --lr"
+            )
         if not 0.0 < self.codebook_decay < 1.0:
             raise ConfigError(f"{name}: codebook_decay must be in (0, 1), got {self.codebook_decay}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):

@@ -278,9 +278,7 @@ class VQVAETrainer:
     ) -> VQVAETrainer:
         """A trainer restored from ``path``; ``config`` (default: the checkpoint's) may change only
         :data:`RESUMABLE_FIELDS`."""
-        tensors, meta = load_checkpoint(path)
-        if meta.get("kind") != VQVAE_CHECKPOINT:
-            raise ValueError(f"{path} is a {meta.get('kind')!r} checkpoint, not a VQ-VAE training checkpoint")
+        tensors, meta = load_checkpoint(path, VQVAE_CHECKPOINT)
         saved = VQVAETrainConfig.from_dict(meta["config"])
         config = saved if config is None else config
         check_resume_config(saved, config, RESUMABLE_FIELDS, str(path))
