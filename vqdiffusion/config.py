@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +30,13 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def renamed(message: str, names: Mapping[str, str]) -> str:
+    """A message that starts with a setting's name (``"<name> must ..."``, as every settings check writes it)
+    with that name replaced by its spelling in ``names`` (a CLI flag, a form label); unchanged otherwise."""
+    first = message.split(" ", 1)[0].rstrip(":")
+    return names[first] + message[len(first) :] if first in names else message
 
 
 def setting(

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from ..config import renamed
 from .errors import CLIError
 
 # The shared settings whose flags predate the generated names (every other flag is --<field-name>).
@@ -87,8 +88,5 @@ def sampling_arguments(args: argparse.Namespace) -> dict[str, object]:
 
 
 def flag_message(message: str) -> str:
-    """A SamplingOptions message (it starts with the setting's name) with the setting named by its flag."""
-    first = message.split(" ", 1)[0].rstrip(":")
-    if first not in {dest for dest, _, _, _ in sampling_flags().values()}:
-        return message
-    return flag_of(first) + message[len(first) :]
+    """A settings message (it starts with the setting's name) with the setting named by its flag."""
+    return renamed(message, {dest: flag for flag, (dest, _, _, _) in sampling_flags().items()})

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import first_line, is_int, is_number
+from ..config import first_line, is_int, is_number, renamed
 from ..pipeline import PipelineOutput, VQDiffusionPipeline
 from ..samplers import SAMPLERS, sampler_settings
 from ..sampling import SamplingOptions
@@ -310,8 +310,7 @@ class _Request:
 
 def _labelled(message: str) -> str:
     """A settings message (it starts with the setting's name) with the setting named by its control."""
-    first = message.split(" ", 1)[0]
-    return label_of(first) + message[len(first) :] if first in sampling_settings() else message
+    return renamed(message, {name: label_of(name) for name in sampling_settings()})
 
 
 def _drawn_mask(layers: list[Any], background: Image.Image | None) -> Image.Image | None:

@@ -233,10 +233,20 @@ class VQDiffusionPipeline(EditingMixin):
             prompt, given, num_images_per_prompt, generator, output_type, progress, batch_size, callback
         )
 
+    def call_options(self, **given: Any) -> SamplingOptions:
+        """The options of one call: :meth:`sampling_options` of the non-None ``given`` settings, and for an
+        unconditional model guidance 1 (it has no condition to guide by; another value is an error)."""
+        if self.condition_kind == ConditionKind.NONE:
+            scale = given.get("guidance_scale")
+            if scale not in (None, 1.0):
+                raise ValueError(f"an unconditional model has no guidance; got guidance_scale={scale}")
+            given = {**given, "guidance_scale": 1.0}
+        return self.sampling_options(**given)
+
     def _generate(
         self,
         prompt: str | list[str] | list[int] | None,
-        given: dict[str, Any],
+        sampling: dict[str, Any] | SamplingOptions,
         num_images_per_prompt: int,
         generator: Generator,
         output_type: OutputType,
@@ -245,17 +255,13 @@ class VQDiffusionPipeline(EditingMixin):
         callback: Callable[[int, int], None] | None,
         edit: EditRows | None = None,
     ) -> PipelineOutput:
-        """:meth:`__call__` with the sampling knobs as ``given`` (None = the model's default) and, for the
-        editing methods, ``edit(rows, options, generator)``: the extra :func:`sample_tokens` keywords (known
-        tokens, start state, steps) of the image rows ``rows`` ([b] long) of one chain run."""
-        guidance_scale = given.get("guidance_scale")
+        """:meth:`__call__` with the sampling settings ``sampling`` (the keywords, None = the model's default,
+        resolved here by :meth:`call_options`; or the options an editing method resolved already) and, for
+        the editing methods, ``edit(rows, options, generator)``: the extra :func:`sample_tokens` keywords
+        (known tokens, start state, steps) of the image rows ``rows`` ([b] long) of one chain run."""
         unconditional = self.condition_kind == ConditionKind.NONE
-        if unconditional:
-            if prompt is not None:
-                raise ValueError("this model is unconditional: pass prompt=None and num_images_per_prompt")
-            if guidance_scale not in (None, 1.0):
-                raise ValueError(f"an unconditional model has no guidance; got guidance_scale={guidance_scale}")
-            given = {**given, "guidance_scale": 1.0}
+        if unconditional and prompt is not None:
+            raise ValueError("this model is unconditional: pass prompt=None and num_images_per_prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not unconditional and (not isinstance(prompts, list) or not prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
@@ -267,7 +273,7 @@ class VQDiffusionPipeline(EditingMixin):
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if output_type not in ("pil", "np", "pt", "tokens"):
             raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'tokens', got {output_type!r}")
-        options = self.sampling_options(**given)
+        options = sampling if isinstance(sampling, SamplingOptions) else self.call_options(**sampling)
 
         batch = num_images_per_prompt * (1 if unconditional else len(prompts))
         chunks = self.plan_batches(batch, output_type, options.uses_guidance, batch_size)

@@ -3,7 +3,7 @@ run of the pipeline's generation with known tokens or a start state, and the reg
 sampler filling a fixed count per step needs (one run per mask size, the rows put back in order).
 
 :class:`EditingMixin` reads of the pipeline only its components (``vqvae``, ``denoiser``, ``schedule``,
-``device``), :meth:`sampling_options` and :meth:`_generate`; the math is in :mod:`vqdiffusion.editing`.
+``device``), :meth:`call_options` and :meth:`_generate`; the math is in :mod:`vqdiffusion.editing`.
 """
 
 from __future__ import annotations
@@ -103,17 +103,16 @@ class EditingMixin:
             row_prompt = rows.to(x0.device) // n
             return {"known": KnownTokens(x0[row_prompt], ~regenerate[row_prompt], known_tokens)}
 
-        given = _sampling_given(sampling)
-        options = self.sampling_options(**given)
+        options = self.call_options(**_sampling_given(sampling))  # once for the whole call
         counts = regenerate.sum(1).tolist()
         if options.sampler.fills_fixed_count and len(set(counts)) > 1:
             # a counting sampler needs equal [MASK] counts per run: one run per mask size, rows put back in order
             groups = [[p for p, c in enumerate(counts) if c == value] for value in sorted(set(counts))]
             return self._edit_in_groups(
-                prompts, groups, given, n, generator, output_type, progress, batch_size, callback, edit
+                prompts, groups, options, n, generator, output_type, progress, batch_size, callback, edit
             )
         return self._generate(
-            self._as_prompt(prompt, prompts), given, n, generator, output_type, progress, batch_size, callback, edit
+            self._as_prompt(prompt, prompts), options, n, generator, output_type, progress, batch_size, callback, edit
         )
 
     @torch.inference_mode()
@@ -180,9 +179,9 @@ class EditingMixin:
             )
             return {"x_init": x_init, "timesteps": steps}
 
-        given = _sampling_given(sampling)
+        options = self.call_options(**_sampling_given(sampling))
         return self._generate(
-            self._as_prompt(prompt, prompts), given, n, generator, output_type, progress, batch_size, callback, edit
+            self._as_prompt(prompt, prompts), options, n, generator, output_type, progress, batch_size, callback, edit
         )
 
     def _edit_prompts(self, prompt: Any, inputs: tuple[tuple[str, int], ...]) -> list[Any]:
@@ -204,7 +203,7 @@ class EditingMixin:
         self,
         prompts: list[Any],
         groups: list[list[int]],
-        given: dict[str, Any],
+        options: SamplingOptions,
         n: int,
         generator: Generator,
         output_type: OutputType,
@@ -229,7 +228,7 @@ class EditingMixin:
             outputs.append(
                 self._generate(
                     [prompts[p] for p in group],
-                    given,
+                    options,
                     n,
                     [generator[r] for r in rows] if per_image else generator,
                     output_type,
