@@ -4,7 +4,8 @@ Each image is ``64 x 64`` RGB on a black background with one or two non-overlapp
 four attributes, drawn from a fixed vocabulary (the evaluator in :mod:`vqdiffusion.eval.shapes` and outside
 checks rely on it, so it must not change):
 
-* shape: ``circle``, ``square``, ``triangle`` (isosceles, pointing up);
+* shape: ``circle``, ``square``, ``triangle`` (isosceles, pointing up); the evaluator may also read an object
+  as :data:`UNKNOWN_SHAPE` (none of them), which is never drawn, captioned or prompted;
 * color: the eight names of :data:`COLORS` with their exact RGB values;
 * size: ``small`` (bounding box about 12 px) or ``large`` (about 24 px), see :data:`SIZE_PIXELS`;
 * position: the cell of a 3 x 3 grid holding the centre of the object's bounding box, see :data:`POSITIONS`.
@@ -69,6 +70,7 @@ __all__ = [
     "SIZE_JITTER",
     "SIZE_PIXELS",
     "SPLITS",
+    "UNKNOWN_SHAPE",
     "Placement",
     "Scene",
     "ShapeObject",
@@ -88,6 +90,10 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+#: The shape of a detected object that is none of :data:`SHAPES` (a blob, an oval, a rounded square): a
+#: :class:`ShapeObject` may carry it, but it is never rendered, captioned or drawn by :func:`sample_scene`, so
+#: it is wrong for every prompt.
+UNKNOWN_SHAPE = "unknown"
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -145,8 +151,9 @@ DEFAULT_TWO_OBJECT_FRACTION = 0.3
 
 @dataclass(frozen=True)
 class ShapeObject:
-    """One object: ``shape`` in :data:`SHAPES`, ``color`` in :data:`COLORS`, ``size`` in :data:`SIZES`,
-    ``position`` in :data:`POSITIONS`.  Out-of-vocabulary values raise ``ValueError``."""
+    """One object: ``shape`` in :data:`SHAPES` (or :data:`UNKNOWN_SHAPE`, for a detected object only),
+    ``color`` in :data:`COLORS`, ``size`` in :data:`SIZES`, ``position`` in :data:`POSITIONS`.
+    Out-of-vocabulary values raise ``ValueError``."""
 
     shape: str
     color: str
@@ -155,7 +162,7 @@ class ShapeObject:
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
-            ("shape", self.shape, SHAPES),
+            ("shape", self.shape, (*SHAPES, UNKNOWN_SHAPE)),
             ("color", self.color, COLORS),
             ("size", self.size, SIZES),
             ("position", self.position, POSITIONS),
@@ -354,6 +361,8 @@ def layout(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> tu
     Position and size are drawn from ``rng``; overlapping draws are retried, falling back to the
     pushed-apart placement.  Raises ``ValueError`` when the scene is not :func:`is_feasible`.
     """
+    if any(obj.shape not in SHAPES for obj in scene.objects):
+        raise ValueError(f"only shapes of {SHAPES} can be rendered, got {scene}")
     if not is_feasible(scene):
         raise ValueError(f"scene cannot be rendered without overlap or shared cells: {scene}")
     placements: list[Placement] = []
@@ -424,6 +433,8 @@ def _article(word: str) -> str:
 
 
 def _object_phrase(obj: ShapeObject, template: int, size_word: str, where: str) -> str:
+    if obj.shape not in SHAPES:
+        raise ValueError(f"only shapes of {SHAPES} can be captioned, got {obj.shape!r}")
     return OBJECT_TEMPLATES[template].format(
         a=_article(size_word),
         a_color=_article(obj.color),
