@@ -62,7 +62,11 @@ def test_perfect_model_scores_one_and_blank_model_zero(tmp_path: Path) -> None:
     data = json.loads(json_path.read_text())
     assert set(data["sets"]) == {"single_seen", "two_objects", "heldout"}
     assert Image.open(grid_path).size == (8 * 64, 3 * 64)
-    assert "| heldout | 10 | 100.0% |" in format_table(perfect)
+    # fully correct with its Wilson interval (10 of 10: [72.2, 100]), strict and lenient shape rule
+    table = format_table(perfect)
+    assert "| heldout | 10 | 100.0% [72.2, 100.0] |" in table
+    assert table.splitlines()[2].endswith("| 100.0% [72.2, 100.0] |")
+    assert data["sets"]["heldout"]["lenient_fully_correct"] == 1.0
     assert set(data["tokenizer_psnr"]) == {"seen_pairs", "heldout_pairs"}
 
 

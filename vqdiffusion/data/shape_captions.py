@@ -44,6 +44,8 @@ def _article(word: str) -> str:
 
 
 def _object_phrase(obj: ShapeObject, template: int, size_word: str, where: str) -> str:
+    if obj.shape not in SHAPES:
+        raise ValueError(f"only shapes of {SHAPES} can be captioned, got {obj.shape!r}")
     return OBJECT_TEMPLATES[template].format(
         a=_article(size_word),
         a_color=_article(obj.color),

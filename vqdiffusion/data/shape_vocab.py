@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+#: The shape of a detected object that is none of :data:`SHAPES` (a blob, an oval, a rounded square): a
+#: :class:`ShapeObject` may carry it, but it is never rendered, captioned or drawn by ``sample_scene``, so
+#: it is wrong for every prompt.
+UNKNOWN_SHAPE = "unknown"
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -51,7 +55,7 @@ class ShapeObject:
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
-            ("shape", self.shape, SHAPES),
+            ("shape", self.shape, (*SHAPES, UNKNOWN_SHAPE)),
             ("color", self.color, COLORS),
             ("size", self.size, SIZES),
             ("position", self.position, POSITIONS),

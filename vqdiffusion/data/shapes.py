@@ -70,11 +70,13 @@ from .shape_vocab import (
     SIZE_PIXELS,
     SIZES,
     SPLITS,
+    UNKNOWN_SHAPE,
     Scene,
     ShapeObject,
 )
 
 __all__ = [
+    "UNKNOWN_SHAPE",
     "CELL_MARGIN",
     "SIZE_WORDS",
     "TWO_OBJECT_TEMPLATES",
@@ -293,6 +295,8 @@ def layout(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> tu
     Position and size are drawn from ``rng``; overlapping draws are retried, falling back to the
     pushed-apart placement.  Raises ``ValueError`` when the scene is not :func:`is_feasible`.
     """
+    if any(obj.shape not in SHAPES for obj in scene.objects):
+        raise ValueError(f"only shapes of {SHAPES} can be rendered, got {scene}")
     if not is_feasible(scene):
         raise ValueError(f"scene cannot be rendered without overlap or shared cells: {scene}")
     placements: list[Placement] = []

@@ -3,7 +3,9 @@
 The ``shapes`` suite prompts a model with the canonical captions of the three prompt sets of
 :mod:`vqdiffusion.data.shapes` (single objects of seen colour-shape pairs, two objects, held-out pairs),
 detects what was drawn with :func:`vqdiffusion.eval.shapes.detect`, and reports the fraction of images with
-every stated attribute right plus per-attribute accuracies.
+every stated attribute right (with its 95% Wilson interval) plus per-attribute accuracies, all under the strict
+shape rule (a square with rounded-off corners or a blob is no square), and the fully-correct rate under the
+lenient rule of earlier reports (``lenient_fully_correct``) for comparison.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from ..data.shapes import PROMPT_SETS, canonical_caption, prompt_set
 from ..io import atomic_write_text, atomic_write_with, check_output_path
 from .shapes import evaluate
+from .stats import format_rate
 from .tokenizer import denoiser_x0_entropy, tokenizer_diagnostics, tokenizer_psnr
 
 
@@ -82,14 +85,17 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pat
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """A markdown table: one row per prompt set."""
+    """A markdown table: one row per prompt set; fully correct with its 95% Wilson interval, under the strict
+    shape rule and (where the report has it) the lenient one of earlier reports."""
     lines = [
-        "| prompt set | n | fully correct | shape | color | size | position | count |",
-        "|---|---|---|---|---|---|---|---|",
+        "| prompt set | n | fully correct | shape | color | size | position | count | fully correct, lenient rule |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in report["sets"].items():
+        n = int(s["n"])
+        lenient = format_rate(round(s["lenient_fully_correct"] * n), n) if "lenient_fully_correct" in s else "-"
         lines.append(
-            f"| {name} | {int(s['n'])} | {s['fully_correct']:.1%} | {s['shape']:.1%} | {s['color']:.1%} | "
-            f"{s['size']:.1%} | {s['position']:.1%} | {s['count']:.1%} |"
+            f"| {name} | {n} | {format_rate(round(s['fully_correct'] * n), n)} | {s['shape']:.1%} | "
+            f"{s['color']:.1%} | {s['size']:.1%} | {s['position']:.1%} | {s['count']:.1%} | {lenient} |"
         )
     return "\n".join(lines)
