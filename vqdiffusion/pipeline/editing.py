@@ -16,7 +16,6 @@ import torch
 
 from ..diffusion import Generator
 from ..editing import (
-    DEFAULT_KNOWN_TOKEN_MODE,
     KNOWN_TOKEN_MODES,
     KnownTokens,
     place_on_canvas,
@@ -58,7 +57,7 @@ class EditingMixin:
         image: ImageInput,
         mask: MaskInput,
         *,
-        known_tokens: str = DEFAULT_KNOWN_TOKEN_MODE,
+        known_tokens: str | None = None,
         num_images_per_prompt: int = 1,
         generator: Generator = None,
         output_type: OutputType = "pil",
@@ -76,7 +75,8 @@ class EditingMixin:
                 its f x f pixel patch holds a masked pixel; every other token of the output is the image's
                 token, unchanged (the decoder's overlap still changes the pixels next to the mask a little).
             known_tokens: what the model sees at the kept positions: ``"renoise"`` (q(x_t | x0) drawn before
-                every call, like training inputs) or ``"clean"`` (the tokens themselves).
+                every call, like training inputs) or ``"clean"`` (the tokens themselves); None: the model's
+                ``default_known_tokens`` (``"renoise"``; ``"clean"`` for a time-agnostic masked model).
             sampling: any sampling keyword of :meth:`__call__` (``num_inference_steps``, ``guidance_scale``,
                 ``truncation_rate``, ``sampler``, ...); the other arguments are those of :meth:`__call__`.
         """
@@ -91,6 +91,8 @@ class EditingMixin:
                 "the mask covers every token, so nothing of the image is kept; use plain generation (pipe(prompt)) "
                 "or a variation (pipe.variation)"
             )
+        if known_tokens is None:
+            known_tokens = self.default_known_tokens
         if known_tokens not in KNOWN_TOKEN_MODES:  # before anything is encoded or sampled
             raise ValueError(f"known_tokens must be one of {list(KNOWN_TOKEN_MODES)}, got {known_tokens!r}")
         x0 = self.encode_images(images).flatten(1)  # [I, N] on the device
