@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from support.amused import CODEBOOK, SIDE, reference_folder
@@ -204,3 +205,49 @@ def test_hub_index_accepts_amused(reference_and_folder, tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "AmusedPipeline"
     hub._check_diffusers_index(folder / "model_index.json", "amused/amused-256")
+
+
+def test_cli_sample_set_and_variation(reference_and_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from vqdiffusion.cli import main
+
+    _, folder = reference_and_folder
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "set"
+    argv = ["sample-set", "--quiet", "--model", str(folder), "--prompts", str(prompts), "--num-images", "3",
+            "--steps", "3", "--sampler", "purity", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(3)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["sampling"]["sampler"] == "purity"
+    image = tmp_path / "in.png"
+    Image.new("RGB", (2 * SIDE, 2 * SIDE), (200, 30, 30)).save(image)
+    edited = tmp_path / "var.png"
+    argv = ["variation", "a cat", "--model", str(folder), "--image", str(image), "--strength", "0.5",
+            "--steps", "4", "--quiet", "--output", str(edited)]  # fmt: skip
+    assert main(argv) == 0 and edited.is_file()
+    assert main(["generate", "a cat", "--model", str(folder), "--sampler", "ancestral", "--output",
+                 str(tmp_path / "no.png")]) != 0  # fmt: skip
+    assert "sampler='ancestral' needs a model trained on a timestep chain" in capsys.readouterr().err
+
+
+def test_demo_runs_an_amused_model(pipe):
+    from vqdiffusion.demo import DemoApp
+
+    app = DemoApp(pipe)
+    options = {"num_inference_steps": 4, "guidance_scale": 10.0, "truncation_rate": 1.0, "sampler": "confidence",
+               "spacing": "uniform", "temperature": 1.0, "seed": 0, "num_images": 1}  # fmt: skip
+    result = app.text_to_image("a red circle", options)
+    assert result.ok, result.status
+    want = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), progress=False)
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(want.images[0]))
+    bad = app.text_to_image("a red circle", {**options, "sampler": "ancestral"})
+    assert not bad.ok and "time-agnostic" in bad.status
+    pytest.importorskip("gradio", reason="the demo page needs Gradio")
+    from vqdiffusion.demo import build_demo
+
+    config = build_demo(app).config
+    by_id = {c["props"].get("elem_id"): c for c in config["components"]}
+    assert by_id["t2i-step-rule"]["props"]["visible"] is True  # the default sampler (confidence) has it
