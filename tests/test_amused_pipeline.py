@@ -162,11 +162,18 @@ def test_inpaint_keeps_known_tokens(pipe, sampler):
 def test_outpaint_and_variation(pipe):
     image = torch.rand(1, 3, 2 * SIDE, 2 * SIDE, generator=torch.Generator().manual_seed(0))
     out = pipe.variation("a cat", image, strength=0.5, num_inference_steps=6, output_type="tokens",
-                         generator=torch.Generator().manual_seed(2))  # fmt: skip
+                         generator=torch.Generator().manual_seed(2), aesthetic_score=5.0)  # fmt: skip
     assert out.tokens.shape == (1, SIDE, SIDE)
+    with pytest.raises(ValueError, match="unknown sampling keyword"):
+        pipe.variation("a cat", image, strength=0.5, aesthetic=5.0)
     out = pipe.outpaint("a cat", image[..., :, :SIDE], offset=(SIDE, 0), num_inference_steps=4, output_type="np",
                         generator=torch.Generator().manual_seed(2))  # fmt: skip
     assert out.images.shape[0] == 1
+
+
+def test_the_subclass_reads_only_its_kind():
+    with pytest.raises(ValueError, match="is not an AmusedPipeline folder; load it with VQDiffusionPipeline"):
+        AmusedPipeline.from_pretrained("builtin:shapes")
 
 
 def test_save_pretrained_round_trip(pipe, tmp_path):

@@ -268,6 +268,8 @@ class VQDiffusionPipeline(EditingMixin):
         tokens, start state, steps) of the image rows ``rows`` ([b] long) of one chain run; ``condition``: the
         model's extra condition keywords of :meth:`encode_prompt` and :meth:`null_embeddings` (aMUSEd's
         micro-conditions)."""
+        given = dict(given)
+        condition = {**(condition or {}), **self._split_condition(given)}
         guidance_scale = given.get("guidance_scale")
         unconditional = self.condition_kind == ConditionKind.NONE
         if unconditional:
@@ -291,7 +293,6 @@ class VQDiffusionPipeline(EditingMixin):
 
         batch = num_images_per_prompt * (1 if unconditional else len(prompts))
         chunks = self.plan_batches(batch, output_type, options.uses_guidance, batch_size)
-        condition = condition or {}
         encoded = None if unconditional else self.encode_prompt(prompts, **condition)  # [P, ...]: a row per prompt
         per_image = isinstance(generator, (list, tuple))
         cfg = self.denoiser.config
@@ -486,6 +487,10 @@ class VQDiffusionPipeline(EditingMixin):
         kind = _index_class_name(root)
         if kind in cls._kinds and not (root / ours_format.INDEX_FILE).is_file():
             return cls._kinds[kind].from_folder(root, device=device, dtype=dtype, variant=variant)
+        if cls.index_class_name is not None:
+            raise ValueError(
+                f"{root} is not an {cls.index_class_name} folder; load it with VQDiffusionPipeline.from_pretrained"
+            )
         if variant is not None:
             raise ValueError(f"variant={variant!r} applies to aMUSEd folders only; {root} is a VQ-Diffusion model")
         if (root / ours_format.INDEX_FILE).is_file():

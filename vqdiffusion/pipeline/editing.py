@@ -9,7 +9,7 @@ sampler filling a fixed count per step needs (one run per mask size, the rows pu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -105,7 +105,7 @@ class EditingMixin:
             row_prompt = rows.to(x0.device) // n
             return {"known": KnownTokens(x0[row_prompt], ~regenerate[row_prompt], known_tokens)}
 
-        given = _sampling_given(sampling)
+        given = _sampling_given(sampling, self._split_condition(dict(sampling)))
         options = self.sampling_options(**given)
         counts = regenerate.sum(1).tolist()
         if options.sampler.fills_fixed_count and len(set(counts)) > 1:
@@ -182,7 +182,7 @@ class EditingMixin:
             )
             return {"x_init": x_init, "timesteps": steps}
 
-        given = _sampling_given(sampling)
+        given = _sampling_given(sampling, self._split_condition(dict(sampling)))
         return self._generate(
             self._as_prompt(prompt, prompts), given, n, generator, output_type, progress, batch_size, callback, edit
         )
@@ -252,10 +252,10 @@ class EditingMixin:
         return PipelineOutput(images=images[back.numpy() if output_type == "np" else back], tokens=tokens)
 
 
-def _sampling_given(sampling: dict[str, Any]) -> dict[str, Any]:
-    """The sampling keywords of an editing call, checked against :class:`SamplingOptions`' fields and the
-    strategies' settings."""
-    fields = [f.name for f in dataclasses.fields(SamplingOptions)] + list(sampler_settings())
+def _sampling_given(sampling: dict[str, Any], condition: Collection[str] = ()) -> dict[str, Any]:
+    """The sampling keywords of an editing call, checked against :class:`SamplingOptions`' fields, the
+    strategies' settings and the model's own ``condition`` keywords (aMUSEd's micro-conditions)."""
+    fields = [f.name for f in dataclasses.fields(SamplingOptions)] + list(sampler_settings()) + list(condition)
     unknown = sorted(set(sampling) - set(fields))
     if unknown:
         raise ValueError(f"unknown sampling keyword(s) {unknown}; the sampling keywords are {fields}")
