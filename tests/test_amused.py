@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.tokenizers import BOS, EOS, tiny_clip_vocab, write_tiny_tokenizer
+from support.amused import CODEBOOK, MASK, SIDE, uvit_args
+from support.amused import perturb as _perturb
+from support.amused import reference_pipeline as _reference_pipeline
+from support.tokenizers import write_tiny_tokenizer
 
 from vqdiffusion.config import ConfigError
 from vqdiffusion.formats.amused import (
@@ -31,90 +34,7 @@ from vqdiffusion.models.uvit import AmusedCondition, UVit, UVitConfig, default_m
 diffusers = pytest.importorskip("diffusers")
 from diffusers.pipelines.deprecated.amused.pipeline_amused import AmusedPipeline  # noqa: E402
 
-CODEBOOK, VOCAB, MASK = 30, 40, 39
-SIDE = 4  # token grid side; the VQ has f = 2, so images are 8 x 8
 ATOL = 1e-5
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    """Random values everywhere (norm scales, GRN gammas and zero-initialised layers included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.add_(0.2 * torch.randn(param.shape, generator=gen))
-
-
-def _uvit_args(**overrides) -> dict:
-    args = dict(
-        hidden_size=32,
-        use_bias=False,
-        cond_embed_dim=12,
-        micro_cond_encode_dim=4,
-        micro_cond_embed_dim=20,
-        encoder_hidden_size=24,
-        vocab_size=VOCAB,
-        codebook_size=CODEBOOK,
-        in_channels=16,
-        block_out_channels=32,
-        num_res_blocks=1,
-        downsample=True,
-        upsample=True,
-        block_num_heads=2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        layer_norm_eps=1e-6,
-        ln_elementwise_affine=True,
-        sample_size=SIDE,
-    )
-    return {**args, **overrides}
-
-
-def _reference_pipeline(tokenizer_dir: Path, seed: int = 0, **uvit_overrides) -> AmusedPipeline:
-    from diffusers import AmusedScheduler, UVit2DModel, VQModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    torch.manual_seed(seed)
-    transformer = UVit2DModel(**_uvit_args(**uvit_overrides)).eval()
-    _perturb(transformer, seed)
-    vqvae = VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=8,
-        num_vq_embeddings=CODEBOOK,
-        norm_num_groups=4,
-        sample_size=8,
-        mid_block_add_attention=False,
-        lookup_from_codebook=True,
-        force_upcast=True,
-    ).eval()
-    _perturb(vqvae, seed + 1)
-    vocab, _ = tiny_clip_vocab()
-    text_config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        projection_dim=12,
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[EOS],
-    )
-    text_encoder = CLIPTextModelWithProjection(text_config).eval()
-    _perturb(text_encoder, seed + 2)
-    return AmusedPipeline(
-        vqvae=vqvae,
-        tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True),
-        text_encoder=text_encoder,
-        transformer=transformer,
-        scheduler=AmusedScheduler(mask_token_id=MASK, masking_schedule="cosine"),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +92,7 @@ def test_logits_equal_uvit2d(overrides):
     from diffusers import UVit2DModel
 
     torch.manual_seed(1)
-    ref = UVit2DModel(**_uvit_args(**overrides)).eval()
+    ref = UVit2DModel(**uvit_args(**overrides)).eval()
     _perturb(ref, 1)
     config = uvit_config_from_diffusers(dict(ref.config), mask_token_id=MASK)
     model = UVit(config).eval()
@@ -235,7 +155,7 @@ def test_network_checks_inputs(ours):
     ],
 )
 def test_config_errors_name_the_field(field, value, message):
-    args = {k: v for k, v in _uvit_args().items()}
+    args = {k: v for k, v in uvit_args().items()}
     args[field] = value
     with pytest.raises(ConfigError, match=message):
         UVitConfig(**args)
@@ -243,12 +163,12 @@ def test_config_errors_name_the_field(field, value, message):
 
 def test_config_from_diffusers_refuses_unknown_keys():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['bogus'\]"):
-        uvit_config_from_diffusers({**_uvit_args(), "bogus": 1})
+        uvit_config_from_diffusers({**uvit_args(), "bogus": 1})
     assert uvit_config_from_diffusers({"_class_name": "UVit2DModel"}) == UVitConfig(sample_size=64)
 
 
 def test_key_map_names_every_family():
-    config = uvit_config_from_diffusers(_uvit_args(use_bias=True, block_out_channels=16))
+    config = uvit_config_from_diffusers(uvit_args(use_bias=True, block_out_channels=16))
     key_map = diffusers_to_uvit_key_map(config)
     assert key_map["transformer_layers.1.norm3.norm.weight"] == "layers.1.norm_mlp.norm.weight"
     assert key_map["transformer_layers.0.ff.net.0.proj.weight"] == "layers.0.mlp_in.weight"

@@ -34,10 +34,11 @@ def test_registry_names_and_properties() -> None:
     assert all(cls.name == name for name, cls in SAMPLERS.items())
     assert [n for n, c in SAMPLERS.items() if c.fills_fixed_count] == ["uniform", "purity", "confidence"]
     assert [n for n, c in SAMPLERS.items() if c.needs_mask_only_schedule] == ["remdm", "first_hitting"]
+    assert [n for n, c in SAMPLERS.items() if c.needs_timestep] == ["ancestral"]
     assert Purity.setting_names() == ("tokens_per_call", "prior_weight")
     assert set(sampler_settings()) == {
-        "tokens_per_call", "order", "prior_weight", "masking_schedule", "choice_temperature", "remask_schedule",
-        "remask_eta",
+        "tokens_per_call", "order", "prior_weight", "masking_schedule", "choice_temperature", "step_rule",
+        "remask_schedule", "remask_eta",
     }  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from .samplers import (
     Ancestral,
     Chain,
     Sampler,
+    check_model_kind,
     make_sampler,
     sampler_settings,
 )
@@ -236,6 +237,7 @@ def sample_tokens(
     token_shape: tuple[int, int] | None = None,
     known: KnownTokens | None = None,
     x_init: torch.Tensor | None = None,
+    time_agnostic: bool = False,
 ) -> torch.Tensor:
     """Run the reverse chain from all-[MASK] (or ``x_init``) at step ``timesteps[0]`` down to x0 (paper
     sec. 3.3).
@@ -260,6 +262,8 @@ def sample_tokens(
         x_init: [B, N] long start state in [0, K] (a variation's x_t ~ q(x_t | x0)); default all [MASK].
             A strategy that fills a fixed count per step (``fills_fixed_count``) needs the same number of
             [MASK] positions in every row of the start and fills only those.
+        time_agnostic: ``predict`` ignores t (a masked model such as aMUSEd): a strategy that
+            ``needs_timestep`` is refused (ValueError naming the ones that apply).
     Returns:
         [B, N] long tokens in [0, K).
     """
@@ -270,6 +274,7 @@ def sample_tokens(
         steps = [int(t) for t in timesteps]
     check_timesteps(schedule, steps)
     strategy = options.sampler
+    check_model_kind(strategy, time_agnostic)
     x_t = _start_state(schedule, batch_size, num_tokens, device, known, x_init)
     if strategy.fills_fixed_count and _start_mask_count(x_t, schedule.mask_id, strategy) == 0:
         return x_t  # nothing to fill

@@ -89,11 +89,17 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Hub ids: use the cache only, never download (also: HF_HUB_OFFLINE=1)",
     )
+    parser.add_argument(
+        "--variant", default=None, help="aMUSEd models: the weights variant, e.g. fp16 (<stem>.fp16.safetensors)"
+    )
 
 
 def hub_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Hub flags as ``from_pretrained`` keywords."""
-    return {"revision": args.revision, "cache_dir": args.cache_dir, "local_files_only": args.local_files_only}
+    options = {"revision": args.revision, "cache_dir": args.cache_dir, "local_files_only": args.local_files_only}
+    if getattr(args, "variant", None) is not None:
+        options["variant"] = args.variant
+    return options
 
 
 def _output_kind(args: argparse.Namespace) -> str:
@@ -236,7 +242,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         else {
             "hidden_size": pipe.text_encoder.hidden_size,
             "max_length": pipe.text_encoder.max_length,
-            "pad_token_id": pipe.text_encoder.pad_token_id,
+            "pad_token_id": getattr(pipe.text_encoder, "pad_token_id", pipe.text_encoder.tokenizer.pad_token_id),
         },
         "null_condition": (
             ("learned" if pipe.null_condition is not None else "empty prompt")

@@ -38,11 +38,21 @@ from .budget import (
 from .loss import ImportanceTimestepSampler, LossTerms, diffusion_loss, log_one_hot
 from .posterior import LOG_EPS, posterior_log_probs, q_sample
 from .random import Generator, rand_uniform, sample_categorical
-from .schedule import SPACINGS, MaskReplaceSchedule, check_timesteps, spaced_timesteps, uniform_timesteps
+from .schedule import (
+    MASKING_SHAPES,
+    SPACINGS,
+    MaskingSchedule,
+    MaskReplaceSchedule,
+    check_timesteps,
+    masked_fraction,
+    spaced_timesteps,
+    uniform_timesteps,
+)
 from .tables import ScheduleTable
 
 __all__ = [
     "LOG_EPS",
+    "MASKING_SHAPES",
     "MASS_QUANTUM_BITS",
     "PRIOR_RULES",
     "SPACINGS",
@@ -50,12 +60,14 @@ __all__ = [
     "ImportanceTimestepSampler",
     "LossTerms",
     "MaskReplaceSchedule",
+    "MaskingSchedule",
     "ScheduleTable",
     "check_timesteps",
     "diffusion_loss",
     "guided_log_probs",
     "log_one_hot",
     "log_softmax_classes",
+    "masked_fraction",
     "ordered_unmask_step",
     "posterior_log_probs",
     "prior_unmask_step",

@@ -145,6 +145,48 @@ class MaskReplaceSchedule(ConfigBase):
         return q_sample(self, x0, t, generator)
 
 
+MASKING_SHAPES = ("cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSchedule(MaskReplaceSchedule):
+    """The mask-only schedule of a time-agnostic masked model (MaskGIT, aMUSEd; docs/design.md §12): no
+    token is ever replaced, and the masked fraction at step index t is
+
+        gbar_t = gamma(1 - (t + 1) / T),  gamma(r) = cos(pi r / 2) (``"cosine"``) or 1 - r (``"linear"``),
+
+    so gbar_{T-1} = 1 (all [MASK]) and gbar_{-1} = 0 (x0); abar_t = 1 - gbar_t, bbar_t = 0.  A run of S
+    uniformly spaced steps (S dividing T) leaves N gamma((i + 1) / S) positions masked after its step i, the
+    counts of aMUSEd's own sampler.  The endpoint fields of the base class are unused.
+    """
+
+    masking_schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.masking_schedule not in MASKING_SHAPES:
+            raise ConfigError(
+                f"{type(self).__name__}: masking_schedule must be one of {list(MASKING_SHAPES)}, "
+                f"got {self.masking_schedule!r}"
+            )
+        super().__post_init__()
+
+    @cached_property
+    def cumulative(self) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+        T = self.num_timesteps
+        gbar = tuple(masked_fraction(1.0 - (t + 1) / T, self.masking_schedule) for t in range(T))
+        return tuple(1.0 - g for g in gbar), (0.0,) * T, gbar
+
+
+def masked_fraction(progress: float, masking_schedule: str = "cosine") -> float:
+    """gamma(r): the fraction of positions still masked after a share r in [0, 1] of a masked model's
+    sampling run: cos(pi r / 2) or 1 - r (exactly 0 at r = 1, 1 at r = 0)."""
+    if masking_schedule not in MASKING_SHAPES:
+        raise ValueError(f"masking_schedule must be one of {list(MASKING_SHAPES)}, got {masking_schedule!r}")
+    if progress >= 1.0:
+        return 0.0
+    return math.cos(math.pi * progress / 2) if masking_schedule == "cosine" else 1.0 - progress
+
+
 def uniform_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
     """Evenly spaced step indices T-1 = t_n > ... > t_1 >= 0 for ``num_steps`` model evaluations.
 

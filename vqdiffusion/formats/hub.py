@@ -37,6 +37,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SMALL_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies and merges, sharded-weight indexes
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TRUE = {"1", "on", "yes", "true"}
+# The diffusers pipelines whose folders we read: VQ-Diffusion and aMUSEd (docs/design.md §12).
+DIFFUSERS_PIPELINES = ("VQDiffusionPipeline", "AmusedPipeline")
 
 
 class HubError(ValueError):
@@ -141,8 +143,11 @@ def _check_diffusers_index(path: Path, repo_id: str) -> None:
     from ..config import read_json_object
 
     name = read_json_object(path).get("_class_name")
-    if name != "VQDiffusionPipeline":
-        raise HubError(f"{repo_id} is not a VQ-Diffusion model: its {path.name} describes a {name!r}")
+    if name not in DIFFUSERS_PIPELINES:
+        raise HubError(
+            f"{repo_id} is not a VQ-Diffusion model: its {path.name} describes a {name!r} (this library reads "
+            f"diffusers' {' and '.join(DIFFUSERS_PIPELINES)})"
+        )
 
 
 def _hub_error(

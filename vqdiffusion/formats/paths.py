@@ -22,17 +22,19 @@ def resolve_model_path(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    variant: str | None = None,
 ) -> Path:
     """A model directory: a local folder as is, ``"builtin:<name>"`` mapped to the package's ``assets/<name>``
     folder, and a Hub id ``org/name`` (that is not an existing local path) to its snapshot folder in the
     Hugging Face cache, downloaded if needed (:func:`vqdiffusion.formats.hub.download_model`).
 
-    ``revision``, ``cache_dir`` and ``local_files_only`` apply to Hub ids only (ValueError otherwise).
+    ``revision``, ``cache_dir`` and ``local_files_only`` apply to Hub ids only (ValueError otherwise);
+    ``variant`` picks the weights fetched from the Hub (:func:`~vqdiffusion.formats.hub.pipeline_files`).
     """
     text = os.fspath(path)
     if hub_format.is_hub_id(text):
         return hub_format.download_model(
-            text, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+            text, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, variant=variant
         )
     hub_only = {"revision": revision, "cache_dir": cache_dir}
     given = [name for name, value in hub_only.items() if value is not None]

@@ -15,6 +15,8 @@ one tensor for one tensor (see :mod:`vqdiffusion.formats.diffusers_denoiser`).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,6 +227,9 @@ def cat_condition_caches(*parts: ConditionCache) -> ConditionCache:
 
 class Denoiser(nn.Module):
     """(x_t [B, N] long, t [B] long, cond [B, L, cond_dim]) -> log p(x0 | x_t, cond) [B, K, N] float32."""
+
+    # The model kind (docs/design.md §12): trained on the timestep chain of its schedule (t is an input).
+    time_agnostic: ClassVar[bool] = False
 
     def __init__(self, config: DenoiserConfig) -> None:
         super().__init__()

@@ -8,6 +8,7 @@ makes (tests/test_memory.py).
 from __future__ import annotations
 
 from .denoiser import DenoiserConfig
+from .uvit import UVitConfig
 from .vqvae import VQVAEConfig
 
 FLOAT_BYTES = 4
@@ -25,6 +26,18 @@ def denoiser_activation_elements(config: DenoiserConfig, context_length: int) ->
     return 8 * n * config.dim + 2 * n * hidden + attention + n * config.num_classes
 
 
+def uvit_activation_elements(config: UVitConfig, context_length: int) -> int:
+    """Elements live during one aMUSEd U-ViT forward pass of one image: the same counts as
+    :func:`denoiser_activation_elements` at the transformer's grid (halved per side with ``downsample``),
+    plus eight [N, C] maps of the conv stages and two [N, K] float32 logit tensors at the full grid."""
+    n_full = config.height * config.width
+    n = n_full // 4 if config.downsample else n_full
+    attention = 2 * config.num_attention_heads * n * (n + context_length)
+    stages = 8 * n_full * config.block_out_channels
+    transformer = 8 * n * config.hidden_size + 2 * n * config.intermediate_size + attention
+    return transformer + stages + 2 * n_full * config.num_classes
+
+
 def decoder_activation_elements(config: VQVAEConfig, token_shape: tuple[int, int]) -> int:
     """Elements of the VQ decoder's full-resolution activations for one image: about six feature maps of its
     widest block (C = max(block_out_channels)) at the output size H x W."""
@@ -39,7 +52,7 @@ def step_elements(config: DenoiserConfig) -> int:
 
 
 def sampling_memory_per_image(
-    denoiser: DenoiserConfig,
+    denoiser: DenoiserConfig | UVitConfig,
     vqvae: VQVAEConfig,
     context_length: int,
     output_type: str = "pil",
@@ -53,10 +66,11 @@ def sampling_memory_per_image(
     the images of ``output_type`` ("pil": uint8, "np" / "pt": float32, "tokens": none).
     """
     passes = 2 if guidance else 1
+    model_elements = uvit_activation_elements if isinstance(denoiser, UVitConfig) else denoiser_activation_elements
     token_shape = (denoiser.height, denoiser.width)
     working = FLOAT_BYTES * (
         step_elements(denoiser)
-        + passes * denoiser_activation_elements(denoiser, context_length)
+        + passes * model_elements(denoiser, context_length)
         + decoder_activation_elements(vqvae, token_shape)
     )
     pixels = 3 * token_shape[0] * token_shape[1] * vqvae.downsample_factor**2

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -461,6 +462,9 @@ class Stage(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 class UVit(nn.Module):
     """(x_t [B, N] long in [0, K], condition) -> log p(x0 | x_t, condition) [B, K, N] float32; no step input."""
+
+    # The model kind (docs/design.md §12): a masked model that predicts x0 from x_t without t.
+    time_agnostic: ClassVar[bool] = True
 
     def __init__(self, config: UVitConfig) -> None:
         super().__init__()

@@ -8,13 +8,15 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, read_json_object
 from ..devices import available_memory, format_bytes, resolve_device
 from ..diffusion import Generator, MaskReplaceSchedule
+from ..editing import DEFAULT_KNOWN_TOKEN_MODE
 from ..formats import diffusers as diffusers_format
 from ..formats import ours as ours_format
 from ..formats.components import PipelineComponents
@@ -24,7 +26,7 @@ from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCon
 from ..models.denoiser import Denoiser, DenoiserConfig
 from ..models.memory import sampling_memory_per_image
 from ..models.vqvae import VQVAE
-from ..samplers import Sampler
+from ..samplers import Sampler, check_model_kind
 from ..sampling import SamplingOptions, guided_predictor, sample_tokens
 from .editing import EditingMixin, EditRows
 from .output import PipelineOutput, batch_callback
@@ -46,7 +48,20 @@ class VQDiffusionPipeline(EditingMixin):
     Class-conditional models (the authors' ImageNet transformer) have no text encoder: their "prompts" are
     integer class labels, embedded inside the denoiser, and ``null_class_label`` (the last label row, if
     the model has one) is the unconditional input of guidance.  Unconditional models (FFHQ) have neither.
+
+    :meth:`from_pretrained` also reads the other model kinds, returning the subclass that handles them
+    (:class:`~vqdiffusion.pipeline.amused.AmusedPipeline` for aMUSEd folders, a time-agnostic masked model).
     """
+
+    # The pipelines of other model kinds by the ``_class_name`` of the diffusers index they read (a subclass
+    # that sets ``index_class_name`` registers itself, so this module imports none of them).
+    index_class_name: ClassVar[str | None] = None
+    _kinds: ClassVar[dict[str, type[VQDiffusionPipeline]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.index_class_name is not None:
+            VQDiffusionPipeline._kinds[cls.index_class_name] = cls
 
     def __init__(
         self,
@@ -227,11 +242,13 @@ class VQDiffusionPipeline(EditingMixin):
             "sampler": sampler,
             "spacing": spacing,
             "temperature": temperature,
-            **sampler_settings,
         }
+        condition = self._split_condition(sampler_settings)
+        given.update(sampler_settings)
         return self._generate(
-            prompt, given, num_images_per_prompt, generator, output_type, progress, batch_size, callback
-        )
+            prompt, given, num_images_per_prompt, generator, output_type, progress, batch_size, callback,
+            condition=condition,
+        )  # fmt: skip
 
     def call_options(self, **given: Any) -> SamplingOptions:
         """The options of one call: :meth:`sampling_options` of the non-None ``given`` settings, and for an
@@ -254,11 +271,18 @@ class VQDiffusionPipeline(EditingMixin):
         batch_size: int | None,
         callback: Callable[[int, int], None] | None,
         edit: EditRows | None = None,
+        condition: dict[str, Any] | None = None,
     ) -> PipelineOutput:
         """:meth:`__call__` with the sampling settings ``sampling`` (the keywords, None = the model's default,
         resolved here by :meth:`call_options`; or the options an editing method resolved already) and, for
         the editing methods, ``edit(rows, options, generator)``: the extra :func:`sample_tokens` keywords
-        (known tokens, start state, steps) of the image rows ``rows`` ([b] long) of one chain run."""
+        (known tokens, start state, steps) of the image rows ``rows`` ([b] long) of one chain run; ``condition``:
+        the model's extra condition keywords of :meth:`encode_prompt` and :meth:`null_embeddings` (aMUSEd's
+        micro-conditions, also taken out of ``sampling`` when it is a dict)."""
+        if not isinstance(sampling, SamplingOptions):
+            sampling = dict(sampling)
+            condition = {**(condition or {}), **self._split_condition(sampling)}
+        condition = condition or {}
         unconditional = self.condition_kind == ConditionKind.NONE
         if unconditional and prompt is not None:
             raise ValueError("this model is unconditional: pass prompt=None and num_images_per_prompt")
@@ -277,7 +301,7 @@ class VQDiffusionPipeline(EditingMixin):
 
         batch = num_images_per_prompt * (1 if unconditional else len(prompts))
         chunks = self.plan_batches(batch, output_type, options.uses_guidance, batch_size)
-        encoded = None if unconditional else self.encode_prompt(prompts)  # [P, ...]: one row per prompt
+        encoded = None if unconditional else self.encode_prompt(prompts, **condition)  # [P, ...]: a row per prompt
         per_image = isinstance(generator, (list, tuple))
         cfg = self.denoiser.config
         token_parts, image_parts = [], []
@@ -285,9 +309,9 @@ class VQDiffusionPipeline(EditingMixin):
             n = stop - start
             cond = None
             if encoded is not None:  # prompt-major: row r is prompt r // num_images_per_prompt
-                cond = encoded[torch.arange(start, stop, device=encoded.device) // num_images_per_prompt]
-            null_cond = self.null_embeddings(n) if options.uses_guidance else None
-            predict = guided_predictor(self.denoiser, cond, null_cond, options.guidance_scale)
+                cond = self._condition_rows(encoded, torch.arange(start, stop) // num_images_per_prompt)
+            null_cond = self.null_embeddings(n, **condition) if options.uses_guidance else None
+            predict = self._predictor(cond, null_cond, options.guidance_scale)
             rows_generator = generator[start:stop] if per_image else generator
             extra = {} if edit is None else edit(torch.arange(start, stop), options, rows_generator)
             tokens = sample_tokens(
@@ -301,6 +325,7 @@ class VQDiffusionPipeline(EditingMixin):
                 progress=progress,
                 callback=batch_callback(callback, chunk_index, len(chunks)),
                 token_shape=(cfg.height, cfg.width),
+                time_agnostic=self.time_agnostic,
                 **extra,
             ).view(n, cfg.height, cfg.width)
             token_parts.append(tokens)
@@ -310,6 +335,30 @@ class VQDiffusionPipeline(EditingMixin):
         if output_type == "tokens":
             return PipelineOutput(images=None, tokens=tokens)
         return PipelineOutput(images=join_outputs(image_parts, output_type), tokens=tokens)
+
+    @property
+    def time_agnostic(self) -> bool:
+        """The model kind: True for a masked model that predicts x0 from x_t without t (aMUSEd; samplers that
+        ``needs_timestep`` are refused), False for a denoiser trained on its schedule's timestep chain."""
+        return bool(getattr(self.denoiser, "time_agnostic", False))
+
+    def _split_condition(self, keywords: dict[str, Any]) -> dict[str, Any]:
+        """Take the model's own condition keywords (aMUSEd's micro-conditions) out of a call's ``keywords``;
+        a VQ-Diffusion model has none."""
+        return {}
+
+    # The known-token mode of an inpainting call that does not give one (docs/design.md §10.1).
+    default_known_tokens: ClassVar[str] = DEFAULT_KNOWN_TOKEN_MODE
+
+    def _condition_rows(self, encoded: Any, rows: torch.Tensor) -> Any:
+        """The rows ``rows`` of an :meth:`encode_prompt` result."""
+        return encoded[rows.to(encoded.device)]
+
+    def _predictor(
+        self, cond: Any, null_cond: Any, guidance_scale: float
+    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """x_t, t -> guided log p(x0 | x_t) for one chain run (:func:`guided_predictor`)."""
+        return guided_predictor(self.denoiser, cond, null_cond, guidance_scale)
 
     def memory_per_image(self, output_type: OutputType = "pil", guidance: bool = True) -> tuple[int, int]:
         """Rough upper estimates, in bytes per image: (working memory of one reverse-chain run and its decoding,
@@ -363,6 +412,7 @@ class VQDiffusionPipeline(EditingMixin):
         """
         options = self.defaults.with_values(**overrides)
         options.validate(self.schedule.num_timesteps)
+        check_model_kind(options.sampler, self.time_agnostic)
         return options
 
     @torch.no_grad()
@@ -411,6 +461,7 @@ class VQDiffusionPipeline(EditingMixin):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        variant: str | None = None,
     ) -> VQDiffusionPipeline:
         """Load a model directory: ours (``vqdiffusion.json``) or diffusers' (``model_index.json``), a
         model shipped with the package, ``"builtin:shapes"``, or a Hugging Face Hub id such as
@@ -426,15 +477,30 @@ class VQDiffusionPipeline(EditingMixin):
         what the model was trained with; for a diffusers-layout directory that is the authors' 0, since the
         published models were trained with the authors' tokenizer, not diffusers' ``<|endoftext|>``
         padding; None: the tokenizer's own padding).
+
+        A diffusers index naming another pipeline kind (``AmusedPipeline``: aMUSEd) returns that kind's
+        pipeline (:class:`~vqdiffusion.pipeline.amused.AmusedPipeline`); ``variant`` (e.g. ``"fp16"``) then
+        prefers its ``<stem>.<variant>.safetensors`` weights.
         """
         dtype = _one_dtype(dtype, torch_dtype)
         if device is not None:
             device = resolve_device(device)  # before anything is read
-        root = resolve_model_path(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        root = resolve_model_path(
+            path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, variant=variant
+        )
         if not root.exists():
             raise FileNotFoundError(f"model directory not found: {root}")
         if not root.is_dir():
             raise ValueError(f"{root} is a file, not a model directory")
+        kind = _index_class_name(root)
+        if kind in cls._kinds and not (root / ours_format.INDEX_FILE).is_file():
+            return cls._kinds[kind].from_folder(root, device=device, dtype=dtype, variant=variant)
+        if cls.index_class_name is not None:
+            raise ValueError(
+                f"{root} is not an {cls.index_class_name} folder; load it with VQDiffusionPipeline.from_pretrained"
+            )
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} applies to aMUSEd folders only; {root} is a VQ-Diffusion model")
         if (root / ours_format.INDEX_FILE).is_file():
             components = ours_format.load_ours(root, text_pad_token_id=text_pad_token_id)
         elif (root / diffusers_format.INDEX_FILE).is_file():
@@ -448,6 +514,15 @@ class VQDiffusionPipeline(EditingMixin):
         if device is not None or dtype is not None:
             pipe.to(device, dtype)
         return pipe
+
+
+def _index_class_name(root: os.PathLike) -> str | None:
+    """The ``_class_name`` of a diffusers index ``model_index.json`` in ``root`` (None without one)."""
+    index = Path(root) / diffusers_format.INDEX_FILE
+    if not index.is_file():
+        return None
+    name = read_json_object(index).get("_class_name")
+    return name if isinstance(name, str) else None
 
 
 def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:

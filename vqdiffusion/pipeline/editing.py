@@ -9,14 +9,13 @@ sampler filling a fixed count per step needs (one run per mask size, the rows pu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 
 from ..diffusion import Generator
 from ..editing import (
-    DEFAULT_KNOWN_TOKEN_MODE,
     KNOWN_TOKEN_MODES,
     KnownTokens,
     place_on_canvas,
@@ -58,7 +57,7 @@ class EditingMixin:
         image: ImageInput,
         mask: MaskInput,
         *,
-        known_tokens: str = DEFAULT_KNOWN_TOKEN_MODE,
+        known_tokens: str | None = None,
         num_images_per_prompt: int = 1,
         generator: Generator = None,
         output_type: OutputType = "pil",
@@ -76,7 +75,8 @@ class EditingMixin:
                 its f x f pixel patch holds a masked pixel; every other token of the output is the image's
                 token, unchanged (the decoder's overlap still changes the pixels next to the mask a little).
             known_tokens: what the model sees at the kept positions: ``"renoise"`` (q(x_t | x0) drawn before
-                every call, like training inputs) or ``"clean"`` (the tokens themselves).
+                every call, like training inputs) or ``"clean"`` (the tokens themselves); None: the model's
+                ``default_known_tokens`` (``"renoise"``; ``"clean"`` for a time-agnostic masked model).
             sampling: any sampling keyword of :meth:`__call__` (``num_inference_steps``, ``guidance_scale``,
                 ``truncation_rate``, ``sampler``, ...); the other arguments are those of :meth:`__call__`.
         """
@@ -91,6 +91,8 @@ class EditingMixin:
                 "the mask covers every token, so nothing of the image is kept; use plain generation (pipe(prompt)) "
                 "or a variation (pipe.variation)"
             )
+        if known_tokens is None:
+            known_tokens = self.default_known_tokens
         if known_tokens not in KNOWN_TOKEN_MODES:  # before anything is encoded or sampled
             raise ValueError(f"known_tokens must be one of {list(KNOWN_TOKEN_MODES)}, got {known_tokens!r}")
         x0 = self.encode_images(images).flatten(1)  # [I, N] on the device
@@ -103,17 +105,20 @@ class EditingMixin:
             row_prompt = rows.to(x0.device) // n
             return {"known": KnownTokens(x0[row_prompt], ~regenerate[row_prompt], known_tokens)}
 
+        sampling = dict(sampling)
+        condition = self._split_condition(sampling)  # the model's own condition keywords (aMUSEd's micro-conditions)
         options = self.call_options(**_sampling_given(sampling))  # once for the whole call
         counts = regenerate.sum(1).tolist()
         if options.sampler.fills_fixed_count and len(set(counts)) > 1:
             # a counting sampler needs equal [MASK] counts per run: one run per mask size, rows put back in order
             groups = [[p for p, c in enumerate(counts) if c == value] for value in sorted(set(counts))]
             return self._edit_in_groups(
-                prompts, groups, options, n, generator, output_type, progress, batch_size, callback, edit
+                prompts, groups, options, n, generator, output_type, progress, batch_size, callback, edit, condition
             )
         return self._generate(
-            self._as_prompt(prompt, prompts), options, n, generator, output_type, progress, batch_size, callback, edit
-        )
+            self._as_prompt(prompt, prompts), options, n, generator, output_type, progress, batch_size, callback, edit,
+            condition=condition,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def outpaint(
@@ -179,10 +184,13 @@ class EditingMixin:
             )
             return {"x_init": x_init, "timesteps": steps}
 
+        sampling = dict(sampling)
+        condition = self._split_condition(sampling)
         options = self.call_options(**_sampling_given(sampling))
         return self._generate(
-            self._as_prompt(prompt, prompts), options, n, generator, output_type, progress, batch_size, callback, edit
-        )
+            self._as_prompt(prompt, prompts), options, n, generator, output_type, progress, batch_size, callback, edit,
+            condition=condition,
+        )  # fmt: skip
 
     def _edit_prompts(self, prompt: Any, inputs: tuple[tuple[str, int], ...]) -> list[Any]:
         """The prompt as a list (``[None]`` for an unconditional model), with each input's count checked: one,
@@ -211,6 +219,7 @@ class EditingMixin:
         batch_size: int | None,
         callback: Callable[[int, int], None] | None,
         edit: EditRows,
+        condition: dict[str, Any] | None = None,
     ) -> PipelineOutput:
         """:meth:`_generate` once per group of prompt indices, each group's rows mapped back to the whole
         call's rows (for ``edit`` and a list of generators), the outputs in the call's row order."""
@@ -236,6 +245,7 @@ class EditingMixin:
                     batch_size,
                     batch_callback(callback, g, len(groups)),
                     group_edit,
+                    condition=condition,
                 )
             )
             order.extend(rows)
@@ -249,10 +259,10 @@ class EditingMixin:
         return PipelineOutput(images=images[back.numpy() if output_type == "np" else back], tokens=tokens)
 
 
-def _sampling_given(sampling: dict[str, Any]) -> dict[str, Any]:
-    """The sampling keywords of an editing call, checked against :class:`SamplingOptions`' fields and the
-    strategies' settings."""
-    fields = [f.name for f in dataclasses.fields(SamplingOptions)] + list(sampler_settings())
+def _sampling_given(sampling: dict[str, Any], condition: Collection[str] = ()) -> dict[str, Any]:
+    """The sampling keywords of an editing call, checked against :class:`SamplingOptions`' fields, the
+    strategies' settings and the model's own ``condition`` keywords (aMUSEd's micro-conditions)."""
+    fields = [f.name for f in dataclasses.fields(SamplingOptions)] + list(sampler_settings()) + list(condition)
     unknown = sorted(set(sampling) - set(fields))
     if unknown:
         raise ValueError(f"unknown sampling keyword(s) {unknown}; the sampling keywords are {fields}")

@@ -15,7 +15,7 @@ from typing import Any
 from .ancestral import Ancestral
 from .base import Chain, LogProbFn, Sampler, check_setting
 from .budget import MAX_PRIOR_WEIGHT, Budget, Purity, Uniform
-from .confidence import MAX_CHOICE_TEMPERATURE, Confidence
+from .confidence import MAX_CHOICE_TEMPERATURE, STEP_RULES, Confidence
 from .first_hitting import FirstHitting
 from .remdm import ReMDM
 
@@ -23,6 +23,7 @@ __all__ = [
     "MAX_CHOICE_TEMPERATURE",
     "MAX_PRIOR_WEIGHT",
     "SAMPLERS",
+    "STEP_RULES",
     "Ancestral",
     "Budget",
     "Chain",
@@ -33,6 +34,7 @@ __all__ = [
     "ReMDM",
     "Sampler",
     "Uniform",
+    "check_model_kind",
     "check_setting",
     "make_sampler",
     "sampler_settings",
@@ -94,3 +96,14 @@ def make_sampler(sampler: str | Sampler, base: Sampler | None = None, **values: 
                 f"got {name}={value!r} with sampler={cls.name!r}"
             )
     return cls(**{**start, **{k: v for k, v in given.items() if k in own}})
+
+
+def check_model_kind(sampler: Sampler, time_agnostic: bool) -> None:
+    """ValueError when ``sampler`` cannot run on the model kind: a strategy that ``needs_timestep`` (the
+    trained chain's exact posterior) on a time-agnostic masked model, which has no step input."""
+    if time_agnostic and sampler.needs_timestep:
+        usable = [name for name, cls in SAMPLERS.items() if not cls.needs_timestep]
+        raise ValueError(
+            f"sampler={sampler.name!r} needs a model trained on a timestep chain, but this model is time-agnostic "
+            f"(it predicts x0 from x_t without t); use one of {usable}"
+        )

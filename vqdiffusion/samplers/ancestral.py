@@ -18,6 +18,7 @@ class Ancestral(Sampler):
 
     name: ClassVar[str] = "ancestral"
     summary: ClassVar[str] = "every token at every step (the trained chain)"
+    needs_timestep: ClassVar[bool] = True
 
     def run(self, chain: Chain) -> torch.Tensor:
         steps, x_t = chain.steps, chain.x_t

@@ -2,7 +2,8 @@
 settings, checked from their field metadata) and the :class:`Chain` it runs on (docs/design.md §6).
 
 A strategy owns its settings, their checks and its loop; the callers read only its properties
-(:attr:`Sampler.fills_fixed_count`, :attr:`Sampler.needs_mask_only_schedule`) and never its name.
+(:attr:`Sampler.fills_fixed_count`, :attr:`Sampler.needs_mask_only_schedule`,
+:attr:`Sampler.needs_timestep`) and never its name.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Sampler:
     fills_fixed_count: ClassVar[bool] = False
     # Only exact for a schedule that never replaces tokens (replace mass <= 1e-5): refused otherwise.
     needs_mask_only_schedule: ClassVar[bool] = False
+    # It runs the chain of a model trained on the timestep (the exact posterior of its schedule): refused for
+    # a time-agnostic masked model (aMUSEd, MaskGIT), which predicts x0 from x_t without t.
+    needs_timestep: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

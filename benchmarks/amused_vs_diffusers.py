@@ -1,0 +1,154 @@
+"""Sampling speed: vqdiffusion's AmusedPipeline vs diffusers' AmusedPipeline, identical random weights.
+
+Builds diffusers' aMUSEd components with random weights at the amused-256 shape (``UVit2DModel``: hidden
+1024, 22 layers, 16 heads, GEGLU 2816, 768 conv channels with 3 ConvNeXt blocks per stage, a 16 x 16 token
+grid of 8192 codes; CLIP ViT-L/14's text model with projection, 12 layers of 768), saves them with
+``save_pretrained``, loads that folder with ``vqdiffusion.VQDiffusionPipeline.from_pretrained`` and runs both
+with aMUSEd's defaults (12 steps, guidance 10, the empty prompt as null, temperature (2, 0), cosine masking;
+ours: ``sampler="confidence"``, whose defaults for this model are aMUSEd's step rule) from the same seed.
+Prints seconds per call and the ratio diffusers / ours, and whether the two gave the same tokens.
+
+The VQ decoder is kept small (f = 16, 32 channels) and is not timed unless ``--decode``: it is the same
+convolution stack in both.  ``--layers`` reduces the transformer's depth for a slow CPU.  The machine may
+be shared: each time is the best (and the median) of ``--repeats`` runs after a short warm-up.
+
+    python benchmarks/amused_vs_diffusers.py                         # amused-256 shape, batch 1 and 8
+    python benchmarks/amused_vs_diffusers.py --layers 2 --repeats 1  # a loaded CPU
+    python benchmarks/amused_vs_diffusers.py --device cuda --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from vqdiffusion import VQDiffusionPipeline
+from vqdiffusion.testing import randomize_
+from vqdiffusion.text_vocab import build_char_clip_tokenizer
+
+PROMPTS = ["a photo of a cat", "a red bird on a branch", "a city at night", "a bowl of fruit"]
+
+
+def amused_256_transformer(layers: int, res_blocks: int = 3) -> dict:
+    """diffusers' UVit2DModel config of amused-256 (``num_hidden_layers`` = ``layers``, ``num_res_blocks`` =
+    ``res_blocks``)."""
+    return dict(
+        hidden_size=1024, use_bias=False, cond_embed_dim=768, micro_cond_encode_dim=256, micro_cond_embed_dim=1280,
+        encoder_hidden_size=768, vocab_size=8256, codebook_size=8192, in_channels=768, block_out_channels=768,
+        num_res_blocks=res_blocks, downsample=False, upsample=False, block_num_heads=12, num_hidden_layers=layers,
+        num_attention_heads=16, intermediate_size=2816, layer_norm_eps=1e-6, ln_elementwise_affine=True,
+        sample_size=16,
+    )  # fmt: skip
+
+
+def build_reference(layers: int, text_layers: int, res_blocks: int = 3, seed: int = 0):
+    """diffusers' AmusedPipeline with random weights at the amused-256 shape (small VQ decoder)."""
+    from diffusers import AmusedScheduler, UVit2DModel, VQModel
+    from diffusers.pipelines.deprecated.amused.pipeline_amused import AmusedPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    transformer = UVit2DModel(**amused_256_transformer(layers, res_blocks))
+    vqvae = VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 5,
+        up_block_types=("UpDecoderBlock2D",) * 5, block_out_channels=(32,) * 5, layers_per_block=1,
+        latent_channels=64, num_vq_embeddings=8192, norm_num_groups=8, sample_size=256,
+        mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True,
+    )  # fmt: skip
+    tokenizer = build_char_clip_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    for i, module in enumerate((transformer, vqvae, text_encoder)):
+        randomize_(module, seed * 10 + i, 0.02, gain_std=0.1)
+    pipe = AmusedPipeline(
+        vqvae=vqvae.eval(),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        transformer=transformer.eval(),
+        scheduler=AmusedScheduler(mask_token_id=8255, masking_schedule="cosine"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    """(best, median) seconds of ``repeats`` calls of ``fn`` and its last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=22, help="transformer layers (amused-256: 22)")
+    parser.add_argument("--res-blocks", type=int, default=3, help="ConvNeXt blocks per stage (amused-256: 3)")
+    parser.add_argument("--text-layers", type=int, default=12, help="CLIP text layers (ViT-L/14: 12)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--decode", action="store_true", help="time the VQ decoding too")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    reference = build_reference(args.layers, args.text_layers, args.res_blocks)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference.save_pretrained(tmp)
+        ours = VQDiffusionPipeline.from_pretrained(tmp, torch_dtype=dtype)
+    reference.to(args.device, dtype)
+    ours.to(args.device)
+    theirs_type, ours_type = ("pt", "pt") if args.decode else ("latent", "tokens")
+    if args.decode:  # the tokens are compared on a separate run of theirs
+        reference.set_progress_bar_config(disable=True)
+
+    def run_theirs(prompts: list[str], steps: int) -> torch.Tensor:
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        return reference(prompts, num_inference_steps=steps, generator=gen, output_type=theirs_type).images
+
+    def theirs_tokens(prompts: list[str]) -> torch.Tensor:
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        return reference(prompts, num_inference_steps=args.steps, generator=gen, output_type="latent").images.cpu()
+
+    def run_ours(prompts: list[str], steps: int):
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        return ours(prompts, num_inference_steps=steps, sampler="confidence", generator=gen, output_type=ours_type,
+                    progress=False)  # fmt: skip
+
+    params = sum(p.numel() for p in ours.denoiser.parameters())
+    print(f"transformer: {args.layers} layers, {args.res_blocks} res blocks per stage, {params / 1e6:.0f}M "
+          f"parameters; text: {args.text_layers} layers; "
+          f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, {args.steps} steps, "
+          "guidance 10")  # fmt: skip
+    print("| batch | diffusers s/call (best, median) | ours s/call (best, median) | diffusers / ours | same tokens |")
+    print("| --- | --- | --- | --- | --- |")
+    with torch.inference_mode():
+        run_theirs(PROMPTS[:1], 1), run_ours(PROMPTS[:1], 1)  # warm-up
+        for batch in args.batches:
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+            t_best, t_med, theirs = timed(lambda p=prompts: run_theirs(p, args.steps), args.repeats)
+            o_best, o_med, got = timed(lambda p=prompts: run_ours(p, args.steps), args.repeats)
+            want = theirs_tokens(prompts) if args.decode else theirs.cpu()
+            same = torch.equal(got.tokens.cpu(), want)
+            print(f"| {batch} | {t_best:.2f}, {t_med:.2f} | {o_best:.2f}, {o_med:.2f} | {t_best / o_best:.2f}x | "
+                  f"{'yes' if same else 'no'} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
