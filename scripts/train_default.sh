@@ -61,7 +61,7 @@ DENOISER_FLAGS=(--preset small --layers 4 --dim 256 --heads 4 --cond-dim 256 --t
   --aux-weight 0.05 --ema-decay 0.998 --cond-drop-prob 0.1 --mixed-precision bf16 --save-every 250
   --keep-checkpoints 3 --sample-every 1000 --log-every 50)
 DENOISER_STEPS_1=4000     # stage 1: 256k samples from scratch (lr 8e-4, warm-up 200)
-CONTINUE_STEPS=3500       # stage k >= 2: 224k samples (lr 3e-4, warm-up 100)
+CONTINUE_STEPS=3000       # stage k >= 2: 192k samples (lr 3e-4, warm-up 100)
 # The objective of each continuation stage 2, 3, ... (the last one repeats): docs/built-in-model.md.
 STAGE_OBJECTIVES=(vlb vlb vlb)
 EXPORT_FLAGS=(--half --steps 50 --guidance 1 --truncation 0.7 --sampler ancestral)
