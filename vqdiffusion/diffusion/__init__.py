@@ -37,7 +37,7 @@ from .budget import (
 )
 from .loss import ImportanceTimestepSampler, LossTerms, diffusion_loss, log_one_hot
 from .posterior import LOG_EPS, posterior_log_probs, q_sample
-from .random import Generator, rand_uniform, sample_categorical
+from .random import Generator, check_generators, rand_uniform, sample_categorical
 from .schedule import SPACINGS, MaskReplaceSchedule, check_timesteps, spaced_timesteps, uniform_timesteps
 from .tables import ScheduleTable
 
@@ -51,6 +51,7 @@ __all__ = [
     "LossTerms",
     "MaskReplaceSchedule",
     "ScheduleTable",
+    "check_generators",
     "check_timesteps",
     "diffusion_loss",
     "guided_log_probs",
