@@ -92,7 +92,7 @@ def test_the_guard_syncs_once_per_run(pipe, monkeypatch) -> None:
     """One check per chain run, whatever the number of steps (the per-step work stays on the device)."""
     checks = []
     real = FiniteWatch.check
-    monkeypatch.setattr(FiniteWatch, "check", lambda self: (checks.append(len(self.sums)), real(self))[1])
+    monkeypatch.setattr(FiniteWatch, "check", lambda self, *a: (checks.append(len(self.sums)), real(self, *a))[1])
     pipe("a red circle", num_inference_steps=7, output_type="tokens", progress=False)
     assert checks == [7]
 

@@ -207,14 +207,17 @@ class FiniteWatch:
         self.sums.append(log_p.amax(dim=1).sum(dtype=torch.float32))
         return log_p
 
-    def check(self) -> None:
-        """NonFiniteLogProbsError naming the first step whose log-probabilities were not finite."""
+    def check(self, non_finite: Callable[[int], Exception] | None = None) -> None:
+        """NonFiniteLogProbsError naming the first step whose log-probabilities were not finite, or
+        ``non_finite(t)`` (the caller's error naming the component at fault) when given."""
         if not self.sums:
             return
         finite = torch.isfinite(torch.stack(self.sums))
         if bool(finite.all()):
             return
         t = self.steps[int((~finite).nonzero()[0, 0])]
+        if non_finite is not None:
+            raise non_finite(t)
         raise NonFiniteLogProbsError(
             f"the model's log p(x0 | x_t) is NaN or infinite at step t={t}, so the samples would be garbage; its "
             "weights are broken or absurdly large: re-export or retrain the model",
@@ -276,6 +279,7 @@ def sample_tokens(
     token_shape: tuple[int, int] | None = None,
     known: KnownTokens | None = None,
     x_init: torch.Tensor | None = None,
+    non_finite: Callable[[int], Exception] | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from all-[MASK] (or ``x_init``) at step ``timesteps[0]`` down to x0 (paper
     sec. 3.3).
@@ -300,11 +304,13 @@ def sample_tokens(
         x_init: [B, N] long start state in [0, K] (a variation's x_t ~ q(x_t | x0)); default all [MASK].
             A strategy that fills a fixed count per step (``fills_fixed_count``) needs the same number of
             [MASK] positions in every row of the start and fills only those.
+        non_finite: ``t -> exception`` raised instead of :class:`NonFiniteLogProbsError` when the model's
+            log-probabilities were NaN or infinite (the pipeline's names the component at fault).
     Returns:
         [B, N] long tokens in [0, K).
     Raises:
         NonFiniteLogProbsError: the model's log p(x0 | x_t) was NaN or infinite at some step (checked once,
-            after the run: :class:`FiniteWatch`).
+            after the run: :class:`FiniteWatch`), unless ``non_finite`` gives another exception.
     """
     options.validate(schedule.num_timesteps)
     check_generators(generator, batch_size)
@@ -337,7 +343,7 @@ def sample_tokens(
         callback=callback,
     )
     tokens = strategy.run(chain)
-    watch.check()
+    watch.check(non_finite)
     return tokens
 
 

@@ -122,6 +122,7 @@ def log_probs_error(
     cond: torch.Tensor | None,
     null_cond: torch.Tensor | None,
     t: int,
+    *,
     guidance_scale: float,
 ) -> NonFiniteError:
     """The error for a run whose log p(x0 | x_t) was NaN or infinite at step ``t``, naming the component: one

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -25,7 +26,7 @@ from ..models.denoiser import Denoiser, DenoiserConfig
 from ..models.memory import sampling_memory_per_image
 from ..models.vqvae import VQVAE
 from ..samplers import Sampler
-from ..sampling import NonFiniteLogProbsError, SamplingOptions, guided_predictor, sample_tokens
+from ..sampling import SamplingOptions, guided_predictor, sample_tokens
 from .checks import (
     check_condition,
     check_dtype,
@@ -293,22 +294,20 @@ class VQDiffusionPipeline(EditingMixin):
             predict = guided_predictor(self.denoiser, cond, null_cond, options.guidance_scale)
             rows_generator = generator[start:stop] if per_image else generator
             extra = {} if edit is None else edit(torch.arange(start, stop), options, rows_generator)
-            try:
-                tokens = sample_tokens(
-                    predict,
-                    self.schedule,
-                    n,
-                    cfg.height * cfg.width,
-                    options,
-                    generator=rows_generator,
-                    device=self.device,
-                    progress=progress,
-                    callback=batch_callback(callback, chunk_index, len(chunks)),
-                    token_shape=(cfg.height, cfg.width),
-                    **extra,
-                ).view(n, cfg.height, cfg.width)
-            except NonFiniteLogProbsError as err:  # name the component at fault (runs only on failure)
-                raise log_probs_error(self, cond, null_cond, err.t, options.guidance_scale) from None
+            tokens = sample_tokens(
+                predict,
+                self.schedule,
+                n,
+                cfg.height * cfg.width,
+                options,
+                generator=rows_generator,
+                device=self.device,
+                progress=progress,
+                callback=batch_callback(callback, chunk_index, len(chunks)),
+                token_shape=(cfg.height, cfg.width),
+                non_finite=partial(log_probs_error, self, cond, null_cond, guidance_scale=options.guidance_scale),
+                **extra,
+            ).view(n, cfg.height, cfg.width)
             token_parts.append(tokens)
             if output_type != "tokens":
                 image_parts.append(to_output_type(self.decode(tokens), output_type))
