@@ -84,6 +84,13 @@ def _nan_in_first_matrix(state: dict[str, torch.Tensor]) -> None:
     state[key][0, 0] = float("nan")
 
 
+def _times_1e30(state: dict[str, torch.Tensor]) -> None:
+    """Finite but absurd weights: every floating tensor x 1e30 (still below float32's 3.4e38)."""
+    for key, value in state.items():
+        if value.is_floating_point():
+            state[key] = value * 1e30
+
+
 def _as_int(state: dict[str, torch.Tensor]) -> None:
     for key in state:
         state[key] = (state[key] * 100).to(torch.int32)
@@ -141,6 +148,9 @@ VARIANTS: dict[str, tuple[str, Callable[[Path], None]]] = {
         "diffusers",
         lambda m: _edit_weights(m / "transformer" / "diffusion_pytorch_model.safetensors", _nan_in_first_matrix),
     ),
+    "huge_denoiser": ("text", lambda m: _edit_weights(m / "denoiser" / "model.safetensors", _times_1e30)),
+    "huge_null": ("text", lambda m: _edit_weights(m / "null_condition.safetensors", _times_1e30)),
+    "huge_vqvae": ("text", lambda m: _edit_weights(m / "vqvae" / "model.safetensors", _times_1e30)),
     "int_weights": ("text", lambda m: _edit_weights(m / "denoiser" / "model.safetensors", _as_int)),
     "int_null": ("text", lambda m: _edit_weights(m / "null_condition.safetensors", _as_int)),
     "defaults_nan": ("text", lambda m: (m / "defaults.json").write_text('{"guidance_scale": NaN}')),
@@ -535,11 +545,8 @@ def row(id_: str, argv: list[str], words: tuple[str, ...], code: int = 2, marks=
 CASES = [
     # -- prompts, flags and sampling values ---------------------------------------------------------
     row("empty-prompt", ["generate", "   ", "--model", "{text}"], ("prompt is empty",)),
-    row(
-        "prompt-not-utf8",
-        ["generate", "a \udcff b", "--model", "{text}", "--steps", "2", "--output", "{tmp}/out.png"],
-        ("prompt 'a \\udcff b' is not valid text", "not UTF-8"),
-    ),
+    # $'a \xff b': Python decodes argv bytes that are not UTF-8 to lone surrogates
+    row("prompt-not-utf8", ["generate", "a \udcff b", "--model", "{text}"], ("0xff", "position 2", "UTF-8")),
     row("argparse-not-a-number", gen("--steps", "abc"), ("vqdiffusion generate", "--steps", "'abc'", "--help")),
     row("argparse-bad-choice", gen("--sampler", "greedy"), ("--sampler", "'greedy'", "choose from")),
     row("argparse-missing-argument", ["export"], ("vqdiffusion export", "required", "--help")),
@@ -731,6 +738,10 @@ CASES = [
     row("text-encoder-int", ["info", "{v[text_int]}"], ("text_encoder", "not as floating point")),
     row("text-encoder-config-deep", ["info", "{v[text_deep_config]}"], ("text_encoder", "config.json")),
     row("weights-int", gen(model="{v[int_weights]}"), ("torch.int32", "not as floating point")),
+    # finite but absurd weights (x 1e30): the sampling and decoding guards name the component, no image
+    row("denoiser-x1e30", gen(model="{v[huge_denoiser]}"), ("denoiser's log-probabilities are NaN", "re-export")),
+    row("null-x1e30", gen(model="{v[huge_null]}"), ("null condition", "NaN", "guidance_scale=1")),
+    row("vqvae-x1e30", gen(model="{v[huge_vqvae]}"), ("VQ-VAE decoder", "NaN or infinite pixels", "re-export")),
     row("null-condition-int", ["info", "{v[int_null]}"], ("null_condition.safetensors", "floating point")),
     row("defaults-nan", ["info", "{v[defaults_nan]}"], ("defaults.json", "guidance_scale", "nan")),
     row("defaults-steps-above-T", ["info", "{v[defaults_steps]}"], ("defaults.json", "num_inference_steps", "1000")),
@@ -897,6 +908,22 @@ def test_corrupt_model_subprocess_has_no_traceback(paths) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+def test_prompt_bytes_that_are_not_utf8_subprocess(paths) -> None:
+    """``vqdiffusion generate $'a \\xff b'``: the raw argv bytes, refused before the model is read."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vqdiffusion.cli", "generate", b"a \xff b", "--model", paths["text"], "--quiet"],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"},
+        cwd=paths["root"],
+    )
+    err = proc.stderr.decode("utf-8").strip()
+    assert proc.returncode == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: prompt 'a \\udcff b'"), err
+    assert "(the byte 0xff, not valid UTF-8) at position 2" in err
+    assert not list(Path(paths["root"]).glob("*.png"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The same refusals in the Python API
 # ---------------------------------------------------------------------------------------------------------
@@ -910,6 +937,32 @@ def _call(**kwargs):
 
 def _stats(name: str):
     return lambda p: ReferenceStats.load(p["f"][name])
+
+
+def _gens(*seeds: int | None) -> list[torch.Generator | None]:
+    return [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _edit(method: str, *, meta: str = "", **kwargs):
+    """``pipe.<method>`` on the tiny text model with an 8x8 image (a 4x4 one for outpaint) and a mask of one
+    corner; ``meta`` names the input given as a meta-device tensor."""
+
+    def call(p):
+        pipe = VQDiffusionPipeline.from_pretrained(p["text"])
+        width, height = pipe.image_size
+        image = torch.rand(3, height // 2, width // 2) if method == "outpaint" else torch.rand(3, height, width)
+        mask = torch.zeros(height, width, dtype=torch.bool)
+        mask[:2, :2] = True
+        image, mask = (image.to("meta") if meta == "image" else image), (mask.to("meta") if meta == "mask" else mask)
+        args = {"inpaint": (image, mask), "outpaint": (image,), "variation": (image,)}[method]
+        return getattr(pipe, method)("x", *args, progress=False, **kwargs)
+
+    return call
+
+
+def _pt(name: str):
+    """A ``output_type="pt"`` call on damaged model ``name`` (an image tensor, no PNG encoding)."""
+    return lambda p: VQDiffusionPipeline.from_pretrained(p["v"][name])("x", progress=False, output_type="pt")
 
 
 API_CASES = [
@@ -928,11 +981,53 @@ API_CASES = [
         lambda p: VQDiffusionPipeline.from_pretrained(p["text"]).to("meta"), DeviceError, ("meta",), id="to-meta"
     ),
     pytest.param(
+        lambda p: VQDiffusionPipeline.from_pretrained(p["text"], dtype=torch.int32),
+        ValueError,
+        ("dtype=torch.int32", "torch.float32, torch.float16, torch.bfloat16"),
+        id="dtype-int32",
+    ),
+    pytest.param(
+        lambda p: VQDiffusionPipeline.from_pretrained(p["text"], torch_dtype=torch.int32),
+        ValueError,
+        ("torch_dtype=torch.int32", "torch.float16"),
+        id="torch-dtype-int32",
+    ),
+    pytest.param(
+        lambda p: VQDiffusionPipeline.from_pretrained(p["text"]).to(dtype=torch.int8),
+        ValueError,
+        ("dtype=torch.int8", "torch.float32, torch.float16, torch.bfloat16"),
+        id="to-int8",
+    ),
+    pytest.param(_edit("inpaint", meta="image"), ValueError, ("image", "meta device"), id="inpaint-meta-image"),
+    pytest.param(_edit("inpaint", meta="mask"), ValueError, ("mask", "meta device"), id="inpaint-meta-mask"),
+    pytest.param(_edit("variation", meta="image"), ValueError, ("image", "meta device"), id="variation-meta"),
+    pytest.param(_edit("outpaint", meta="image"), ValueError, ("image", "meta device"), id="outpaint-meta"),
+    pytest.param(_call(generator=_gens(0, 1, 2)), ValueError, ("3 generators", "1 image"), id="generators-3-for-1"),
+    pytest.param(
+        _call(generator=_gens(0, None), num_images_per_prompt=2),
+        ValueError,
+        ("generator[1] is None", "one generator per image"),
+        id="generator-none",
+    ),
+    pytest.param(
+        _edit("inpaint", generator=_gens(0, 1, 2)), ValueError, ("3 generators", "1 image"), id="inpaint-generators"
+    ),
+    pytest.param(_edit("outpaint", offset=(1.5, 0)), ValueError, ("offset", "integers", "1.5"), id="offset-1.5"),
+    pytest.param(
         lambda p: VQDiffusionPipeline.from_pretrained(p["text"])("a \udcff", progress=False),
         ValueError,
-        ("not valid text",),
-        id="prompt-not-utf8",
+        ("'a \\udcff'", "0xff", "position 2", "UTF-8"),
+        id="prompt-lone-surrogate",
     ),
+    pytest.param(
+        lambda p: VQDiffusionPipeline.from_pretrained(p["text"])(["ok", "b\ud800"], progress=False),
+        ValueError,
+        ("prompts[1]", "position 1", "UTF-8"),
+        id="prompt-list-surrogate",
+    ),
+    pytest.param(_pt("huge_denoiser"), ValueError, ("denoiser's log-probabilities", "NaN"), id="denoiser-x1e30"),
+    pytest.param(_pt("huge_null"), ValueError, ("null condition", "guidance_scale=1"), id="null-x1e30"),
+    pytest.param(_pt("huge_vqvae"), ValueError, ("VQ-VAE decoder", "NaN or infinite pixels"), id="vqvae-x1e30-pt"),
     pytest.param(_call(guidance_scale=1e30), ValueError, ("guidance_scale",), id="guidance-1e30"),
     pytest.param(_call(temperature=1e-300), ValueError, ("temperature",), id="temperature-tiny"),
     pytest.param(_call(num_images_per_prompt=10**12), ValueError, ("images need about",), id="num-images-huge"),

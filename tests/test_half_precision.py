@@ -80,7 +80,8 @@ def test_float16_pipeline_upcasts_the_decoder_and_gives_finite_images(model_dir:
     assert pipe.vqvae.dtype_for(torch.bfloat16) == torch.bfloat16
 
 
-def test_forcing_half_on_an_overflowing_decoder_warns(model_dir: Path, tmp_path: Path) -> None:
+def test_forcing_half_on_an_overflowing_decoder_is_an_error(model_dir: Path, tmp_path: Path) -> None:
+    """The VQ-VAE's own decode warns; the pipeline refuses the NaN pixels, naming the decoder and the fix."""
     forced = tmp_path / "forced"
     VQDiffusionPipeline.from_pretrained(model_dir).save_pretrained(forced)
     config = json.loads((forced / "vqvae" / "config.json").read_text())
@@ -88,9 +89,14 @@ def test_forcing_half_on_an_overflowing_decoder_warns(model_dir: Path, tmp_path:
     (forced / "vqvae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
     pipe = VQDiffusionPipeline.from_pretrained(forced, dtype=torch.float16)
     assert {p.dtype for p in pipe.vqvae.parameters()} == {torch.float16}
-    with pytest.warns(RuntimeWarning, match=r"VQ decoder overflowed float16 .*force_upcast"):
-        result = generate(pipe)
-    assert not torch.isfinite(result.images).all()  # the warning is about real NaN pixels
+    with (
+        pytest.warns(RuntimeWarning, match=r"VQ decoder overflowed float16 .*force_upcast"),
+        pytest.raises(ValueError, match=r"VQ-VAE decoder produced NaN or infinite pixels in float16.*force_upcast"),
+    ):
+        generate(pipe)
+    tokens = pipe([0], output_type="tokens", progress=False).tokens
+    with torch.no_grad(), pytest.warns(RuntimeWarning):  # the pixels really are NaN or inf
+        assert not torch.isfinite(pipe.vqvae.decode_tokens(tokens.clone(), clamp=False)).all()
 
 
 def test_forced_half_on_a_decoder_that_fits_is_quiet() -> None:

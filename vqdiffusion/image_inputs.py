@@ -83,6 +83,7 @@ def _one_image(image: ImageInput, what: str) -> torch.Tensor:
         array = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
         return _in_unit_range(torch.from_numpy(array).permute(2, 0, 1)[None].contiguous(), what)
     if isinstance(image, torch.Tensor):
+        _check_has_values(image, what)
         t = image[None] if image.ndim == 3 else image
         if t.ndim != 4 or t.shape[1] != 3:
             raise ValueError(f"{what}: a tensor image must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
@@ -90,6 +91,17 @@ def _one_image(image: ImageInput, what: str) -> torch.Tensor:
             raise ValueError(f"{what}: a tensor image must be floating point in [0, 1], got dtype {t.dtype}")
         return _in_unit_range(t.detach().float().cpu(), what)
     raise ValueError(f"{what} must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+
+
+def _check_has_values(t: torch.Tensor, what: str) -> None:
+    """A tensor whose values can be read: not on the meta device (a shape without data), not sparse."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{what} is a tensor on the meta device (a shape without values); give a tensor that holds the values, "
+            "e.g. on cpu"
+        )
+    if t.layout != torch.strided:
+        raise ValueError(f"{what} is a {t.layout} tensor; give a dense one (tensor.to_dense())")
 
 
 def _in_unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -107,6 +119,7 @@ def _one_mask(mask: MaskInput, what: str) -> torch.Tensor:
         if mask.dtype == torch.uint8:
             mask = mask.float() / 255.0
     if isinstance(mask, torch.Tensor):
+        _check_has_values(mask, what)
         t = mask[None] if mask.ndim == 2 else mask
         if t.ndim != 3:
             raise ValueError(f"{what} must be [H, W] or [B, H, W], got shape {tuple(mask.shape)}")

@@ -19,6 +19,7 @@ from .diffusion import (
     SPACINGS,
     Generator,
     MaskReplaceSchedule,
+    check_generators,
     check_timesteps,
     guided_log_probs,
     spaced_timesteps,
@@ -45,6 +46,7 @@ __all__ = [
     "MAX_PRIOR_WEIGHT",
     "MIN_TEMPERATURE",
     "SAMPLERS",
+    "NonFiniteLogProbsError",
     "PredictFn",
     "SamplingOptions",
     "guided_predictor",
@@ -183,6 +185,47 @@ class SamplingOptions(ConfigBase):
         return cls(**data)
 
 
+class NonFiniteLogProbsError(ValueError):
+    """The model's log p(x0 | x_t) held NaN or infinite values; ``t`` is the first step index at which it did."""
+
+    def __init__(self, message: str, t: int) -> None:
+        super().__init__(message)
+        self.t = t
+
+
+class FiniteWatch:
+    """The numerical guard of a sampling run: :meth:`add` keeps, per model call, one number on the device
+    (the sum over positions of the largest log-probability, NaN or infinite iff some position's
+    log-probabilities are NaN, +inf or all -inf), and :meth:`check` looks at all of them with one host sync
+    at the end of the run, so the loop never waits on it."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.sums: list[torch.Tensor] = []
+
+    def add(self, log_p: torch.Tensor, t: int) -> torch.Tensor:
+        self.steps.append(t)
+        self.sums.append(log_p.amax(dim=1).sum(dtype=torch.float32))
+        return log_p
+
+    def check(self, non_finite: Callable[[int], Exception] | None = None) -> None:
+        """NonFiniteLogProbsError naming the first step whose log-probabilities were not finite, or
+        ``non_finite(t)`` (the caller's error naming the component at fault) when given."""
+        if not self.sums:
+            return
+        finite = torch.isfinite(torch.stack(self.sums))
+        if bool(finite.all()):
+            return
+        t = self.steps[int((~finite).nonzero()[0, 0])]
+        if non_finite is not None:
+            raise non_finite(t)
+        raise NonFiniteLogProbsError(
+            f"the model's log p(x0 | x_t) is NaN or infinite at step t={t}, so the samples would be garbage; its "
+            "weights are broken or absurdly large: re-export or retrain the model",
+            t,
+        )
+
+
 # (x_t [B, N] long, t int) -> log p(x0 | x_t) [B, K, N], guidance already combined
 PredictFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -238,6 +281,7 @@ def sample_tokens(
     known: KnownTokens | None = None,
     x_init: torch.Tensor | None = None,
     time_agnostic: bool = False,
+    non_finite: Callable[[int], Exception] | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from all-[MASK] (or ``x_init``) at step ``timesteps[0]`` down to x0 (paper
     sec. 3.3).
@@ -264,10 +308,16 @@ def sample_tokens(
             [MASK] positions in every row of the start and fills only those.
         time_agnostic: ``predict`` ignores t (a masked model such as aMUSEd): a strategy that
             ``needs_timestep`` is refused (ValueError naming the ones that apply).
+        non_finite: ``t -> exception`` raised instead of :class:`NonFiniteLogProbsError` when the model's
+            log-probabilities were NaN or infinite (the pipeline's names the component at fault).
     Returns:
         [B, N] long tokens in [0, K).
+    Raises:
+        NonFiniteLogProbsError: the model's log p(x0 | x_t) was NaN or infinite at some step (checked once,
+            after the run: :class:`FiniteWatch`), unless ``non_finite`` gives another exception.
     """
     options.validate(schedule.num_timesteps)
+    check_generators(generator, batch_size)
     if timesteps is None:
         steps = spaced_timesteps(schedule.num_timesteps, options.num_inference_steps, options.spacing)
     else:
@@ -279,10 +329,11 @@ def sample_tokens(
     if strategy.fills_fixed_count and _start_mask_count(x_t, schedule.mask_id, strategy) == 0:
         return x_t  # nothing to fill
     strategy.check_schedule(schedule)
+    watch = FiniteWatch()
 
     def log_p_x0_at(x_t: torch.Tensor, t: int) -> torch.Tensor:
-        log_p = temper_log_probs(predict(model_input(x_t, known, schedule, t, generator), t), options.temperature)
-        return truncate_log_probs(log_p, options.truncation_rate)
+        log_p = watch.add(predict(model_input(x_t, known, schedule, t, generator), t), t)
+        return truncate_log_probs(temper_log_probs(log_p, options.temperature), options.truncation_rate)
 
     chain = Chain(
         log_p_x0_at=log_p_x0_at,
@@ -296,7 +347,9 @@ def sample_tokens(
         progress=progress,
         callback=callback,
     )
-    return strategy.run(chain)
+    tokens = strategy.run(chain)
+    watch.check(non_finite)
+    return tokens
 
 
 def _start_state(

@@ -37,7 +37,7 @@ from .budget import (
 )
 from .loss import ImportanceTimestepSampler, LossTerms, diffusion_loss, log_one_hot
 from .posterior import LOG_EPS, posterior_log_probs, q_sample
-from .random import Generator, rand_uniform, sample_categorical
+from .random import Generator, check_generators, rand_uniform, sample_categorical
 from .schedule import (
     MASKING_SHAPES,
     SPACINGS,
@@ -62,6 +62,7 @@ __all__ = [
     "MaskReplaceSchedule",
     "MaskingSchedule",
     "ScheduleTable",
+    "check_generators",
     "check_timesteps",
     "diffusion_loss",
     "guided_log_probs",

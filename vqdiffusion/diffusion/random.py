@@ -10,6 +10,31 @@ import torch
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
+def check_generators(generator: object, count: int) -> None:
+    """ValueError unless ``generator`` is None, one ``torch.Generator``, or a list (or tuple) of exactly
+    ``count`` of them, one per image; a list holding None would draw that image from the global RNG, so two
+    identical calls would differ."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, list | tuple):
+        raise ValueError(
+            "generator must be a torch.Generator, a list of them (one per image) or None, got "
+            f"{type(generator).__name__}"
+        )
+    bad = [i for i, g in enumerate(generator) if not isinstance(g, torch.Generator)]
+    if bad:
+        got = generator[bad[0]]
+        raise ValueError(
+            f"generator[{bad[0]}] is {got!r}, not a torch.Generator: a list needs one generator per image "
+            "(torch.Generator().manual_seed(seed) each), or pass one generator or None for the whole call"
+        )
+    if len(generator) != count:
+        raise ValueError(
+            f"got {len(generator)} generators for {count} image(s): pass one per image ({count}), or one "
+            "torch.Generator for the whole call"
+        )
+
+
 def rand_uniform(
     shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:

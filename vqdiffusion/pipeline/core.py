@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -15,7 +16,7 @@ import torch
 
 from ..config import ConfigError, read_json_object
 from ..devices import available_memory, format_bytes, resolve_device
-from ..diffusion import Generator, MaskReplaceSchedule
+from ..diffusion import Generator, MaskReplaceSchedule, check_generators
 from ..editing import DEFAULT_KNOWN_TOKEN_MODE
 from ..formats import diffusers as diffusers_format
 from ..formats import ours as ours_format
@@ -28,6 +29,14 @@ from ..models.memory import sampling_memory_per_image
 from ..models.vqvae import VQVAE
 from ..samplers import Sampler, check_model_kind
 from ..sampling import SamplingOptions, guided_predictor, sample_tokens
+from .checks import (
+    check_condition,
+    check_dtype,
+    check_images_per_prompt,
+    check_prompt_text,
+    decoder_error,
+    log_probs_error,
+)
 from .editing import EditingMixin, EditRows
 from .output import PipelineOutput, batch_callback
 
@@ -125,7 +134,9 @@ class VQDiffusionPipeline(EditingMixin):
         the VQ decoder (float32 for float16 unless its config's ``force_upcast`` is false: ``VQVAE.dtype_for``)
         and the null condition; the text encoder stays in float32 on CPU for exactness unless the device is
         CUDA.  ``device`` is checked first (:func:`vqdiffusion.devices.resolve_device`:
-        DeviceError, a ValueError, for a name this machine cannot run on; ``"auto"`` picks CUDA if present)."""
+        DeviceError, a ValueError, for a name this machine cannot run on; ``"auto"`` picks CUDA if present),
+        and ``dtype`` must be a floating dtype (:data:`~vqdiffusion.pipeline.checks.FLOAT_DTYPES`)."""
+        check_dtype(dtype)
         if device is not None:
             device = resolve_device(device)
         for name, module in self.modules().items():
@@ -174,6 +185,7 @@ class VQDiffusionPipeline(EditingMixin):
             return torch.tensor(list(prompts), dtype=torch.long, device=self.device)
         if kind == ConditionKind.NONE:
             raise ValueError("this model is unconditional: it takes no prompt (sample with cond=None)")
+        check_prompt_text(prompts)
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
     @torch.no_grad()
@@ -289,19 +301,17 @@ class VQDiffusionPipeline(EditingMixin):
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not unconditional and (not isinstance(prompts, list) or not prompts):
             raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or (num_images_per_prompt < 1)
-        ):
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        check_prompt_text(prompts)
+        check_images_per_prompt(num_images_per_prompt)
         if output_type not in ("pil", "np", "pt", "tokens"):
             raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'tokens', got {output_type!r}")
         options = sampling if isinstance(sampling, SamplingOptions) else self.call_options(**sampling)
 
         batch = num_images_per_prompt * (1 if unconditional else len(prompts))
+        check_generators(generator, batch)
         chunks = self.plan_batches(batch, output_type, options.uses_guidance, batch_size)
         encoded = None if unconditional else self.encode_prompt(prompts, **condition)  # [P, ...]: a row per prompt
+        check_condition(encoded, self.text_encoder)  # once per call, before any sampling
         per_image = isinstance(generator, (list, tuple))
         cfg = self.denoiser.config
         token_parts, image_parts = [], []
@@ -326,6 +336,7 @@ class VQDiffusionPipeline(EditingMixin):
                 callback=batch_callback(callback, chunk_index, len(chunks)),
                 token_shape=(cfg.height, cfg.width),
                 time_agnostic=self.time_agnostic,
+                non_finite=partial(log_probs_error, self, cond, null_cond, guidance_scale=options.guidance_scale),
                 **extra,
             ).view(n, cfg.height, cfg.width)
             token_parts.append(tokens)
@@ -417,8 +428,14 @@ class VQDiffusionPipeline(EditingMixin):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, h, w] tokens -> [B, 3, H, W] float32 images in [0, 1]."""
-        return ((self.vqvae.decode_tokens(tokens).float() + 1) / 2).clamp(0, 1)
+        """[B, h, w] tokens -> [B, 3, H, W] float32 images in [0, 1].
+
+        Raises :class:`~vqdiffusion.pipeline.checks.NonFiniteError` (a ValueError naming the VQ-VAE decoder)
+        when a pixel is NaN or infinite: one check of the decoded batch, never an image of garbage."""
+        images = self.vqvae.decode_tokens(tokens, clamp=False)
+        if not bool(torch.isfinite(images).all()):
+            raise decoder_error(self.vqvae, images.dtype)
+        return ((images.float() + 1) / 2).clamp(0, 1)
 
     # -- components and persistence -------------------------------------------------------------------
     @property
@@ -526,10 +543,10 @@ def _index_class_name(root: os.PathLike) -> str | None:
 
 
 def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
-    """``dtype`` or its diffusers spelling ``torch_dtype`` (ValueError if both are given and differ)."""
+    """``dtype`` or its diffusers spelling ``torch_dtype`` (ValueError if both are given and differ, or if one
+    is not a floating dtype the pipeline runs in)."""
     for name, value in (("dtype", dtype), ("torch_dtype", torch_dtype)):
-        if value is not None and not isinstance(value, torch.dtype):
-            raise ValueError(f"{name} must be a torch.dtype such as torch.float16, got {value!r}")
+        check_dtype(value, name)
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them (they are the same)")
     return dtype if dtype is not None else torch_dtype

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..diffusion import Generator
+from ..diffusion import Generator, check_generators
 from ..editing import (
     KNOWN_TOKEN_MODES,
     KnownTokens,
@@ -28,6 +28,7 @@ from ..image_inputs import ImageInput, MaskInput, image_batch, mask_batch
 from ..image_outputs import OutputType, join_outputs
 from ..samplers import sampler_settings
 from ..sampling import SamplingOptions
+from .checks import check_images_per_prompt, check_offset, check_prompt_text, encoder_error
 from .output import PipelineOutput, batch_callback
 
 # An editing method's per-run hook: (image rows [b] long, options, the rows' generator) -> the extra keywords
@@ -46,9 +47,15 @@ class EditingMixin:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """The VQ encoder's tokens of ``images`` [B, 3, H, W] in [0, 1] -> [B, h, w] long."""
+        """The VQ encoder's tokens of ``images`` [B, 3, H, W] in [0, 1] -> [B, h, w] long.
+
+        Raises :class:`~vqdiffusion.pipeline.checks.NonFiniteError` (naming the VQ-VAE encoder) when its
+        latents are NaN or infinite (one check of the batch)."""
         vq_dtype = next(self.vqvae.parameters()).dtype
-        return self.vqvae.encode(images.to(self.device, vq_dtype) * 2 - 1)
+        latents = self.vqvae.encode_latents(images.to(self.device, vq_dtype) * 2 - 1)
+        if not bool(torch.isfinite(latents).all()):
+            raise encoder_error(self.vqvae, latents.dtype)
+        return self.vqvae.quantize(latents)[1]
 
     @torch.inference_mode()
     def inpaint(
@@ -95,11 +102,13 @@ class EditingMixin:
             known_tokens = self.default_known_tokens
         if known_tokens not in KNOWN_TOKEN_MODES:  # before anything is encoded or sampled
             raise ValueError(f"known_tokens must be one of {list(KNOWN_TOKEN_MODES)}, got {known_tokens!r}")
+        prompts = self._edit_prompts(prompt, (("image", len(images)), ("mask", len(regenerate))))
+        n = num_images_per_prompt
+        check_images_per_prompt(n)
+        check_generators(generator, len(prompts) * n)
         x0 = self.encode_images(images).flatten(1)  # [I, N] on the device
         regenerate = regenerate.to(x0.device)
-        prompts = self._edit_prompts(prompt, (("image", len(x0)), ("mask", len(regenerate))))
         x0, regenerate = _per_prompt(x0, len(prompts)), _per_prompt(regenerate, len(prompts))
-        n = num_images_per_prompt
 
         def edit(rows: torch.Tensor, options: SamplingOptions, rows_generator: Generator) -> dict[str, Any]:
             row_prompt = rows.to(x0.device) // n
@@ -131,16 +140,17 @@ class EditingMixin:
         """Extend or shift ``image`` within the model's canvas (docs/design.md §10.2): the image (any size) is
         placed with its top-left corner at ``offset`` = (x, y) pixels on a black canvas of the model's size,
         and the part it does not cover is inpainted.  ``kwargs`` are those of :meth:`inpaint`."""
+        offset = check_offset(offset)
         width, height = self.image_size
         parts = image if isinstance(image, list | tuple) else [image]
         canvases, masks = [], []
         for part in parts:
             pixels = image_batch(part, None, "image")
             for one in pixels:
-                canvas, uncovered = place_on_canvas(one, (height, width), tuple(int(v) for v in offset))
+                canvas, uncovered = place_on_canvas(one, (height, width), offset)
                 if not bool(uncovered.any()):
                     raise ValueError(
-                        f"the image covers the whole {width}x{height} canvas at offset {tuple(offset)}: nothing to "
+                        f"the image covers the whole {width}x{height} canvas at offset {offset}: nothing to "
                         "outpaint; shift it (offset) or give a smaller image"
                     )
                 canvases.append(canvas)
@@ -167,10 +177,12 @@ class EditingMixin:
         in (0, 1]: near 0 the image comes back almost unchanged, 1 is plain generation from all-[MASK]
         (the same draws as :meth:`__call__`).  Other arguments as :meth:`inpaint`."""
         start_step = variation_start_step(strength, self.schedule.num_timesteps)
-        x0 = self.encode_images(image_batch(image, self.image_size)).flatten(1)
-        prompts = self._edit_prompts(prompt, (("image", len(x0)),))
-        x0 = _per_prompt(x0, len(prompts))
+        images = image_batch(image, self.image_size)
+        prompts = self._edit_prompts(prompt, (("image", len(images)),))
         n = num_images_per_prompt
+        check_images_per_prompt(n)
+        check_generators(generator, len(prompts) * n)
+        x0 = _per_prompt(self.encode_images(images).flatten(1), len(prompts))
 
         def edit(rows: torch.Tensor, options: SamplingOptions, rows_generator: Generator) -> dict[str, Any]:
             if strength == 1:
@@ -196,6 +208,7 @@ class EditingMixin:
         """The prompt as a list (``[None]`` for an unconditional model), with each input's count checked: one,
         or one per prompt."""
         prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
+        check_prompt_text(prompts)
         for what, count in inputs:
             if count not in (1, len(prompts)):
                 raise ValueError(
