@@ -6,6 +6,7 @@ guard's own behaviour (a NaN at one middle step only, one check per run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -143,3 +144,17 @@ def test_decode_keeps_its_values(pipe) -> None:
     tokens = torch.randint(0, pipe.vqvae.config.num_embeddings, (2, 4, 4))
     expected = ((pipe.vqvae.decode_tokens(tokens).float() + 1) / 2).clamp(0, 1)
     assert torch.equal(pipe.decode(tokens), expected)
+
+
+def test_the_condition_check_reads_every_tensor_of_a_structured_condition() -> None:
+    """aMUSEd's condition is a dataclass of tensors (hidden states, pooled embedding, micro-conditions): a NaN in
+    any of them is refused, a finite one passes."""
+    from vqdiffusion.models.uvit import AmusedCondition
+    from vqdiffusion.pipeline.checks import check_condition
+
+    good = AmusedCondition(torch.zeros(1, 4, 8), torch.zeros(1, 8), torch.zeros(1, 5))
+    check_condition(good, None)
+    for field in ("hidden_states", "pooled", "micro_conds"):
+        bad = dataclasses.replace(good, **{field: getattr(good, field).clone().fill_(math.nan)})
+        with pytest.raises(NonFiniteError, match="text encoder"):
+            check_condition(bad, None)

@@ -10,6 +10,7 @@ model call on the device and syncs once per run, the decoded batch is checked on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -98,8 +99,16 @@ def largest_weight(module: torch.nn.Module | None) -> float:
     return max(float(t.detach().abs().max()) for t in tensors)
 
 
-def _is_finite(x: torch.Tensor | None) -> bool:
-    return x is None or not x.is_floating_point() or bool(torch.isfinite(x).all())
+def _is_finite(x: Any) -> bool:
+    """Whether every floating tensor of ``x`` (a tensor, None, or a condition dataclass of tensors such as
+    aMUSEd's hidden states + pooled embedding + micro-conditions) is finite."""
+    if x is None:
+        return True
+    if isinstance(x, torch.Tensor):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if dataclasses.is_dataclass(x):
+        return all(_is_finite(getattr(x, f.name)) for f in dataclasses.fields(x))
+    return True
 
 
 def _weights_note(module: torch.nn.Module | None) -> str:
@@ -107,7 +116,7 @@ def _weights_note(module: torch.nn.Module | None) -> str:
     return f"largest |weight| {peak:.3g}" if peak == peak and peak != float("inf") else "it holds NaN or inf"
 
 
-def check_condition(cond: torch.Tensor | None, text_encoder: torch.nn.Module | None) -> None:
+def check_condition(cond: Any, text_encoder: torch.nn.Module | None) -> None:
     """NonFiniteError when the encoded prompts ``cond`` (float; class labels pass) hold NaN or inf."""
     if not _is_finite(cond):
         raise NonFiniteError(
