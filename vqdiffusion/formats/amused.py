@@ -22,7 +22,7 @@ import torch
 
 from ..config import ConfigError, read_json_object
 from ..io import atomic_write_text, load_module, save_safetensors
-from ..models.conditions import CLIPPooledTextCondition
+from ..models.pooled_text import CLIPPooledTextCondition
 from ..models.uvit import UVit, UVitConfig, uvit_part_counts
 from ..models.vqvae import VQVAE, vqvae_part_counts
 from .diffusers_vqvae import (

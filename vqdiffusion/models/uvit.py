@@ -34,7 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigBase, ConfigError
+from .uvit_config import (  # re-exported: the config's old home
+    MICRO_CONDITIONS,
+    UVitConfig,
+    uvit_part_counts,
+)
 
 __all__ = [
     "MICRO_CONDITIONS",
@@ -47,148 +51,10 @@ __all__ = [
     "uvit_part_counts",
 ]
 
-# The micro-conditions in the order the network reads them (diffusers' order: width before height).
-MICRO_CONDITIONS = ("orig_width", "orig_height", "crop_top", "crop_left", "aesthetic_score")
 DEFAULT_AESTHETIC_SCORE = 6.0
 RES_FFN_FACTOR = 4  # the ConvNeXt blocks' MLP width, times the channels
 ATTENTION_NORM_EPS = 1e-6  # the stage attention blocks' RMSNorm epsilon (fixed, whatever layer_norm_eps is)
 GRN_EPS = 1e-6
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class UVitConfig(ConfigBase):
-    """Sizes of the aMUSEd transformer (the ``UVit2DModel`` config fields it needs; dropouts are not kept).
-
-    ``vocab_size`` rows of token embedding, of which the first ``codebook_size`` = K are VQ codes and
-    ``mask_token_id`` (in ``[K, vocab_size)``; None = ``vocab_size - 1``) is [MASK].  ``hidden_size`` is the
-    transformer width, ``block_out_channels`` the width of the convolutional stages, ``in_channels`` the
-    width of the token embedding and of the head.  ``cond_embed_dim`` is the pooled text width and
-    ``micro_cond_embed_dim`` = 5 * ``micro_cond_encode_dim`` the micro-conditions' width.
-    ``sample_size``: the token grid side the model was trained on (h = w; 16 for amused-256).
-    ``use_bias``: every Linear / conv carries a bias; ``ln_elementwise_affine``: every norm a scale.
-    """
-
-    hidden_size: int = 1024
-    use_bias: bool = False
-    cond_embed_dim: int = 768
-    micro_cond_encode_dim: int = 256
-    micro_cond_embed_dim: int = 1280
-    encoder_hidden_size: int = 768
-    vocab_size: int = 8256
-    codebook_size: int = 8192
-    in_channels: int = 768
-    block_out_channels: int = 768
-    num_res_blocks: int = 3
-    downsample: bool = False
-    upsample: bool = False
-    block_num_heads: int = 12
-    num_hidden_layers: int = 22
-    num_attention_heads: int = 16
-    intermediate_size: int = 2816
-    layer_norm_eps: float = 1e-6
-    ln_elementwise_affine: bool = True
-    sample_size: int = 16
-    mask_token_id: int | None = None
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        for field in (
-            "hidden_size",
-            "cond_embed_dim",
-            "micro_cond_encode_dim",
-            "micro_cond_embed_dim",
-            "encoder_hidden_size",
-            "vocab_size",
-            "codebook_size",
-            "in_channels",
-            "block_out_channels",
-            "block_num_heads",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "sample_size",
-        ):
-            value = getattr(self, field)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name}: {field} must be a positive integer, got {value!r}")
-        if not _is_int(self.num_res_blocks) or self.num_res_blocks < 0:
-            raise ConfigError(f"{name}: num_res_blocks must be an integer >= 0, got {self.num_res_blocks!r}")
-        for field in ("use_bias", "downsample", "upsample", "ln_elementwise_affine"):
-            if not isinstance(getattr(self, field), bool):
-                raise ConfigError(f"{name}: {field} must be true or false, got {getattr(self, field)!r}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)):
-            raise ConfigError(f"{name}: layer_norm_eps must be a number > 0, got {self.layer_norm_eps!r}")
-        if not self.layer_norm_eps > 0:
-            raise ConfigError(f"{name}: layer_norm_eps must be > 0 (1e-6 for aMUSEd), got {self.layer_norm_eps!r}")
-        if self.micro_cond_encode_dim % 2:
-            raise ConfigError(
-                f"{name}: micro_cond_encode_dim={self.micro_cond_encode_dim} must be even (sin and cos halves)"
-            )
-        if self.micro_cond_embed_dim != len(MICRO_CONDITIONS) * self.micro_cond_encode_dim:
-            raise ConfigError(
-                f"{name}: micro_cond_embed_dim={self.micro_cond_embed_dim} must be {len(MICRO_CONDITIONS)} x "
-                f"micro_cond_encode_dim = {len(MICRO_CONDITIONS) * self.micro_cond_encode_dim}"
-            )
-        for width, heads in (("hidden_size", "num_attention_heads"), ("block_out_channels", "block_num_heads")):
-            if getattr(self, width) % getattr(self, heads):
-                raise ConfigError(
-                    f"{name}: {width}={getattr(self, width)} is not divisible by {heads}={getattr(self, heads)}"
-                )
-        if self.codebook_size >= self.vocab_size:
-            raise ConfigError(
-                f"{name}: vocab_size={self.vocab_size} must exceed codebook_size={self.codebook_size} "
-                "(the embedding holds the codes and the mask token)"
-            )
-        mask = self.mask_token_id
-        if mask is not None and (not _is_int(mask) or not self.codebook_size <= mask < self.vocab_size):
-            raise ConfigError(
-                f"{name}: mask_token_id must lie in [codebook_size, vocab_size) = [{self.codebook_size}, "
-                f"{self.vocab_size}), got {mask!r}"
-            )
-        if self.downsample != self.upsample:
-            raise ConfigError(
-                f"{name}: downsample={self.downsample} but upsample={self.upsample}; the logits must cover the "
-                "token grid, so both are true (amused-512) or both false (amused-256)"
-            )
-        if self.downsample and self.sample_size % 2:
-            raise ConfigError(f"{name}: downsample needs an even sample_size, got {self.sample_size}")
-
-    @property
-    def num_classes(self) -> int:
-        """K, the number of VQ codes (logits per position)."""
-        return self.codebook_size
-
-    @property
-    def mask_id(self) -> int:
-        """Our [MASK] index (= K), as in :class:`~vqdiffusion.models.denoiser.DenoiserConfig`."""
-        return self.codebook_size
-
-    @property
-    def mask_embedding_id(self) -> int:
-        """The embedding row of [MASK] (aMUSEd's ``mask_token_id``)."""
-        return self.vocab_size - 1 if self.mask_token_id is None else self.mask_token_id
-
-    @property
-    def height(self) -> int:
-        return self.sample_size
-
-    @property
-    def width(self) -> int:
-        return self.sample_size
-
-    @property
-    def num_tokens(self) -> int:
-        """N = h * w at the trained grid size."""
-        return self.sample_size * self.sample_size
-
-
-def uvit_part_counts(config: UVitConfig) -> dict[str, int]:
-    """The config fields that repeat modules, with their counts (see :func:`vqdiffusion.io.load_module`)."""
-    return {"num_hidden_layers": config.num_hidden_layers, "num_res_blocks": config.num_res_blocks}
 
 
 # ---------------------------------------------------------------------------------------------------------

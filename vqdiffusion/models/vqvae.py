@@ -64,8 +64,6 @@ OVERFLOW_WARNING = (
 # ---------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------
-
-
 class ResBlock(nn.Module):
     """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) twice, 1x1 conv on the skip if the
     channel count changes.  ``[B, C_in, H, W] -> [B, C_out, H, W]``."""

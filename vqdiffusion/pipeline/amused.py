@@ -25,8 +25,9 @@ from ..diffusion import MaskingSchedule, guided_log_probs
 from ..formats import amused as amused_format
 from ..formats.amused import AmusedComponents
 from ..image_outputs import OutputType
-from ..models.conditions import CLIPPooledTextCondition, ConditionKind
+from ..models.conditions import ConditionKind
 from ..models.memory import sampling_memory_per_image
+from ..models.pooled_text import CLIPPooledTextCondition
 from ..models.uvit import DEFAULT_AESTHETIC_SCORE, AmusedCondition, UVit, default_micro_conditions
 from ..models.vqvae import VQVAE
 from ..samplers import Confidence, check_model_kind

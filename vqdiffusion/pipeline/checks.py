@@ -1,7 +1,7 @@
 """Checks of the pipeline's inputs and outputs that are not one component's own: the dtype a pipeline is
-moved to, the text of prompts, an outpainting offset, and the numerical guards of a run (docs/design.md §6.11):
-NaN or infinite log-probabilities during sampling and NaN or infinite pixels after decoding are an error that
-names the component at fault and the fix, never an image.
+moved to, the text of prompts, an outpainting offset, the condition parts a denoiser needs, and the numerical
+guards of a run (docs/design.md §6.11): NaN or infinite log-probabilities during sampling and NaN or infinite
+pixels after decoding are an error that names the component at fault and the fix, never an image.
 
 The guards cost nothing measurable: :func:`vqdiffusion.sampling.sample_tokens` keeps one small reduction per
 model call on the device and syncs once per run, the decoded batch is checked once; the component is named by
@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from ..config import ConfigError
+from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
+from ..models.denoiser import DenoiserConfig
 
 # The dtypes a pipeline runs in (``dtype=`` of from_pretrained and ``to``); float16 runs the VQ decoder in
 # float32 unless its config's force_upcast is false.
@@ -192,3 +196,27 @@ def decoder_error(vqvae: torch.nn.Module, dtype: torch.dtype) -> NonFiniteError:
         f"the VQ-VAE decoder produced NaN or infinite pixels ({_weights_note(vqvae)}), so the image would be "
         "garbage; its weights are broken or absurdly large: re-export or retrain the VQ-VAE"
     )
+
+
+def check_condition_parts(
+    config: DenoiserConfig,
+    text_encoder: CLIPTextCondition | None,
+    null_condition: LearnedNullCondition | None,
+    null_class_label: int | None,
+) -> None:
+    """The components a denoiser's condition kind needs (text: a text encoder; class/none: neither)."""
+    kind = config.condition_kind
+    if kind == ConditionKind.TEXT and text_encoder is None:
+        raise ConfigError(f"the denoiser is text-conditional (cond_dim={config.cond_dim}); give a text_encoder")
+    if kind != ConditionKind.TEXT and (text_encoder is not None or null_condition is not None):
+        raise ConfigError(
+            f"the denoiser is {'class-conditional' if kind == 'class' else 'unconditional'}; "
+            "it takes no text encoder or null text"
+        )
+    if null_class_label is not None:
+        last = (config.num_class_labels or 0) - 1
+        if kind != ConditionKind.CLASS or isinstance(null_class_label, bool) or null_class_label != last:
+            raise ConfigError(
+                f"null_class_label={null_class_label!r} must be the last label row ({last}) of a class-conditional "
+                "denoiser, or None"
+            )

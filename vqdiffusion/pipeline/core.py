@@ -1,11 +1,10 @@
 """The text-to-image pipeline: condition encoder -> discrete diffusion over VQ tokens -> VQ decoder
-(generation, batching by memory, options, saving and loading; the editing methods come from
-:class:`~vqdiffusion.pipeline.editing.EditingMixin`)."""
+(generation, saving and loading; the editing methods come from :class:`~vqdiffusion.pipeline.editing.EditingMixin`,
+the options and batching by memory from :class:`~vqdiffusion.pipeline.options.OptionsMixin`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Callable
 from functools import partial
@@ -15,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ..config import ConfigError, read_json_object
-from ..devices import available_memory, format_bytes, resolve_device
+from ..devices import resolve_device
 from ..diffusion import Generator, MaskReplaceSchedule, check_generators
 from ..editing import DEFAULT_KNOWN_TOKEN_MODE
 from ..formats import diffusers as diffusers_format
@@ -24,13 +23,13 @@ from ..formats.components import PipelineComponents
 from ..formats.paths import resolve_model_path
 from ..image_outputs import OutputType, join_outputs, to_output_type
 from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
-from ..models.denoiser import Denoiser, DenoiserConfig
-from ..models.memory import sampling_memory_per_image
+from ..models.denoiser import Denoiser
 from ..models.vqvae import VQVAE
-from ..samplers import Sampler, check_model_kind
+from ..samplers import Sampler
 from ..sampling import SamplingOptions, guided_predictor, sample_tokens
 from .checks import (
     check_condition,
+    check_condition_parts,
     check_dtype,
     check_images_per_prompt,
     check_prompt_text,
@@ -38,15 +37,14 @@ from .checks import (
     log_probs_error,
 )
 from .editing import EditingMixin, EditRows
+from .options import OptionsMixin
 from .output import PipelineOutput, batch_callback
-
-logger = logging.getLogger(__name__)
 
 # Per-model default sampling settings (``defaults.json``), used for every knob a call does not give.
 PipelineDefaults = SamplingOptions
 
 
-class VQDiffusionPipeline(EditingMixin):
+class VQDiffusionPipeline(EditingMixin, OptionsMixin):
     """VQ-Diffusion text-to-image sampling (Gu et al. 2022; Tang et al. 2022).
 
     Components: ``vqvae`` (tokens <-> pixels), ``denoiser`` ((x_t, t, cond) -> log p(x0)), ``schedule``
@@ -94,7 +92,7 @@ class VQDiffusionPipeline(EditingMixin):
             raise ConfigError(
                 f"VQ-VAE codebook has {vqvae.config.num_embeddings} entries but the denoiser has K={cfg.num_classes}"
             )
-        _check_condition_parts(cfg, text_encoder, null_condition, null_class_label)
+        check_condition_parts(cfg, text_encoder, null_condition, null_class_label)
         if text_encoder is not None and text_encoder.hidden_size != cfg.cond_dim:
             raise ConfigError(f"text encoder width {text_encoder.hidden_size} != denoiser cond_dim {cfg.cond_dim}")
         if null_condition is not None and tuple(null_condition.embedding.shape) != (
@@ -262,16 +260,6 @@ class VQDiffusionPipeline(EditingMixin):
             condition=condition,
         )  # fmt: skip
 
-    def call_options(self, **given: Any) -> SamplingOptions:
-        """The options of one call: :meth:`sampling_options` of the non-None ``given`` settings, and for an
-        unconditional model guidance 1 (it has no condition to guide by; another value is an error)."""
-        if self.condition_kind == ConditionKind.NONE:
-            scale = given.get("guidance_scale")
-            if scale not in (None, 1.0):
-                raise ValueError(f"an unconditional model has no guidance; got guidance_scale={scale}")
-            given = {**given, "guidance_scale": 1.0}
-        return self.sampling_options(**given)
-
     def _generate(
         self,
         prompt: str | list[str] | list[int] | None,
@@ -370,61 +358,6 @@ class VQDiffusionPipeline(EditingMixin):
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """x_t, t -> guided log p(x0 | x_t) for one chain run (:func:`guided_predictor`)."""
         return guided_predictor(self.denoiser, cond, null_cond, guidance_scale)
-
-    def memory_per_image(self, output_type: OutputType = "pil", guidance: bool = True) -> tuple[int, int]:
-        """Rough upper estimates, in bytes per image: (working memory of one reverse-chain run and its decoding,
-        the results kept until the call returns); see :func:`vqdiffusion.models.memory.sampling_memory_per_image`.
-        """
-        context = self.text_encoder.max_length if self.text_encoder is not None else 1
-        return sampling_memory_per_image(self.denoiser.config, self.vqvae.config, context, output_type, guidance)
-
-    def plan_batches(
-        self, total: int, output_type: OutputType = "pil", guidance: bool = True, batch_size: int | None = None
-    ) -> list[tuple[int, int]]:
-        """The (start, stop) image ranges that one call samples in turn: ``batch_size`` images per reverse-chain
-        run, or (None) all at once when they fit in the device's free memory, else as many as fit.
-
-        Raises ValueError (nothing is computed) when the results of ``total`` images alone, or one image's
-        working memory, would exceed the memory available (estimates of :meth:`memory_per_image`).
-        """
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-        working, result = self.memory_per_image(output_type, guidance)
-        free = available_memory(self.device)
-        chunk = batch_size or total
-        if free is not None:
-            if total * result > 0.8 * free:
-                raise ValueError(
-                    f"{total} images need about {format_bytes(total * result)} of memory for the results alone, "
-                    f"but {format_bytes(free)} are available; ask for fewer images (--num-images, "
-                    "num_images_per_prompt) per call"
-                )
-            budget = 0.7 * free - total * result
-            fits = int(budget // working) if working > 0 else total
-            if fits < 1:
-                raise ValueError(
-                    f"sampling one image needs about {format_bytes(working)} of working memory, but only "
-                    f"{format_bytes(max(budget, 0))} of {format_bytes(free)} are left for it; use a machine with "
-                    "more memory"
-                )
-            if fits < chunk:
-                logger.info("sampling %d images in batches of %d (free memory: %s)", total, fits, format_bytes(free))
-                chunk = fits
-        return [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
-
-    def sampling_options(self, **overrides: Any) -> SamplingOptions:
-        """The model's defaults with the non-None ``overrides`` applied (:meth:`SamplingOptions.with_values`),
-        validated for this model.
-
-        Choosing another sampler than the default keeps only the default's settings that the new sampler
-        also has (a budget sampler's ``tokens_per_call``); the others start at their defaults.
-        """
-        options = self.defaults.with_values(**overrides)
-        options.validate(self.schedule.num_timesteps)
-        check_model_kind(options.sampler, self.time_agnostic)
-        return options
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -550,27 +483,3 @@ def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> to
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them (they are the same)")
     return dtype if dtype is not None else torch_dtype
-
-
-def _check_condition_parts(
-    config: DenoiserConfig,
-    text_encoder: CLIPTextCondition | None,
-    null_condition: LearnedNullCondition | None,
-    null_class_label: int | None,
-) -> None:
-    """The components a denoiser's condition kind needs (text: a text encoder; class/none: neither)."""
-    kind = config.condition_kind
-    if kind == ConditionKind.TEXT and text_encoder is None:
-        raise ConfigError(f"the denoiser is text-conditional (cond_dim={config.cond_dim}); give a text_encoder")
-    if kind != ConditionKind.TEXT and (text_encoder is not None or null_condition is not None):
-        raise ConfigError(
-            f"the denoiser is {'class-conditional' if kind == 'class' else 'unconditional'}; "
-            "it takes no text encoder or null text"
-        )
-    if null_class_label is not None:
-        last = (config.num_class_labels or 0) - 1
-        if kind != ConditionKind.CLASS or isinstance(null_class_label, bool) or null_class_label != last:
-            raise ConfigError(
-                f"null_class_label={null_class_label!r} must be the last label row ({last}) of a class-conditional "
-                "denoiser, or None"
-            )
