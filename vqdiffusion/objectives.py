@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .diffusion import LossTerms, MaskReplaceSchedule, diffusion_loss
+from .diffusion.tables import cumulative_table
 
 __all__ = [
     "IMPORTANCE_SAMPLED",
@@ -75,8 +76,12 @@ def masked_cross_entropy(log_p_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Te
 def masked_elbo(
     schedule: MaskReplaceSchedule, log_p_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:
-    """[B] r_t * sum over [MASK] positions of -log p(x0_n | x_t) (see :func:`unmask_probabilities`)."""
-    r = unmask_probabilities(schedule).to(device=log_p_x0.device, dtype=torch.float32)[t]
+    """[B] r_t * sum over [MASK] positions of -log p(x0_n | x_t) (see :func:`unmask_probabilities`), r_t read
+    from the schedule's cached cumulative table at the batch's steps only."""
+    table = cumulative_table(schedule, log_p_x0.device)  # [T + 1, 3]: row 0 is x0, row i + 1 is step i
+    prev, cur = table[t], table[t + 1]  # [B, 3] at steps t - 1 and t
+    gamma = 1.0 - (1.0 - cur[:, 2]) / (1.0 - prev[:, 2])
+    r = torch.where(cur[:, 2] > 0, (prev[:, 0] + prev[:, 1]) * gamma / cur[:, 2], torch.zeros_like(gamma)).float()
     return r * (_token_nll(log_p_x0, x0) * (x_t == schedule.mask_id)).sum(1)
 
 

@@ -133,7 +133,7 @@ def check_generate_args(args: argparse.Namespace) -> str:
         raise CLIError(f'the prompt is empty; give a text prompt, e.g. vqdiffusion {command} "a red circle" ...')
     if args.prompt is not None and args.class_label is not None:
         raise CLIError("give a prompt (text models) or --class-label (class-conditional models), not both")
-    from ..pipeline.checks import check_prompt_text  # bytes that are not UTF-8, before the model is read
+    from ..models.conditions import check_prompt_text  # bytes that are not UTF-8, before the model is read
 
     check_prompt_text(args.prompt)
     if args.num_images < 1:

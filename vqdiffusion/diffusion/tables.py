@@ -7,6 +7,7 @@ methods call it (:class:`~vqdiffusion.diffusion.schedule.MaskReplaceSchedule`).
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -21,10 +22,27 @@ class ScheduleTable(Protocol):
     def cumulative_at(self, i: int) -> tuple[float, float, float]: ...
 
 
-def cumulative_table(schedule: ScheduleTable, device: torch.device) -> torch.Tensor:
-    """[T + 1, 3] float64 table of (abar, bbar, gbar); row 0 is x0 (index -1), row i + 1 is step i."""
+def cumulative_table(schedule: ScheduleTable, device: torch.device | str) -> torch.Tensor:
+    """[T + 1, 3] float64 table of (abar, bbar, gbar); row 0 is x0 (index -1), row i + 1 is step i.
+
+    Built once per (schedule, device) and reused (read-only: callers index it, never write to it), so a
+    training or sampling step does not rebuild it from Python floats nor copy it to the device again.
+    """
+    device = torch.device(device)
+    try:
+        return _cached_table(schedule, device)
+    except TypeError:  # an unhashable schedule-like object: build it each time
+        return _build_table(schedule, device)
+
+
+def _build_table(schedule: ScheduleTable, device: torch.device) -> torch.Tensor:
     rows = [schedule.cumulative_at(i) for i in range(-1, schedule.num_timesteps)]
     return torch.tensor(rows, dtype=torch.float64, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_table(schedule: ScheduleTable, device: torch.device) -> torch.Tensor:
+    return _build_table(schedule, device)
 
 
 def as_index(t: int | torch.Tensor, batch: int, device: torch.device, name: str, low: int, high: int) -> torch.Tensor:

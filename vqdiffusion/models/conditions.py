@@ -195,19 +195,35 @@ def _check_tokenizer_dir(path: Path) -> None:
         )
 
 
-def check_prompt_text(prompt: Any) -> None:
-    """A prompt is a string of text: ValueError for another type, or for a string holding characters that are
-    not text, such as the lone surrogates Python makes of bytes that are not UTF-8 (``"a \\udcff"`` from a
-    command-line argument ``$'a \\xff'``)."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"a prompt must be a string, got {type(prompt).__name__} {prompt!r}")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(
-            f"the prompt {prompt!r} is not valid text: position {err.start} holds {prompt[err.start]!r}, a byte "
-            "that is not UTF-8 (in a shell argument or a file); give the prompt as UTF-8 text"
-        ) from None
+_SHOWN = 40  # characters of a bad prompt quoted in the error
+
+
+def check_prompt_text(prompts: str | Sequence[Any] | None, what: str = "prompt") -> None:
+    """ValueError when a text prompt holds a character that cannot be written as UTF-8: a lone surrogate, as
+    Python gives for bytes that were not valid UTF-8 (a command-line argument ``$'a \\xff'`` or a file in another
+    encoding).  Entries that are not strings (class labels, None) are left to the model's own checks."""
+    items = [prompts] if isinstance(prompts, str) else prompts if isinstance(prompts, list | tuple) else []
+    for i, prompt in enumerate(items):
+        if not isinstance(prompt, str):
+            continue
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            char = prompt[err.start]
+            code = ord(char)
+            # Python maps an undecodable byte b to the lone surrogate U+DC00 + b ("surrogateescape")
+            byte = f" (the byte 0x{code - 0xDC00:02x}, not valid UTF-8)" if 0xDC80 <= code <= 0xDCFF else ""
+            which = f"{what}s[{i}]" if len(items) > 1 else what
+            start = max(0, err.start - _SHOWN // 2)
+            shown = (
+                ("..." if start else "")
+                + prompt[start : start + _SHOWN]
+                + ("..." if len(prompt) > start + _SHOWN else "")
+            )
+            raise ValueError(
+                f"{which} {shown!r} holds an invalid character {char!r}{byte} at position {err.start} (counting "
+                "from 0); give the prompt as UTF-8 text (set the terminal or file to UTF-8) or remove that character"
+            ) from None
 
 
 class PromptIds:
@@ -221,7 +237,9 @@ class PromptIds:
 
     def __call__(self, prompts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
         for prompt in prompts:
-            check_prompt_text(prompt)
+            if not isinstance(prompt, str):
+                raise ValueError(f"a prompt must be a string, got {type(prompt).__name__} {prompt!r}")
+        check_prompt_text(list(prompts))
         tok = self.tokenizer
         bos, eos, pad, length = tok.bos_token_id, tok.eos_token_id, self.padding_id, self.max_length
         pieces = tok(list(prompts), add_special_tokens=True, padding=False, truncation=False, verbose=False).input_ids

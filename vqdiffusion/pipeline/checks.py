@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from ..models.denoiser import DenoiserConfig
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # How much of a long prompt an error message shows around the bad character.
-_SHOWN = 40
 
 
 class NonFiniteError(ValueError):
@@ -48,34 +46,6 @@ def check_images_per_prompt(count: Any) -> None:
     """ValueError unless ``num_images_per_prompt`` is a positive integer."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {count!r}")
-
-
-def check_prompt_text(prompts: str | Sequence[Any] | None, what: str = "prompt") -> None:
-    """ValueError when a text prompt holds a character that cannot be written as UTF-8: a lone surrogate, as
-    Python gives for bytes that were not valid UTF-8 (a command-line argument or file in another encoding).
-    Entries that are not strings (class labels, None) are left to the model's own checks."""
-    items = [prompts] if isinstance(prompts, str) else prompts if isinstance(prompts, list | tuple) else []
-    for i, prompt in enumerate(items):
-        if not isinstance(prompt, str):
-            continue
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as err:
-            char = prompt[err.start]
-            code = ord(char)
-            # Python maps an undecodable byte b to the lone surrogate U+DC00 + b ("surrogateescape")
-            byte = f" (the byte 0x{code - 0xDC00:02x}, not valid UTF-8)" if 0xDC80 <= code <= 0xDCFF else ""
-            which = f"{what}s[{i}]" if len(items) > 1 else what
-            start = max(0, err.start - _SHOWN // 2)
-            shown = (
-                ("..." if start else "")
-                + prompt[start : start + _SHOWN]
-                + ("..." if len(prompt) > start + _SHOWN else "")
-            )
-            raise ValueError(
-                f"{which} {shown!r} holds an invalid character {char!r}{byte} at position {err.start} (counting "
-                "from 0); give the prompt as UTF-8 text (set the terminal or file to UTF-8) or remove that character"
-            ) from None
 
 
 def check_offset(offset: Any) -> tuple[int, int]:

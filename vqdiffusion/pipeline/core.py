@@ -22,7 +22,7 @@ from ..formats import ours as ours_format
 from ..formats.components import PipelineComponents
 from ..formats.paths import resolve_model_path
 from ..image_outputs import OutputType, join_outputs, to_output_type
-from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition
+from ..models.conditions import CLIPTextCondition, ConditionKind, LearnedNullCondition, check_prompt_text
 from ..models.denoiser import Denoiser
 from ..models.vqvae import VQVAE
 from ..samplers import Sampler
@@ -32,7 +32,6 @@ from .checks import (
     check_condition_parts,
     check_dtype,
     check_images_per_prompt,
-    check_prompt_text,
     decoder_error,
     log_probs_error,
 )

@@ -26,9 +26,10 @@ from ..editing import (
 )
 from ..image_inputs import ImageInput, MaskInput, image_batch, mask_batch
 from ..image_outputs import OutputType, join_outputs
+from ..models.conditions import check_prompt_text
 from ..samplers import sampler_settings
 from ..sampling import SamplingOptions
-from .checks import check_images_per_prompt, check_offset, check_prompt_text, encoder_error
+from .checks import check_images_per_prompt, check_offset, encoder_error
 from .output import PipelineOutput, batch_callback
 
 # An editing method's per-run hook: (image rows [b] long, options, the rows' generator) -> the extra keywords
