@@ -12,6 +12,7 @@ import pytest
 import torch
 from support.data import make_token_dir
 from test_diffusion_math import SCHEDULES, brute_force_posterior
+from test_train_denoiser import make_config
 
 from vqdiffusion.config import ConfigError
 from vqdiffusion.diffusion import MaskReplaceSchedule, diffusion_loss, q_sample
@@ -120,12 +121,8 @@ def token_dir(tmp_path_factory):
 
 
 def config(token_dir, out, **overrides) -> DenoiserTrainConfig:
-    base = dict(
-        token_dir=str(token_dir), output_dir=str(out), text_model="train", cond_dim=32, text_heads=2,
-        text_max_length=16, batch_size=8, steps=4, lr=1e-3, lr_warmup=2, log_every=2, save_every=100000,
-        sample_every=100000, sample_steps=4, num_samples=4, device="cpu", progress=False,
-    )  # fmt: skip
-    return DenoiserTrainConfig(**{**base, **overrides})
+    """The training tests' tiny text-model run (test_train_denoiser.make_config), 4 steps by default."""
+    return make_config(token_dir, out, **{"steps": 4, "lr_warmup": 2, "log_every": 2, **overrides})
 
 
 def test_elbo_needs_a_mask_only_schedule(token_dir, tmp_path) -> None:
