@@ -261,7 +261,28 @@ class PromptIds:
         return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-class CLIPTextCondition(nn.Module):
+class FrozenTextModel(nn.Module):
+    """What the text conditions share: a wrapped ``text_model`` whose device and dtype are the module's, kept in
+    eval mode whatever :meth:`train` is given (it is frozen)."""
+
+    text_model: nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.text_model.parameters()).dtype
+
+    def train(self, mode: bool = True) -> FrozenTextModel:
+        """The text model is frozen: it stays in eval mode whatever ``mode`` is."""
+        super().train(mode)
+        self.text_model.eval()
+        return self
+
+
+class CLIPTextCondition(FrozenTextModel):
     """A frozen CLIP text transformer as the condition: ``encode(prompts) -> [B, L, D]``.
 
     The output is the text model's ``last_hidden_state`` (the final layer norm's output) at all
@@ -315,20 +336,6 @@ class CLIPTextCondition(nn.Module):
     def padding_id(self) -> int:
         """The id actually written after EOS (``pad_token_id``, else the tokenizer's pad token)."""
         return self.tokenizer.pad_token_id if self.pad_token_id is None else self.pad_token_id
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.text_model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.text_model.parameters()).dtype
-
-    def train(self, mode: bool = True) -> CLIPTextCondition:
-        """The text model is frozen: it stays in eval mode whatever ``mode`` is."""
-        super().train(mode)
-        self.text_model.eval()
-        return self
 
     # -- encoding -----------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:

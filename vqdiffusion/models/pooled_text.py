@@ -14,6 +14,7 @@ from torch import nn
 
 from ..io import check_finite
 from .conditions import (
+    FrozenTextModel,
     PromptIds,
     _check_batch_size,
     _check_text_encoder_dir,
@@ -25,7 +26,7 @@ from .conditions import (
 __all__ = ["CLIPPooledTextCondition"]
 
 
-class CLIPPooledTextCondition(nn.Module):
+class CLIPPooledTextCondition(FrozenTextModel):
     """aMUSEd's text condition: a frozen ``CLIPTextModelWithProjection``; prompts -> (hidden states, pooled).
 
     ``hidden states`` [B, L, D] are the *penultimate* layer's output (before the final layer norm, not
@@ -60,20 +61,6 @@ class CLIPPooledTextCondition(nn.Module):
     def projection_dim(self) -> int:
         """P, the width of the pooled embedding."""
         return int(self.text_model.config.projection_dim)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.text_model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.text_model.parameters()).dtype
-
-    def train(self, mode: bool = True) -> CLIPPooledTextCondition:
-        """The text model is frozen: it stays in eval mode whatever ``mode`` is."""
-        super().train(mode)
-        self.text_model.eval()
-        return self
 
     def tokenize(self, prompts: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
         """B prompts -> [B, L] long ids (BOS, pieces, EOS, the tokenizer's padding)."""
