@@ -32,14 +32,6 @@ def _differences(want: dict[str, Any], have: dict[str, Any]) -> str:
     return ", ".join(f"{k}: model {have.get(k)!r}, run {want.get(k)!r}" for k in keys)
 
 
-def _codebook(vqvae: torch.nn.Module) -> torch.Tensor:
-    """The first 2-D parameter whose name says codebook/embedding: the code vectors [K, D]."""
-    for name, tensor in vqvae.state_dict().items():
-        if tensor.ndim == 2 and ("codebook" in name or "embedding" in name):
-            return tensor.float()
-    raise ConfigError("the VQ-VAE has no codebook tensor")  # pragma: no cover - every VQVAE has one
-
-
 def init_from_model(
     module: DenoiserTrainModule,
     source: str,
@@ -70,7 +62,7 @@ def init_from_model(
             f"({_differences(schedule, pipe.schedule.to_dict())}); {fix}"
         )
     if vqvae_dir is not None and os.path.isdir(vqvae_dir):
-        ours, theirs = _codebook(load_vqvae(vqvae_dir)), _codebook(pipe.vqvae)
+        ours, theirs = load_vqvae(vqvae_dir).codebook.weight.float(), pipe.vqvae.codebook.weight.float()
         if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
             raise ConfigError(
                 f"--init-from {source}: the token folder was made with another VQ-VAE ({vqvae_dir}) than the "
