@@ -254,6 +254,25 @@ def test_gradients_flow_and_match_inference(tiny: Denoiser) -> None:
     tiny.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16, 4096])
+def test_chunked_inference_mlp_equals_the_plain_mlp(
+    tiny: Denoiser, chunk_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU inference runs the MLP in equal row chunks written into the output (Block._mlp); every chunk size,
+    including ones that do not divide the rows and one larger than all of them, gives the plain MLP's rows."""
+    import vqdiffusion.models.denoiser as denoiser_module
+
+    monkeypatch.setattr(denoiser_module, "MLP_CHUNK_ROWS", chunk_rows)
+    block = tiny.blocks[0]
+    h = torch.randn(3, 13, tiny.config.dim, generator=torch.Generator().manual_seed(chunk_rows))
+    with torch.no_grad():
+        chunked = block._mlp(h)
+    with torch.enable_grad():
+        plain = block.mlp(h.clone().requires_grad_(True)).detach()  # the training path: one pass, no chunks
+    assert chunked.shape == plain.shape
+    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_logits_and_output_layout(tiny: Denoiser) -> None:
     x_t, cond = random_inputs(tiny.config)
     with torch.no_grad():

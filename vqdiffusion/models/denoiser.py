@@ -111,8 +111,10 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
 
 
-# CPU inference: elements of the MLP's hidden activation computed at once (4 MB in float32, see Block._mlp).
-MLP_CHUNK_ELEMENTS = 2**20
+# CPU inference: rows of the MLP computed at once (see Block._mlp), and the most elements of their hidden
+# activation (24 MB in float32, under glibc's largest mmap threshold, so the buffer is reused, not faulted in).
+MLP_CHUNK_ROWS = 1024
+MLP_CHUNK_ELEMENTS = 6 * 2**20
 
 
 class GELU2(nn.Module):
@@ -195,19 +197,27 @@ class Block(nn.Module):
         return self._mlp(self.norm_mlp(x)).add_(x)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """The MLP on [B, N, D]; CPU inference runs the linear MLP a few hundred rows at a time, so that its
-        [rows, hidden] activation is a small, reused allocation instead of a fresh one of tens of MB (whose page
-        faults cost more than the activation itself).  Every row is computed by the same operations."""
+        """The MLP on [B, N, D]; CPU inference runs the linear MLP on equal chunks of at most
+        :data:`MLP_CHUNK_ROWS` rows (fewer if the [rows, hidden] activation would exceed
+        :data:`MLP_CHUNK_ELEMENTS`), so that the activation is a reused allocation instead of a fresh one of
+        tens of MB whose page faults cost more than the activation itself, while each matrix product stays
+        large enough to run at full speed; the second linear writes straight into the output rows.  Every row
+        is computed by the same operations."""
         hidden = self.mlp[0].out_features if isinstance(self.mlp, nn.Sequential) else None
         if hidden is None or h.device.type != "cpu" or (torch.is_grad_enabled() and h.requires_grad):
             return self.mlp(h)
-        rows = max(1, MLP_CHUNK_ELEMENTS // hidden)
         flat = h.reshape(-1, h.shape[-1])
-        if flat.shape[0] <= rows:
-            return self.mlp(h)
+        rows = max(1, min(MLP_CHUNK_ROWS, MLP_CHUNK_ELEMENTS // hidden))
+        chunks = -(-flat.shape[0] // rows)
+        rows = -(-flat.shape[0] // max(1, chunks))  # equal chunks: 2048 rows -> 2 x 1024, not 1024 + 1024 + 0
+        first, activation, second = self.mlp
         out = torch.empty_like(flat)
         for start in range(0, flat.shape[0], rows):
-            out[start : start + rows] = self.mlp(flat[start : start + rows])
+            inner = activation(first(flat[start : start + rows]))
+            if second.bias is None:
+                torch.mm(inner, second.weight.t(), out=out[start : start + rows])
+            else:
+                torch.addmm(second.bias, inner, second.weight.t(), out=out[start : start + rows])
         return out.view(h.shape)
 
 
