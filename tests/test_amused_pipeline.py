@@ -83,8 +83,21 @@ def test_defaults_are_amuseds_and_micro_conditions_are_keywords(reference_and_fo
     gen = torch.Generator().manual_seed(3)
     out = pipe("a cat", generator=gen, output_type="tokens", aesthetic_score=4.5, crop_coords=(1, 2))
     assert torch.equal(out.tokens, want)
-    with pytest.raises(ValueError, match="aesthetic_score must be a number"):
+    with pytest.raises(ValueError, match="aesthetic_score must be a finite number"):
         pipe("a cat", aesthetic_score="high", output_type="tokens")
+    # orig_size defaults to the generated image's size (diffusers' only choice); another one is a keyword too
+    same = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="tokens", aesthetic_score=4.5,
+                crop_coords=(1, 2), orig_size=(2 * SIDE, 2 * SIDE))  # fmt: skip
+    assert torch.equal(same.tokens, want)
+    assert pipe.micro_conditions(1, orig_size=(512, 384)).tolist() == [[512.0, 384.0, 0.0, 0.0, 6.0]]
+    assert pipe.condition_settings(crop_coords=[1, 2]) == {
+        "aesthetic_score": 6.0, "crop_coords": [1, 2], "orig_size": [2 * SIDE, 2 * SIDE]
+    }  # fmt: skip
+    for bad, words in [({"aesthetic_score": float("nan")}, "aesthetic_score must be a finite number"),
+                       ({"crop_coords": (-1, 0)}, "crop_coords must be two finite numbers >= 0"),
+                       ({"orig_size": (0, 8)}, "orig_size must be two finite numbers > 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            pipe("a cat", output_type="tokens", **bad)
 
 
 def test_guidance_null_is_the_empty_prompt(pipe):

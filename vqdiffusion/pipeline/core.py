@@ -340,9 +340,17 @@ class VQDiffusionPipeline(EditingMixin, OptionsMixin):
         ``needs_timestep`` are refused), False for a denoiser trained on its schedule's timestep chain."""
         return bool(getattr(self.denoiser, "time_agnostic", False))
 
+    # The model's own condition keywords of a call (aMUSEd's micro-conditions); a VQ-Diffusion model has none.
+    condition_keywords: ClassVar[tuple[str, ...]] = ()
+
     def _split_condition(self, keywords: dict[str, Any]) -> dict[str, Any]:
-        """Take the model's own condition keywords (aMUSEd's micro-conditions) out of a call's ``keywords``;
-        a VQ-Diffusion model has none."""
+        """Take the model's own condition keywords (:attr:`condition_keywords`) out of a call's ``keywords``."""
+        return {name: keywords.pop(name) for name in self.condition_keywords if name in keywords}
+
+    def condition_settings(self, **given: Any) -> dict[str, Any]:
+        """The model's own condition keywords of a call, checked, with its defaults filled in: {} here."""
+        if given:
+            raise ValueError(f"{', '.join(given)}: this model takes no micro-conditions (aMUSEd models do); drop them")
         return {}
 
     # The known-token mode of an inpainting call that does not give one (docs/design.md §10.1).
