@@ -852,8 +852,11 @@ CASES = [
     row("crop-one-number", ss("--crop-coords", "3"), ("--crop-coords", "expected two numbers")),
     row("orig-size-zero", ss("--orig-size", "0,256"), ("--orig-size must be two finite numbers > 0",)),
     row("orig-size-inf", gen("--orig-size", "inf,256"), ("--orig-size must be two finite numbers",)),
-    row("micro-on-edit", [*edit_cmd("variation"), "{afile}", "--strength", "0.5", "--aesthetic-score", "inf"],
-        ("--aesthetic-score must be a finite number",)),  # fmt: skip
+    row(
+        "micro-on-edit",
+        [*edit_cmd("variation"), "{afile}", "--strength", "0.5", "--aesthetic-score", "inf"],
+        ("--aesthetic-score must be a finite number",),
+    ),
 ]
 
 
