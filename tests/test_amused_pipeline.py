@@ -126,6 +126,20 @@ def test_model_kind_is_a_sampler_property():
         check_model_kind(Ancestral(), time_agnostic=True)
 
 
+def test_only_amuseds_step_reads_logits(pipe):
+    """aMUSEd's step reads softmax(guided logits) alone, so the chain skips the log_softmax for it (the tensor
+    diffusers' scheduler gets); every other strategy gets normalised log-probabilities."""
+    assert Confidence(step_rule="amused").reads_logits
+    assert not any(cls().reads_logits for cls in SAMPLERS.values())  # defaults (confidence: maskgit)
+    cond, null = pipe.encode_prompt(["a cat"]), pipe.null_embeddings(1)
+    x_t = torch.full((1, SIDE * SIDE), CODEBOOK)
+    x_t[0, :5] = torch.arange(5)
+    raw = pipe._predictor(cond, null, 10.0, normalize=False)(x_t, 0)
+    log_p = pipe._predictor(cond, null, 10.0)(x_t, 0)
+    torch.testing.assert_close(raw.log_softmax(dim=1), log_p)
+    assert not torch.allclose(raw.logsumexp(dim=1), torch.zeros(1, SIDE * SIDE))
+
+
 def test_ancestral_is_refused_with_the_alternatives(pipe):
     with pytest.raises(ValueError, match=r"sampler='ancestral' needs .* time-agnostic .*first_hitting"):
         pipe("a cat", sampler="ancestral", output_type="tokens")

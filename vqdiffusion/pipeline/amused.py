@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import ConfigError
-from ..diffusion import MaskingSchedule, guided_log_probs
+from ..diffusion import MaskingSchedule, guided_log_probs, guided_logits
 from ..formats import amused as amused_format
 from ..formats.amused import AmusedComponents
 from ..image_outputs import OutputType
@@ -155,16 +155,19 @@ class AmusedPipeline(VQDiffusionPipeline):
         )  # fmt: skip
 
     def _predictor(
-        self, cond: AmusedCondition, null_cond: AmusedCondition | None, guidance_scale: float
+        self, cond: AmusedCondition, null_cond: AmusedCondition | None, guidance_scale: float, normalize: bool = True
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """x_t, t -> log p(x0 | x_t) (t is ignored); with guidance log_softmax(l_u + s (l_c - l_u)) on the
-        logits of one 2B-row pass ([null; text]; the token embedding runs once for the B grids)."""
+        logits of one 2B-row pass ([null; text]; the token embedding runs once for the B grids).
+        ``normalize=False`` (aMUSEd's own step, which reads only the softmax): the logits l_u + s (l_c - l_u)
+        as they are, the very tensor diffusers' pipeline hands its scheduler."""
         model = self.denoiser
+        combine = guided_log_probs if normalize else guided_logits
         if guidance_scale == 1.0:
             cache = model.precompute_condition(cond)
 
             def predict(x_t: torch.Tensor, t: int) -> torch.Tensor:
-                return model(x_t, cond_cache=cache, validate=False)
+                return model(x_t, cond_cache=cache, validate=False, return_logits=not normalize)
 
             return predict
         both = model.precompute_condition(AmusedCondition.cat([null_cond, cond]))
@@ -172,7 +175,7 @@ class AmusedPipeline(VQDiffusionPipeline):
 
         def predict_guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
             logits_u, logits_c = model(x_t, cond_cache=both, validate=False, return_logits=True).chunk(2)
-            return guided_log_probs(logits_u, logits_c, scale)
+            return combine(logits_u, logits_c, scale)
 
         return predict_guided
 

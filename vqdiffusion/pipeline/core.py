@@ -308,7 +308,7 @@ class VQDiffusionPipeline(EditingMixin, OptionsMixin):
             if encoded is not None:  # prompt-major: row r is prompt r // num_images_per_prompt
                 cond = self._condition_rows(encoded, torch.arange(start, stop) // num_images_per_prompt)
             null_cond = self.null_embeddings(n, **condition) if options.uses_guidance else None
-            predict = self._predictor(cond, null_cond, options.guidance_scale)
+            predict = self._predictor(cond, null_cond, options.guidance_scale, not options.sampler.reads_logits)
             rows_generator = generator[start:stop] if per_image else generator
             extra = {} if edit is None else edit(torch.arange(start, stop), options, rows_generator)
             tokens = sample_tokens(
@@ -361,10 +361,11 @@ class VQDiffusionPipeline(EditingMixin, OptionsMixin):
         return encoded[rows.to(encoded.device)]
 
     def _predictor(
-        self, cond: Any, null_cond: Any, guidance_scale: float
+        self, cond: Any, null_cond: Any, guidance_scale: float, normalize: bool = True
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        """x_t, t -> guided log p(x0 | x_t) for one chain run (:func:`guided_predictor`)."""
-        return guided_predictor(self.denoiser, cond, null_cond, guidance_scale)
+        """x_t, t -> guided log p(x0 | x_t) for one chain run (:func:`guided_predictor`; ``normalize=False``:
+        the guided logits, for a sampler that reads only their softmax)."""
+        return guided_predictor(self.denoiser, cond, null_cond, guidance_scale, normalize)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
