@@ -15,6 +15,12 @@ be shared: each time is the best (and the median) of ``--repeats`` runs after a 
     python benchmarks/amused_vs_diffusers.py                         # amused-256 shape, batch 1 and 8
     python benchmarks/amused_vs_diffusers.py --layers 2 --repeats 1  # a loaded CPU
     python benchmarks/amused_vs_diffusers.py --device cuda --dtype float16
+    python benchmarks/amused_vs_diffusers.py --layers 1 --res-blocks 0 --text-layers 1 --profile  # where time goes
+
+``--profile`` runs one call of each under ``torch.profiler`` (CPU time) instead of the timing table and prints
+the seconds per call in four parts: the network (the transformer without its head, per step), the head (the
+final projection to the 8192 codes), softmax + draw (softmax / log_softmax, multinomial, the Gumbel noise and
+the sort outside the network) and the rest (text encoder, Python, small tensor ops).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -94,6 +101,70 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
     return min(times), statistics.median(times), out
 
 
+# Top-level operators outside the network that belong to "softmax + draw".
+DRAW_OPS = ("softmax", "multinomial", "uniform_", "sort", "exponential_")
+
+
+def _ranges(modules: dict[str, torch.nn.Module]) -> list:
+    """Forward hooks that open a ``torch.profiler.record_function(name)`` range around each module's call."""
+    handles = []
+    for name, module in modules.items():
+        open_ranges: list = []
+
+        def enter(_module, _inputs, name=name, open_ranges=open_ranges):
+            open_ranges.append(torch.profiler.record_function(name))
+            open_ranges[-1].__enter__()
+
+        def leave(_module, _inputs, _output, open_ranges=open_ranges):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def profile_parts(run: Callable[[], object], modules: dict[str, torch.nn.Module]) -> dict[str, float]:
+    """Seconds of one call of ``run`` by part (CPU time): ``network`` (the range of ``modules["network"]``
+    without ``head``), ``head``, ``softmax + draw`` (top-level :data:`DRAW_OPS` outside the ranges), ``other``
+    (the wall time left: text encoder, Python, small ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    handles = _ranges(modules)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            run()
+            wall = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    seconds = {name: 0.0 for name in modules}
+    draw = 0.0
+    for event in prof.events():
+        if event.name in seconds:
+            seconds[event.name] += event.cpu_time_total / 1e6
+        elif event.cpu_parent is None and any(op in event.name for op in DRAW_OPS):
+            draw += event.cpu_time_total / 1e6
+    network, head = seconds["network"] - seconds["head"], seconds["head"]
+    return {"network": network, "head": head, "softmax + draw": draw, "other": wall - network - head - draw}
+
+
+def print_profile(reference, ours, run_theirs, run_ours, prompts: list[str], steps: int) -> None:
+    """The table of :func:`profile_parts` for both pipelines (seconds per call, and the share of the call)."""
+    theirs = profile_parts(
+        lambda: run_theirs(prompts, steps),
+        {"network": reference.transformer, "head": reference.transformer.mlm_layer.conv2},
+    )
+    mine = profile_parts(lambda: run_ours(prompts, steps), {"network": ours.denoiser, "head": ours.denoiser.head})
+    total_t, total_o = sum(theirs.values()), sum(mine.values())
+    print(f"batch {len(prompts)}, {steps} steps, one profiled call each (CPU time)")
+    print("| part | diffusers s/call | ours s/call |")
+    print("| --- | --- | --- |")
+    for part in theirs:
+        print(f"| {part} | {theirs[part]:.3f} ({theirs[part] / total_t:.0%}) | {mine[part]:.3f} "
+              f"({mine[part] / total_o:.0%}) |")  # fmt: skip
+    print(f"| total | {total_t:.3f} | {total_o:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=22, help="transformer layers (amused-256: 22)")
@@ -105,6 +176,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--decode", action="store_true", help="time the VQ decoding too")
+    parser.add_argument("--profile", action="store_true", help="where the time goes (torch.profiler), per batch")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -140,6 +212,11 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     with torch.inference_mode():
         run_theirs(PROMPTS[:1], 1), run_ours(PROMPTS[:1], 1)  # warm-up
+        if args.profile:
+            for batch in args.batches:
+                prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+                print_profile(reference, ours, run_theirs, run_ours, prompts, args.steps)
+            return
         for batch in args.batches:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
             t_best, t_med, theirs = timed(lambda p=prompts: run_theirs(p, args.steps), args.repeats)

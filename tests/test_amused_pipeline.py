@@ -83,8 +83,21 @@ def test_defaults_are_amuseds_and_micro_conditions_are_keywords(reference_and_fo
     gen = torch.Generator().manual_seed(3)
     out = pipe("a cat", generator=gen, output_type="tokens", aesthetic_score=4.5, crop_coords=(1, 2))
     assert torch.equal(out.tokens, want)
-    with pytest.raises(ValueError, match="aesthetic_score must be a number"):
+    with pytest.raises(ValueError, match="aesthetic_score must be a finite number"):
         pipe("a cat", aesthetic_score="high", output_type="tokens")
+    # orig_size defaults to the generated image's size (diffusers' only choice); another one is a keyword too
+    same = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="tokens", aesthetic_score=4.5,
+                crop_coords=(1, 2), orig_size=(2 * SIDE, 2 * SIDE))  # fmt: skip
+    assert torch.equal(same.tokens, want)
+    assert pipe.micro_conditions(1, orig_size=(512, 384)).tolist() == [[512.0, 384.0, 0.0, 0.0, 6.0]]
+    assert pipe.condition_settings(crop_coords=[1, 2]) == {
+        "aesthetic_score": 6.0, "crop_coords": [1, 2], "orig_size": [2 * SIDE, 2 * SIDE]
+    }  # fmt: skip
+    for bad, words in [({"aesthetic_score": float("nan")}, "aesthetic_score must be a finite number"),
+                       ({"crop_coords": (-1, 0)}, "crop_coords must be two finite numbers >= 0"),
+                       ({"orig_size": (0, 8)}, "orig_size must be two finite numbers > 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            pipe("a cat", output_type="tokens", **bad)
 
 
 def test_guidance_null_is_the_empty_prompt(pipe):
@@ -111,6 +124,20 @@ def test_model_kind_is_a_sampler_property():
     check_model_kind(Ancestral(), time_agnostic=False)
     with pytest.raises(ValueError, match=r"sampler='ancestral' needs a model trained on a timestep chain.*'uniform'"):
         check_model_kind(Ancestral(), time_agnostic=True)
+
+
+def test_only_amuseds_step_reads_logits(pipe):
+    """aMUSEd's step reads softmax(guided logits) alone, so the chain skips the log_softmax for it (the tensor
+    diffusers' scheduler gets); every other strategy gets normalised log-probabilities."""
+    assert Confidence(step_rule="amused").reads_logits
+    assert not any(cls().reads_logits for cls in SAMPLERS.values())  # defaults (confidence: maskgit)
+    cond, null = pipe.encode_prompt(["a cat"]), pipe.null_embeddings(1)
+    x_t = torch.full((1, SIDE * SIDE), CODEBOOK)
+    x_t[0, :5] = torch.arange(5)
+    raw = pipe._predictor(cond, null, 10.0, normalize=False)(x_t, 0)
+    log_p = pipe._predictor(cond, null, 10.0)(x_t, 0)
+    torch.testing.assert_close(raw.log_softmax(dim=1), log_p)
+    assert not torch.allclose(raw.logsumexp(dim=1), torch.zeros(1, SIDE * SIDE))
 
 
 def test_ancestral_is_refused_with_the_alternatives(pipe):

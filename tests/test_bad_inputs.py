@@ -842,6 +842,21 @@ CASES = [
     row("inpaint-not-an-image", [*edit_cmd("inpaint"), "{afile}", "--box", "0,0,4,4"], ("not a readable image",)),
     row("outpaint-offset", [*edit_cmd("outpaint"), "{afile}", "--offset", "1"], ("--offset", "x,y")),
     row("variation-strength", [*edit_cmd("variation"), "{afile}", "--strength", "2"], ("--strength", "(0, 1]")),
+    # -- aMUSEd's micro-conditions: values checked before the model loads; a model without them refuses them
+    row("micro-on-vq-diffusion", gen("--aesthetic-score", "6"), ("--aesthetic-score", "no micro-conditions", "drop")),
+    row("micro-on-vq-diffusion-set", ss("--crop-coords", "0,0"), ("--crop-coords", "no micro-conditions")),
+    row("aesthetic-nan", gen("--aesthetic-score", "nan"), ("--aesthetic-score must be a finite number", "nan")),
+    row("aesthetic-not-a-number", gen("--aesthetic-score", "high"), ("--aesthetic-score", "'high'")),
+    row("crop-negative", gen("--crop-coords=-1,0"), ("--crop-coords must be two finite numbers >= 0", "(-1, 0)")),
+    row("crop-not-numbers", gen("--crop-coords", "a,b"), ("--crop-coords", "expected two numbers", "'a,b'")),
+    row("crop-one-number", ss("--crop-coords", "3"), ("--crop-coords", "expected two numbers")),
+    row("orig-size-zero", ss("--orig-size", "0,256"), ("--orig-size must be two finite numbers > 0",)),
+    row("orig-size-inf", gen("--orig-size", "inf,256"), ("--orig-size must be two finite numbers",)),
+    row(
+        "micro-on-edit",
+        [*edit_cmd("variation"), "{afile}", "--strength", "0.5", "--aesthetic-score", "inf"],
+        ("--aesthetic-score must be a finite number",),
+    ),
 ]
 
 

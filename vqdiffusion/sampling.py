@@ -22,6 +22,7 @@ from .diffusion import (
     check_generators,
     check_timesteps,
     guided_log_probs,
+    guided_logits,
     spaced_timesteps,
     temper_log_probs,
     truncate_log_probs,
@@ -235,13 +236,15 @@ def guided_predictor(
     cond: torch.Tensor | None,
     null_cond: torch.Tensor | None,
     guidance_scale: float,
+    normalize: bool = True,
 ) -> PredictFn:
     """A closure x_t, t -> log p(x0 | x_t) with the condition's cross-attention keys/values computed once.
 
     With guidance the conditional and null inputs run as one batch of 2B and are combined as
     :func:`~vqdiffusion.diffusion.guided_log_probs` (log_softmax((1 - s) * logits_u + s * logits_c));
     per-position constants cancel in the softmax, so the raw logits can be used directly (Improved
-    VQ-Diffusion sec. 3.1).
+    VQ-Diffusion sec. 3.1).  ``normalize=False`` skips the final log_softmax (for a strategy that
+    :attr:`~vqdiffusion.samplers.Sampler.reads_logits`): the same distribution, up to a per-position constant.
     """
     if guidance_scale != 1.0 and null_cond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a null condition; pass null_cond or use 1.0")
@@ -249,7 +252,7 @@ def guided_predictor(
         cond_cache = denoiser.precompute_condition(cond) if cond is not None else None
 
         def predict(x_t: torch.Tensor, t: int) -> torch.Tensor:
-            return denoiser(x_t, t, cond_cache=cond_cache, validate=False)
+            return denoiser(x_t, t, cond_cache=cond_cache, validate=False, return_logits=not normalize)
 
         return predict
 
@@ -260,7 +263,7 @@ def guided_predictor(
         # x_t is shared by the two condition groups (the first self-attention runs once): [2B, K, N]
         logits = denoiser(x_t, t, cond_cache=both_kv, validate=False, return_logits=True)
         logits_u, logits_c = logits.chunk(2)  # [B, K, N] each
-        return guided_log_probs(logits_u, logits_c, scale)
+        return guided_log_probs(logits_u, logits_c, scale) if normalize else guided_logits(logits_u, logits_c, scale)
 
     return predict_guided
 

@@ -18,3 +18,14 @@ def seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text}")
     return value
+
+
+def number_pair(text: str) -> tuple[float, float]:
+    """A pair ``a,b`` of numbers (``--crop-coords 0,0``, ``--orig-size 256,256``); integers stay integers."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return tuple(int(part) if part.lstrip("+-").isdigit() else float(part) for part in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers a,b (e.g. 0,0), got {text!r}") from None

@@ -68,7 +68,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser, image_help: str, defa
     add_condition_arguments(parser)
     parser.add_argument("--image", required=True, help=image_help)
     add_model_arguments(parser)
-    add_sampling_arguments(parser)
+    add_sampling_arguments(parser, conditions=True)
     add_run_arguments(parser, default_output=default_output)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from .arg_types import seed
 from .errors import CLIError
-from .sampling_flags import add_sampling_arguments, sampling_arguments
+from .sampling_flags import add_sampling_arguments, check_condition_flags, sampling_arguments
 
 DEFAULT_MODEL = "builtin:shapes"  # vqdiffusion.pipeline.DEFAULT_MODEL (kept here so --help imports no torch)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -20,7 +20,7 @@ def add_generate_parser(sub: Any) -> None:
     gen = sub.add_parser("generate", help="generate images from a text prompt")
     add_condition_arguments(gen)
     add_model_arguments(gen)
-    add_sampling_arguments(gen)
+    add_sampling_arguments(gen, conditions=True)
     add_run_arguments(gen, default_output="vqdiffusion.png")
 
     gen.set_defaults(run=cmd_generate)
@@ -161,7 +161,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def load_for_sampling(args: argparse.Namespace, kind: str) -> tuple[Any, str | list[int] | None, Any]:
     """The model of ``--model`` on ``--device`` (``--bf16``), the pipeline's condition for the prompt /
-    ``--class-label`` flags and a generator seeded with ``--seed``; ``--steps`` and, for a grid file
+    ``--class-label`` flags and a generator seeded with ``--seed``; the micro-condition flags (the model must
+    have micro-conditions), ``--steps`` and, for a grid file
     (``kind``, see :func:`_output_kind`), the grid's size are checked against the model before sampling."""
     import torch
 
@@ -171,6 +172,7 @@ def load_for_sampling(args: argparse.Namespace, kind: str) -> tuple[Any, str | l
     device = resolve_device(args.device)
     pipe = VQDiffusionPipeline.from_pretrained(args.model, **hub_options(args))
     pipe.to(device, torch.bfloat16 if args.bf16 else None)
+    check_condition_flags(pipe, args)
     condition = _condition(pipe, args)
     steps = args.num_inference_steps
     if steps is not None and steps > pipe.schedule.num_timesteps:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from .arg_types import seed
 from .errors import CLIError
-from .generate import DEFAULT_MODEL
-from .sampling_flags import add_sampling_arguments, sampling_arguments
+from .generate import DEFAULT_MODEL, add_hub_arguments, hub_options
+from .sampling_flags import add_sampling_arguments, check_condition_flags, sampling_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -27,8 +27,11 @@ def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
         "split over the processes, which give the same files as one process; a rerun may use any number.",
     )
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model directory or built-in model (default {DEFAULT_MODEL})"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model directory, built-in model or Hugging Face Hub id (default {DEFAULT_MODEL})",
     )
+    add_hub_arguments(p)
     what = p.add_mutually_exclusive_group()
     what.add_argument(
         "--prompts", metavar="FILE", help="text models: one caption per line, or COCO-style captions JSON"
@@ -48,7 +51,7 @@ def add_sample_set_parser(sub: Any) -> argparse.ArgumentParser:
         "--first-caption-per-image", action="store_true", help="COCO JSON: keep only the first caption of each image"
     )
     p.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
-    add_sampling_arguments(p)
+    add_sampling_arguments(p, conditions=True)
     p.add_argument("--seed", type=seed, default=0, help="seed of image 0; image i uses seed + i (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
@@ -92,7 +95,8 @@ def _sample(args: argparse.Namespace, sampling: dict[str, Any], world: Distribut
     elif args.class_labels is not None:
         conditions = parse_labels(args.class_labels)
         source = args.class_labels
-    pipe = VQDiffusionPipeline.from_pretrained(args.model)
+    pipe = VQDiffusionPipeline.from_pretrained(args.model, **hub_options(args))
+    check_condition_flags(pipe, args)
     pipe.to(device, torch.bfloat16 if args.bf16 else None)
     summary = write_sample_set(
         pipe,

@@ -22,6 +22,7 @@ from __future__ import annotations
 from .adjustments import (
     MASS_QUANTUM_BITS,
     guided_log_probs,
+    guided_logits,
     log_softmax_classes,
     temper_log_probs,
     truncate_log_probs,
@@ -66,6 +67,7 @@ __all__ = [
     "check_timesteps",
     "diffusion_loss",
     "guided_log_probs",
+    "guided_logits",
     "log_one_hot",
     "log_softmax_classes",
     "masked_fraction",

@@ -19,9 +19,15 @@ def log_softmax_classes(x: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(x, dim=1)
 
 
+def guided_logits(log_p_uncond: torch.Tensor, log_p_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance before normalising: lu + s (lc - lu), [B, K, N] in the inputs' layout (its
+    softmax over dim 1 is that of :func:`guided_log_probs`; aMUSEd's pipeline draws from it as is)."""
+    return log_p_uncond + scale * (log_p_cond - log_p_uncond)
+
+
 def guided_log_probs(log_p_uncond: torch.Tensor, log_p_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance (Improved VQ-Diffusion sec. 3.1): log_softmax(lu + s (lc - lu)) over dim 1."""
-    return log_softmax_classes(log_p_uncond + scale * (log_p_cond - log_p_uncond))
+    return log_softmax_classes(guided_logits(log_p_uncond, log_p_cond, scale))
 
 
 # Truncation measures probability mass in integer quanta of 2^-30, so that every sum is exact and the kept

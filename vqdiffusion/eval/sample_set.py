@@ -11,12 +11,13 @@ cut short by a copy, counts as missing and is sampled again).
 Under ``torchrun`` the images still missing are dealt out over the ranks (rank r takes every world_size-th
 of them), so the files are the same whatever the number of processes, and a rerun may use another number.
 
-``manifest.json`` holds the settings (model, every sampling option, seed rule, device, dtype, the
-conditions' count and hash), where the conditions came from, the number of processes of the last run
-(``world_size``), whether every planned image is written (``complete``), and one entry per planned image
-(``file``, ``index``, ``seed`` and ``prompt`` or ``label``).  Rank 0 alone writes it: before sampling, and
-again with ``complete`` after every rank has written its images.  A run into a folder whose manifest has
-other settings is refused rather than mixing two distributions; ``world_size`` is not a setting.
+``manifest.json`` holds the settings (model, every sampling option, seed rule, device, dtype, the conditions'
+count and hash; for aMUSEd models the resolved micro-conditions), where the conditions came from, the number
+of processes of the last run (``world_size``), whether every planned image is written (``complete``), and one
+entry per planned image (``file``, ``index``, ``seed`` and ``prompt`` or ``label``). Rank 0 alone writes it:
+before sampling, and again with ``complete`` after every rank has written its images. A run into a folder
+whose manifest has other
+settings is refused rather than mixing two distributions; ``world_size`` is not a setting.
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ def write_sample_set(
     """Sample images ``0 .. num - 1`` into ``out_dir`` (see the module docstring), skipping those already there.
 
     ``num`` defaults to ``len(conditions) * images_per_prompt``; it is required for an unconditional model
-    (``conditions=None``).  ``sampling`` holds the pipeline's sampling keywords (the model's defaults fill the
-    rest; the manifest records the resolved options).  Under ``torchrun`` every process calls this with its
+    (``conditions=None``).  ``sampling`` holds the pipeline's sampling keywords and the model's own condition
+    keywords (aMUSEd's micro-conditions); the model's defaults fill the rest and the manifest records the
+    resolved values.  Under ``torchrun`` every process calls this with its
     ``world`` (:func:`vqdiffusion.training.distributed.setup_distributed`): rank 0 checks and writes the
     manifest, the images still missing are dealt out over the ranks, each writes its own, and after a
     barrier rank 0 marks the manifest complete.  Returns ``{"written", "skipped", "num", "out_dir"}``
@@ -200,6 +202,7 @@ def write_sample_set(
     if num < 1:
         raise ValueError(f"--num-images must be >= 1, got {num}")
     sampling = dict(sampling or {})
+    condition = {name: sampling.pop(name) for name in pipe.condition_keywords if name in sampling}
     options = pipe.sampling_options(**sampling)
     settings = {
         "model": model,
@@ -214,6 +217,9 @@ def write_sample_set(
         if conditions is None
         else {"count": len(conditions), "sha256": _conditions_hash(conditions)},
     }
+    if pipe.condition_keywords:  # aMUSEd's micro-conditions, resolved (a VQ-Diffusion manifest has no such key)
+        settings["micro_conditions"] = pipe.condition_settings(**condition)
+    sampling.update(condition)  # the pipeline takes them as call keywords
     out = Path(out_dir)
 
     def condition(i: int) -> str | int | None:

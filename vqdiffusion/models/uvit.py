@@ -35,14 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .uvit_config import (  # re-exported: the config's old home
+    DEFAULT_AESTHETIC_SCORE,
     MICRO_CONDITIONS,
+    MicroConditions,
     UVitConfig,
     uvit_part_counts,
 )
 
 __all__ = [
+    "DEFAULT_AESTHETIC_SCORE",
     "MICRO_CONDITIONS",
     "AmusedCondition",
+    "MicroConditions",
     "UVit",
     "UVitConditionCache",
     "UVitConfig",
@@ -51,7 +55,6 @@ __all__ = [
     "uvit_part_counts",
 ]
 
-DEFAULT_AESTHETIC_SCORE = 6.0
 RES_FFN_FACTOR = 4  # the ConvNeXt blocks' MLP width, times the channels
 ATTENTION_NORM_EPS = 1e-6  # the stage attention blocks' RMSNorm epsilon (fixed, whatever layer_norm_eps is)
 GRN_EPS = 1e-6
@@ -65,9 +68,11 @@ def default_micro_conditions(
 ) -> torch.Tensor:
     """aMUSEd's micro-conditions [5] float32: (image width, image height, crop top, crop left, aesthetic score).
 
-    The defaults are the pipeline's: the generated image's size, no crop, aesthetic score 6.
+    The defaults are the pipeline's: the generated image's size, no crop, aesthetic score 6
+    (:class:`MicroConditions` with ``orig_size`` gives another original size).
     """
-    return torch.tensor([width, height, crop[0], crop[1], aesthetic_score], dtype=torch.float32)
+    values = MicroConditions(aesthetic_score=aesthetic_score, crop_coords=crop).values(width, height)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

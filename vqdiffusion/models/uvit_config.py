@@ -3,13 +3,57 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any
 
-from ..config import ConfigBase, ConfigError
+from ..config import ConfigBase, ConfigError, is_number, setting
 
-__all__ = ["MICRO_CONDITIONS", "UVitConfig", "uvit_part_counts"]
+__all__ = ["DEFAULT_AESTHETIC_SCORE", "MICRO_CONDITIONS", "MicroConditions", "UVitConfig", "uvit_part_counts"]
 
 # The micro-conditions in the order the network reads them (diffusers' order: width before height).
 MICRO_CONDITIONS = ("orig_width", "orig_height", "crop_top", "crop_left", "aesthetic_score")
+DEFAULT_AESTHETIC_SCORE = 6.0
+
+
+def _finite(value: object) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroConditions:
+    """The micro-conditions of one call (aMUSEd, Patil et al. 2024; docs/design.md §12): what the network is told
+    of the training image to imitate.  The defaults are aMUSEd's pipeline's; ``orig_size`` None is the generated
+    image's size.  :meth:`values` gives the five numbers in the network's order (:data:`MICRO_CONDITIONS`)."""
+
+    aesthetic_score: float = setting(DEFAULT_AESTHETIC_SCORE, "aesthetic score to condition on (LAION scale)")
+    crop_coords: tuple[float, float] = setting((0, 0), "(top, left) crop coordinates to condition on, >= 0")
+    orig_size: tuple[float, float] | None = setting(
+        None, "(width, height) of the original image to condition on, > 0 (default: the generated size)"
+    )
+
+    def __post_init__(self) -> None:
+        if not _finite(self.aesthetic_score):
+            raise ValueError(
+                f"aesthetic_score must be a finite number (aMUSEd's default is 6), got {self.aesthetic_score!r}"
+            )
+        for name, low, text in (("crop_coords", 0, ">= 0, (top, left)"), ("orig_size", None, "> 0, (width, height)")):
+            value = getattr(self, name)
+            if value is None and name == "orig_size":
+                continue
+            ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(_finite(v) for v in value)
+            if not ok or not all(v >= 0 if low == 0 else v > 0 for v in value):
+                raise ValueError(f"{name} must be two finite numbers {text}, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+
+    def values(self, width: int, height: int) -> tuple[float, float, float, float, float]:
+        """(orig width, orig height, crop top, crop left, aesthetic score) for an image of ``width`` x ``height``."""
+        orig_w, orig_h = self.orig_size if self.orig_size is not None else (width, height)
+        return (orig_w, orig_h, self.crop_coords[0], self.crop_coords[1], self.aesthetic_score)
+
+    def to_dict(self, width: int, height: int) -> dict[str, Any]:
+        """The resolved settings as JSON values (``orig_size`` filled in), e.g. for a sample-set manifest."""
+        orig_w, orig_h, top, left, score = self.values(width, height)
+        return {"aesthetic_score": score, "crop_coords": [top, left], "orig_size": [orig_w, orig_h]}
 
 
 def _is_int(value: object) -> bool:

@@ -13,22 +13,23 @@ masked fraction aMUSEd's cosine or linear masking schedule), the decoder range (
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..config import ConfigError, is_number
-from ..diffusion import MaskingSchedule, guided_log_probs
+from ..config import ConfigError
+from ..diffusion import MaskingSchedule, guided_log_probs, guided_logits
 from ..formats import amused as amused_format
 from ..formats.amused import AmusedComponents
 from ..image_outputs import OutputType
 from ..models.conditions import ConditionKind
 from ..models.memory import sampling_memory_per_image
 from ..models.pooled_text import CLIPPooledTextCondition
-from ..models.uvit import DEFAULT_AESTHETIC_SCORE, AmusedCondition, UVit, default_micro_conditions
+from ..models.uvit import AmusedCondition, MicroConditions, UVit
 from ..models.vqvae import VQVAE
 from ..samplers import Confidence, check_model_kind
 from ..sampling import SamplingOptions
@@ -39,7 +40,6 @@ __all__ = ["AMUSED_NUM_TIMESTEPS", "AmusedPipeline", "amused_defaults"]
 # T of the mask-only schedule the samplers read: divisible by the default 12 steps and by 8, 10, 16, 20, 24,
 # so that a budget sampler's uniformly spaced run of that many steps leaves exactly N gamma((i + 1) / S) masked.
 AMUSED_NUM_TIMESTEPS = 1200
-MICRO_CONDITION_KEYWORDS = ("aesthetic_score", "crop_coords")
 
 
 def amused_defaults(masking_schedule: str = "cosine") -> SamplingOptions:
@@ -62,11 +62,13 @@ class AmusedPipeline(VQDiffusionPipeline):
     (what the budget, ReMDM and first-hitting samplers read; the model never sees t).  Samplers that need a
     trained timestep chain (``ancestral``) are refused with a ValueError naming the ones that apply.
 
-    Calls take aMUSEd's micro-conditions as keywords: ``aesthetic_score`` (default 6) and ``crop_coords``
-    ((top, left), default (0, 0)); the original size is the generated image's.
+    Calls take aMUSEd's micro-conditions as keywords (:class:`MicroConditions`): ``aesthetic_score`` (default 6),
+    ``crop_coords`` ((top, left), default (0, 0)) and ``orig_size`` ((width, height), default the generated
+    image's size).
     """
 
     index_class_name: ClassVar[str] = amused_format.AMUSED_PIPELINE
+    condition_keywords: ClassVar[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(MicroConditions))
     # the model never saw noised context: kept tokens are shown as they are (aMUSEd's own inpainting)
     default_known_tokens: ClassVar[str] = "clean"
 
@@ -121,21 +123,17 @@ class AmusedPipeline(VQDiffusionPipeline):
     def num_class_labels(self) -> None:
         return None
 
-    def micro_conditions(
-        self, batch_size: int, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE, crop_coords: Sequence[int] = (0, 0)
-    ) -> torch.Tensor:
-        """[B, 5] micro-conditions: (width, height) of the generated image, ``crop_coords``, ``aesthetic_score``."""
-        if not is_number(aesthetic_score):
-            raise ValueError(f"aesthetic_score must be a number (aMUSEd's default is 6), got {aesthetic_score!r}")
-        if (
-            not isinstance(crop_coords, (tuple, list))
-            or len(crop_coords) != 2
-            or not all(is_number(c) and c >= 0 for c in crop_coords)
-        ):
-            raise ValueError(f"crop_coords must be two numbers >= 0, (top, left), got {crop_coords!r}")
+    def micro_conditions(self, batch_size: int, **given: Any) -> torch.Tensor:
+        """[B, 5] micro-conditions of :class:`MicroConditions` (``aesthetic_score``, ``crop_coords``,
+        ``orig_size``; checked there), the original size defaulting to the generated image's."""
         width, height = self.image_size
-        micro = default_micro_conditions(width, height, crop=tuple(crop_coords), aesthetic_score=aesthetic_score)
-        return micro.to(self.device).expand(batch_size, -1)
+        values = MicroConditions(**given).values(width, height)
+        return torch.tensor(values, dtype=torch.float32, device=self.device).expand(batch_size, -1)
+
+    def condition_settings(self, **given: Any) -> dict[str, Any]:
+        """The call's micro-conditions with aMUSEd's defaults filled in, as JSON values (sample-set manifests)."""
+        width, height = self.image_size
+        return MicroConditions(**given).to_dict(width, height)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], **micro: Any) -> AmusedCondition:  # type: ignore[override]
@@ -149,9 +147,6 @@ class AmusedPipeline(VQDiffusionPipeline):
         hidden, pooled = self.text_encoder.encode_unconditional(batch_size)
         return AmusedCondition(hidden, pooled, self.micro_conditions(batch_size, **micro))
 
-    def _split_condition(self, keywords: dict[str, Any]) -> dict[str, Any]:
-        return {name: keywords.pop(name) for name in MICRO_CONDITION_KEYWORDS if name in keywords}
-
     def _condition_rows(self, encoded: AmusedCondition, rows: torch.Tensor) -> AmusedCondition:
         index = rows.to(encoded.hidden_states.device)
         return AmusedCondition(
@@ -160,16 +155,19 @@ class AmusedPipeline(VQDiffusionPipeline):
         )  # fmt: skip
 
     def _predictor(
-        self, cond: AmusedCondition, null_cond: AmusedCondition | None, guidance_scale: float
+        self, cond: AmusedCondition, null_cond: AmusedCondition | None, guidance_scale: float, normalize: bool = True
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """x_t, t -> log p(x0 | x_t) (t is ignored); with guidance log_softmax(l_u + s (l_c - l_u)) on the
-        logits of one 2B-row pass ([null; text]; the token embedding runs once for the B grids)."""
+        logits of one 2B-row pass ([null; text]; the token embedding runs once for the B grids).
+        ``normalize=False`` (aMUSEd's own step, which reads only the softmax): the logits l_u + s (l_c - l_u)
+        as they are, the very tensor diffusers' pipeline hands its scheduler."""
         model = self.denoiser
+        combine = guided_log_probs if normalize else guided_logits
         if guidance_scale == 1.0:
             cache = model.precompute_condition(cond)
 
             def predict(x_t: torch.Tensor, t: int) -> torch.Tensor:
-                return model(x_t, cond_cache=cache, validate=False)
+                return model(x_t, cond_cache=cache, validate=False, return_logits=not normalize)
 
             return predict
         both = model.precompute_condition(AmusedCondition.cat([null_cond, cond]))
@@ -177,7 +175,7 @@ class AmusedPipeline(VQDiffusionPipeline):
 
         def predict_guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
             logits_u, logits_c = model(x_t, cond_cache=both, validate=False, return_logits=True).chunk(2)
-            return guided_log_probs(logits_u, logits_c, scale)
+            return combine(logits_u, logits_c, scale)
 
         return predict_guided
 

@@ -308,7 +308,7 @@ class VQDiffusionPipeline(EditingMixin, OptionsMixin):
             if encoded is not None:  # prompt-major: row r is prompt r // num_images_per_prompt
                 cond = self._condition_rows(encoded, torch.arange(start, stop) // num_images_per_prompt)
             null_cond = self.null_embeddings(n, **condition) if options.uses_guidance else None
-            predict = self._predictor(cond, null_cond, options.guidance_scale)
+            predict = self._predictor(cond, null_cond, options.guidance_scale, not options.sampler.reads_logits)
             rows_generator = generator[start:stop] if per_image else generator
             extra = {} if edit is None else edit(torch.arange(start, stop), options, rows_generator)
             tokens = sample_tokens(
@@ -340,9 +340,17 @@ class VQDiffusionPipeline(EditingMixin, OptionsMixin):
         ``needs_timestep`` are refused), False for a denoiser trained on its schedule's timestep chain."""
         return bool(getattr(self.denoiser, "time_agnostic", False))
 
+    # The model's own condition keywords of a call (aMUSEd's micro-conditions); a VQ-Diffusion model has none.
+    condition_keywords: ClassVar[tuple[str, ...]] = ()
+
     def _split_condition(self, keywords: dict[str, Any]) -> dict[str, Any]:
-        """Take the model's own condition keywords (aMUSEd's micro-conditions) out of a call's ``keywords``;
-        a VQ-Diffusion model has none."""
+        """Take the model's own condition keywords (:attr:`condition_keywords`) out of a call's ``keywords``."""
+        return {name: keywords.pop(name) for name in self.condition_keywords if name in keywords}
+
+    def condition_settings(self, **given: Any) -> dict[str, Any]:
+        """The model's own condition keywords of a call, checked, with its defaults filled in: {} here."""
+        if given:
+            raise ValueError(f"{', '.join(given)}: this model takes no micro-conditions (aMUSEd models do); drop them")
         return {}
 
     # The known-token mode of an inpainting call that does not give one (docs/design.md §10.1).
@@ -353,10 +361,11 @@ class VQDiffusionPipeline(EditingMixin, OptionsMixin):
         return encoded[rows.to(encoded.device)]
 
     def _predictor(
-        self, cond: Any, null_cond: Any, guidance_scale: float
+        self, cond: Any, null_cond: Any, guidance_scale: float, normalize: bool = True
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        """x_t, t -> guided log p(x0 | x_t) for one chain run (:func:`guided_predictor`)."""
-        return guided_predictor(self.denoiser, cond, null_cond, guidance_scale)
+        """x_t, t -> guided log p(x0 | x_t) for one chain run (:func:`guided_predictor`; ``normalize=False``:
+        the guided logits, for a sampler that reads only their softmax)."""
+        return guided_predictor(self.denoiser, cond, null_cond, guidance_scale, normalize)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

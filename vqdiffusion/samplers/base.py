@@ -3,7 +3,7 @@ settings, checked from their field metadata) and the :class:`Chain` it runs on (
 
 A strategy owns its settings, their checks and its loop; the callers read only its properties
 (:attr:`Sampler.fills_fixed_count`, :attr:`Sampler.needs_mask_only_schedule`,
-:attr:`Sampler.needs_timestep`) and never its name.
+:attr:`Sampler.needs_timestep`, :attr:`Sampler.reads_logits`) and never its name.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class Chain:
     """One reverse-chain run as a strategy sees it.
 
     log_p_x0_at: x_t, t -> log p(x0 | x_t) after guidance, temperature and truncation (the model's input
-        at known positions already prepared).
+        at known positions already prepared); up to a per-position constant for a strategy that
+        :attr:`Sampler.reads_logits`.
     steps: the strictly decreasing step indices of the run (checked).
     x_t: [B, N] long start state, known tokens in place; for a strategy that fills a fixed count every row
         holds the same number (> 0) of [MASK].
@@ -79,6 +80,12 @@ class Sampler:
     # It runs the chain of a model trained on the timestep (the exact posterior of its schedule): refused for
     # a time-agnostic masked model (aMUSEd, MaskGIT), which predicts x0 from x_t without t.
     needs_timestep: ClassVar[bool] = False
+
+    @property
+    def reads_logits(self) -> bool:
+        """True when the strategy uses ``log_p_x0_at`` only through softmax over the classes, so the chain may
+        hand it unnormalised logits (log p up to a per-position constant) and skip a log_softmax per step."""
+        return False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -57,6 +57,11 @@ class Confidence(Sampler):
         choices=STEP_RULES,
     )
 
+    @property
+    def reads_logits(self) -> bool:
+        """aMUSEd's step reads only softmax(logits) (its candidates and their probabilities)."""
+        return self.step_rule == "amused"
+
     def run(self, chain: Chain) -> torch.Tensor:
         if self.step_rule == "amused":
             return self._run_amused(chain)
@@ -78,7 +83,7 @@ class Confidence(Sampler):
         temperatures = amused_temperatures(num_steps, (float(self.choice_temperature), 0.0), device=x_t.device)
         generators = chain.generator if isinstance(chain.generator, (list, tuple)) else None
         for i, t in enumerate(chain.iterate(chain.steps)):
-            log_p = chain.log_p_x0_at(x_t, t)  # softmax(log p) = the guided distribution aMUSEd draws from
+            log_p = chain.log_p_x0_at(x_t, t)  # guided logits: their softmax is the distribution aMUSEd draws from
             step = dict(temperatures=temperatures, masking_schedule=self.masking_schedule)
             if generators is None:
                 x_t, _ = amused_confidence_step(log_p, x_t, i, num_steps, generator=chain.generator, **step)
