@@ -4,6 +4,7 @@ an FSQ tokenizer trained, resumed, exported and used through the command line.""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 
@@ -16,6 +17,7 @@ from vqdiffusion.cli import main
 from vqdiffusion.config import ConfigError
 from vqdiffusion.data.folders import image_to_tensor, load_image
 from vqdiffusion.data.tokens import TokenDataset
+from vqdiffusion.formats.diffusers_vqvae import vqvae_config_to_diffusers
 from vqdiffusion.models.fsq import (
     FSQCodebook,
     fsq_bound,
@@ -242,3 +244,37 @@ def test_cli_trains_resumes_exports_and_tokenizes_an_fsq_tokenizer(blocks_dir, t
     assert data.num_classes == 60
     images = torch.stack([image_to_tensor(load_image(blocks_dir / name, 16)) for name in data.files])
     assert torch.equal(data.tokens.long(), model.eval().encode(images))
+
+
+def test_an_fsq_tokenizer_serves_a_whole_model(blocks_dir, tmp_path, capsys):
+    """Train the tokenizer, tokenize, train a denoiser one step, export (half precision), info, generate,
+    eval-tokenizer; the diffusers layout is refused."""
+    vq, tok, run, model = (tmp_path / name for name in ("vq", "tok", "run", "model"))
+    argv = [str(blocks_dir), "--out", str(vq), "--image-size", "16", "--batch-size", "4", "--steps", "2"]
+    assert (
+        main(["train-vqvae", *argv, "--quantizer", "fsq", "--fsq-levels", "4,3,2", "--device", "cpu", "--quiet"]) == 0
+    )
+    assert main(["tokenize", str(blocks_dir), "--vqvae", str(vq / "vqvae"), "--out", str(tok), "--quiet"]) == 0
+    train = ["train", str(tok), "--out", str(run), "--preset", "tiny", "--train-text-model", "--cond-dim", "32"]
+    train += ["--text-heads", "2", "--text-max-length", "16", "--batch-size", "4", "--steps", "1", "--device", "cpu"]
+    assert main([*train, "--quiet"]) == 0
+    assert main(["export", str(run), str(model), "--half"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(model)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vqvae"]["quantizer"] == "fsq" and info["vqvae"]["fsq_levels"] == [4, 3, 2]
+    assert info["vqvae"]["num_embeddings"] == 24 and info["denoiser"]["num_classes"] == 24
+    out = tmp_path / "g.png"
+    assert main(["generate", "coloured blocks", "--model", str(model), "--steps", "2", "--output", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    assert main(["eval-tokenizer", str(model), "--n", "2", "--out", str(tmp_path / "ev")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| tokenizer ceiling") and lines[-2].startswith("tokenizer PSNR")
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["quantizer"] == "fsq" and set(report["ceiling"]["sets"]) == {"single_seen", "two_objects", "heldout"}
+    assert main(["convert", str(model), str(tmp_path / "d"), "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "FSQ" in err and len(err.splitlines()) == 1
+    with pytest.raises(ConfigError, match="no FSQ bounding step"):
+        vqvae_config_to_diffusers(load_vqvae(model).config)
