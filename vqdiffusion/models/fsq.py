@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -125,7 +126,10 @@ class FSQCodebook(Codebook):
         (the nearest grid point to ``bound(z)``, not to the raw ``z``)."""
         return self.quantize(z)[1]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+    def _load_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """Refuse a saved ``weight`` that is not this grid (weights trained with other levels)."""
         loaded = state_dict.get(prefix + "weight")
         if loaded is not None and loaded.shape == self.weight.shape and loaded.device.type != "meta":
             grid = fsq_grid(self.levels)
