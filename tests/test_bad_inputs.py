@@ -493,6 +493,7 @@ def ss(*extra: str, model: str = "{text}", prompts: bool = True) -> list[str]:
 TRAIN = ["train", "{tokens}", "--preset", "tiny", "--train-text-model", "--cond-dim", "32", "--text-heads", "2"]
 TRAIN += ["--text-max-length", "16", "--batch-size", "4", "--steps", "1", "--device", "cpu"]
 TRAIN_VQVAE = ["train-vqvae", "{images}", "--image-size", "8", "--batch-size", "2", "--steps", "1", "--device", "cpu"]
+FSQ = [*TRAIN_VQVAE, "--out", "{tmp}/r", "--quantizer", "fsq", "--fsq-levels", "4,3,2"]
 
 SS = ["sample-set", "--model", "{text}", "--out", "{tmp}/s", "--quiet"]
 FID = ["eval", "--suite", "fid", "--samples", "{images}", "--reference", "{images}", "--out", "{tmp}/e"]
@@ -601,6 +602,27 @@ CASES = [
     row("train-out-parent-is-file", [*TRAIN, "--out", "{afile}/run"], ("--out", "afile is a file")),
     row("train-out-read-only", [*TRAIN, "--out", "{ro}/run"], ("permission denied",), marks=ROOT_SKIP),
     row("train-vqvae-out-parent-is-file", [*TRAIN_VQVAE, "--out", "{afile}/run"], ("--out", "afile is a file")),
+    # -- train-vqvae --quantizer fsq: the learned codebook's settings have no meaning for the fixed grid
+    row("fsq-codebook-init", [*FSQ, "--codebook-init", "kmeans"], ("codebook_init='kmeans'", "--codebook-init", "fsq")),
+    row("fsq-code-restart", [*FSQ, "--code-restart", "distance"], ("code_restart='distance'", "--code-restart")),
+    row("fsq-codebook-l2", [*FSQ, "--codebook-l2"], ("codebook_l2=True", "--codebook-l2", "fixed grid")),
+    row("fsq-beta", [*FSQ, "--beta", "0.5"], ("commitment_beta=0.5", "--beta")),
+    row("fsq-dead-codes", [*FSQ, "--dead-code-threshold", "5"], ("dead_code_threshold=5",)),
+    row("fsq-codebook-size", [*FSQ, "--codebook-size", "256"], ("num_embeddings=256", "prod(fsq_levels)=24")),
+    row("fsq-embed-dim", [*FSQ, "--embed-dim", "8"], ("embed_dim=8", "len(fsq_levels)=3")),
+    row("fsq-no-levels", [*TRAIN_VQVAE, "--out", "{tmp}/r", "--quantizer", "fsq"], ("needs fsq_levels",)),
+    row("fsq-level-1", [*TRAIN_VQVAE, "--out", "{tmp}/r", "--quantizer", "fsq", "--fsq-levels", "4,1"], (">= 2",)),
+    row("fsq-levels-without-fsq", [*TRAIN_VQVAE, "--out", "{tmp}/r", "--fsq-levels", "4,3"], ("quantizer='fsq'",)),
+    row("fsq-levels-garbage", [*FSQ, "--fsq-levels", "4,x"], ("--fsq-levels", "comma-separated integers")),
+    row("quantizer-unknown", [*TRAIN_VQVAE, "--out", "{tmp}/r", "--quantizer", "lfq"], ("quantizer", "'lfq'")),
+    # -- eval-tokenizer and the ceiling flag
+    row("eval-tokenizer-missing", ["eval-tokenizer", "{tmp}/nope"], ("VQ-VAE folder not found",)),
+    row("eval-tokenizer-not-vqvae", ["eval-tokenizer", "{files}"], ("is not a VQ-VAE folder",)),
+    row("eval-tokenizer-n-0", ["eval-tokenizer", "{text}", "--n", "0"], ("--n must be >= 1",)),
+    row("eval-tokenizer-n-huge", ["eval-tokenizer", "{text}", "--n", str(10**12)], ("--n must be at most",)),
+    row("eval-tokenizer-device-foo", ["eval-tokenizer", "{text}", "--device", "foo"], ("device 'foo'",)),
+    row("eval-tokenizer-out-is-file", ["eval-tokenizer", "{text}", "--out", "{afile}"], ("is a file, not a folder",)),
+    row("eval-ceiling-not-shapes", [*CLIPSCORE, "--tokenizer-ceiling"], ("--tokenizer-ceiling", "--suite shapes")),
     row(
         "tokenize-out-parent-is-file",
         ["tokenize", "{images}", "--vqvae", "{text}/vqvae", "--out", "{afile}/t"],

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from vqdiffusion.data.shapes import PROMPT_SETS, prompt_set
 from vqdiffusion.diffusion import MaskReplaceSchedule
+from vqdiffusion.eval.shapes import evaluate
+from vqdiffusion.eval.stats import wilson_interval
 from vqdiffusion.eval.suite import evaluate_shapes, write_report
 from vqdiffusion.eval.tokenizer import (
     NEAR_BLACK_RMS,
@@ -19,9 +22,11 @@ from vqdiffusion.eval.tokenizer import (
     code_perplexity,
     default_entropy_steps,
     denoiser_x0_entropy,
+    format_shape_ceiling,
     near_black_codes,
     token_histogram,
     tokenizer_diagnostics,
+    tokenizer_shape_ceiling,
     x0_entropy,
 )
 from vqdiffusion.models.vqvae import VQVAE, VQVAEConfig
@@ -238,3 +243,79 @@ def test_eval_suite_reports_the_diagnostics(tmp_path: Path):
     json_path, _ = write_report(report, tmp_path)
     data = json.loads(json_path.read_text())
     assert data["tokenizer"]["num_codes"] == len(PALETTE) and "denoiser_x0_entropy" in data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tokenizer's shape ceiling
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StubTokenizer(torch.nn.Module):
+    """ "Tokens" are the images themselves; ``decode_tokens`` applies ``damage`` (identity by default).  Records
+    what it was asked to encode."""
+
+    config = SimpleNamespace(num_embeddings=4, downsample_factor=8)
+
+    def __init__(self, damage=lambda x: x) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.damage = damage
+        self.inputs: list[torch.Tensor] = []
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(images.clone())
+        return images
+
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.damage(tokens)
+
+
+CEILING_N = 12
+
+
+def test_identity_tokenizer_scores_what_the_scorer_gives_the_renders():
+    tokenizer = StubTokenizer()
+    report = tokenizer_shape_ceiling(tokenizer, num_images_per_set=CEILING_N, seed=3, batch_size=5)
+    assert list(report["sets"]) == list(PROMPT_SETS) and report["num_images_per_set"] == CEILING_N
+    # the renders it was given, scored directly by the suite's scorer against the suite's scenes
+    renders = torch.cat(tokenizer.inputs)  # [3 * n, 3, 64, 64] in [-1, 1], the sets in order
+    pixels = ((renders + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, name in enumerate(PROMPT_SETS):
+        scenes = prompt_set(name, CEILING_N, 3)
+        expected = evaluate(list(pixels[i * CEILING_N : (i + 1) * CEILING_N]), scenes)
+        got = report["sets"][name]
+        for key, value in expected.items():
+            assert got[key] == value, (name, key)
+        k = round(expected["fully_correct"] * CEILING_N)
+        assert got["fully_correct_ci95"] == wilson_interval(k, CEILING_N)
+    # not a vacuous match: the scorer recognises most clean renders
+    assert report["sets"]["single_seen"]["fully_correct"] > 0.5  # the scorer recognises clean renders
+    json.dumps(report)
+    assert "| single_seen | 12 |" in format_shape_ceiling(report)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda x: -torch.ones_like(x),  # black
+        lambda x: torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 16), scale_factor=16.0),  # blur
+    ],
+    ids=["black", "blur"],
+)
+def test_damaging_tokenizers_score_lower(damage):
+    clean = tokenizer_shape_ceiling(StubTokenizer(), num_images_per_set=CEILING_N, seed=3)
+    damaged = tokenizer_shape_ceiling(StubTokenizer(damage), num_images_per_set=CEILING_N, seed=3)
+    for name in PROMPT_SETS:
+        assert damaged["sets"][name]["fully_correct"] < clean["sets"][name]["fully_correct"], name
+        assert damaged["sets"][name]["lenient_fully_correct"] < clean["sets"][name]["lenient_fully_correct"], name
+
+
+def test_eval_suite_adds_the_ceiling_when_asked():
+    pipe = StandInPipeline()
+    report = evaluate_shapes(pipe, num_per_set=2, batch_size=2, progress=False, diagnostics=False)
+    assert "tokenizer_ceiling" not in report
+    report = evaluate_shapes(
+        pipe, num_per_set=2, batch_size=2, progress=False, diagnostics=False, tokenizer_ceiling=True
+    )
+    assert set(report["tokenizer_ceiling"]["sets"]) == set(PROMPT_SETS)
+    assert report["tokenizer_ceiling"]["num_images_per_set"] == 2

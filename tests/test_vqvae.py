@@ -308,7 +308,7 @@ def test_nearest_matches_brute_force_and_chunking(monkeypatch) -> None:
     z = torch.randn(1000, 5, generator=generator)
     brute = ((z[:, None, :] - codebook.weight[None].detach()) ** 2).sum(-1).argmin(1)
     assert torch.equal(codebook.nearest(z), brute)
-    monkeypatch.setattr("vqdiffusion.models.vqvae._DISTANCE_CHUNK_ELEMENTS", 37 * 64)  # 16 chunks
+    monkeypatch.setattr("vqdiffusion.models.codebook._DISTANCE_CHUNK_ELEMENTS", 37 * 64)  # 16 chunks
     assert torch.equal(codebook.nearest(z), brute)
     # bf16 inputs are compared in float32 and give the float32 answer for the same (rounded) values
     z16 = z.bfloat16()

@@ -15,6 +15,7 @@ from .convert import add_convert_parser
 from .demo import add_demo_parser
 from .edit import add_edit_parsers
 from .errors import CLIError, OneLineParser, is_user_error, report
+from .eval_tokenizer import add_eval_tokenizer_parser, run_eval_tokenizer
 from .evaluate import add_eval_parser, add_make_shapes_parser
 from .export import add_export_parser, run_export
 from .generate import add_generate_parser, add_info_parser
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         (add_tokenize_parser, run_tokenize),
         (add_train_parser, run_train),
         (add_export_parser, run_export),
+        (add_eval_tokenizer_parser, run_eval_tokenizer),
     ):
         add(sub).set_defaults(run=run)
     return parser

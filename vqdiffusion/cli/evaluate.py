@@ -51,6 +51,11 @@ def add_eval_parser(sub: Any) -> None:
         default="renoise,clean",
         help="inpaint: comma-separated known-token modes, renoise and/or clean (default renoise,clean)",
     )
+    ev.add_argument(
+        "--tokenizer-ceiling",
+        action="store_true",
+        help="shapes: also score the tokenizer's reconstructions of the same scenes (the most a generator can reach)",
+    )
     add_sampling_arguments(ev)
     ev.add_argument(
         "--batch-size", type=int, default=None, help="images per batch (default: shapes 16, fid 50, clipscore 32)"
@@ -109,6 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.out = f"eval_{args.suite}"
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.tokenizer_ceiling and args.suite != "shapes":
+        raise CLIError(f"--tokenizer-ceiling applies to --suite shapes, not {args.suite}; leave it out")
     for dest in REQUIRED.get(args.suite, ()):
         if getattr(args, dest) is None:
             raise CLIError(f"--suite {args.suite} needs --{dest.replace('_', '-')}")
@@ -134,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_inpaint(args)
     sampling = sampling_arguments(args)
     from ..eval.suite import evaluate_shapes, format_table, write_report
-    from ..eval.tokenizer import format_tokenizer_diagnostics, format_x0_entropy
+    from ..eval.tokenizer import format_shape_ceiling, format_tokenizer_diagnostics, format_x0_entropy
     from ..pipeline import VQDiffusionPipeline
 
     pipe = VQDiffusionPipeline.from_pretrained(args.model, device=args.device)
@@ -144,6 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        tokenizer_ceiling=args.tokenizer_ceiling,
         **sampling,
     )
     json_path, grid_path = write_report(report, args.out)
@@ -153,6 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print("tokenizer PSNR on fresh renders: " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items()))
     print(format_tokenizer_diagnostics(report["tokenizer"]))
     print(format_x0_entropy(report["denoiser_x0_entropy"]))
+    if "tokenizer_ceiling" in report:
+        print(format_shape_ceiling(report["tokenizer_ceiling"]))
     print(json_path)
     print(grid_path)
     return 0

@@ -28,6 +28,8 @@ _FLAGS: FlagTable = {
     "--latent-channels": ("latent_channels", int, "encoder output channels"),
     "--embed-dim": ("embed_dim", int, "codebook vector width D"),
     "--codebook-size": ("num_embeddings", int, "codebook size K"),
+    "--quantizer": ("quantizer", str, "vq (default: learned codebook) or fsq (finite scalar quantization)"),
+    "--fsq-levels": ("fsq_levels", _ints, "levels per latent dim for --quantizer fsq, e.g. 8,5,5,5 (K = product)"),
     "--layers-per-block": ("layers_per_block", int, "residual blocks per encoder level"),
     "--norm-groups": ("norm_num_groups", int, "GroupNorm groups"),
     "--encoder-padding": ("encoder_padding", str, "zeros (default) or replicate: a flat background, one code"),

@@ -21,7 +21,7 @@ from ..data.shapes import PROMPT_SETS, canonical_caption, prompt_set
 from ..io import atomic_write_text, atomic_write_with, check_output_path
 from .shapes import evaluate
 from .stats import format_rate
-from .tokenizer import denoiser_x0_entropy, tokenizer_diagnostics, tokenizer_psnr
+from .tokenizer import denoiser_x0_entropy, tokenizer_diagnostics, tokenizer_psnr, tokenizer_shape_ceiling
 
 
 def evaluate_shapes(
@@ -33,6 +33,7 @@ def evaluate_shapes(
     sets: tuple[str, ...] = PROMPT_SETS,
     progress: bool = True,
     diagnostics: bool = True,
+    tokenizer_ceiling: bool = False,
     **sampling: Any,
 ) -> dict[str, Any]:
     """Run the shapes suite with ``pipe`` (a :class:`~vqdiffusion.VQDiffusionPipeline`).
@@ -42,7 +43,9 @@ def evaluate_shapes(
     "tokenizer_psnr": {...}}`` (see :func:`~vqdiffusion.eval.tokenizer.tokenizer_psnr`); the samples are the
     first 16 images of each set (for a grid).  With ``diagnostics`` also ``"tokenizer"``
     (:func:`~vqdiffusion.eval.tokenizer.tokenizer_diagnostics`, whose PSNR is ``"tokenizer_psnr"``) and
-    ``"denoiser_x0_entropy"`` (:func:`~vqdiffusion.eval.tokenizer.denoiser_x0_entropy`).
+    ``"denoiser_x0_entropy"`` (:func:`~vqdiffusion.eval.tokenizer.denoiser_x0_entropy`).  With
+    ``tokenizer_ceiling`` also ``"tokenizer_ceiling"``, the suite's score of the tokenizer's reconstructions of
+    the same scenes (:func:`~vqdiffusion.eval.tokenizer.tokenizer_shape_ceiling`).
     """
     if num_per_set < 1 or batch_size < 1:
         raise ValueError(f"num_per_set and batch_size must be >= 1, got {num_per_set}, {batch_size}")
@@ -65,6 +68,10 @@ def evaluate_shapes(
         report["denoiser_x0_entropy"] = denoiser_x0_entropy(pipe, seed=seed)
     else:
         report["tokenizer_psnr"] = tokenizer_psnr(pipe.vqvae, num_images=num_per_set, seed=seed)
+    if tokenizer_ceiling:
+        report["tokenizer_ceiling"] = tokenizer_shape_ceiling(
+            pipe.vqvae, num_images_per_set=num_per_set, seed=seed, sets=sets
+        )
     return report
 
 

@@ -15,6 +15,9 @@ a guess among equivalent codes.  :func:`tokenizer_diagnostics` measures, on fres
   threshold :data:`NEAR_BLACK_RMS`);
 * ``psnr``: reconstruction PSNR of seen and held-out colour-shape pairs (:func:`tokenizer_psnr`).
 
+:func:`tokenizer_shape_ceiling` scores the reconstructions of the shapes suite's scenes with the suite's own
+scorer: the fully-correct rate a generator drawing through this tokenizer cannot exceed.
+
 :func:`denoiser_x0_entropy` measures the other side: the mean entropy (nats) of a pipeline denoiser's
 ``p(x0 | x_t)`` at a few step indices on the canonical prompts of the shapes suite.
 """
@@ -29,6 +32,8 @@ import numpy as np
 import torch
 
 from ..data.shapes import IMAGE_SIZE, PROMPT_SETS, Scene, canonical_caption, prompt_set, render, sample_scene
+from .shapes import evaluate
+from .stats import format_rate, wilson_interval
 
 __all__ = [
     "NEAR_BLACK_RMS",
@@ -37,12 +42,15 @@ __all__ = [
     "decode_uniform_grids",
     "default_entropy_steps",
     "denoiser_x0_entropy",
+    "format_shape_ceiling",
     "format_tokenizer_diagnostics",
     "format_x0_entropy",
     "near_black_codes",
+    "reconstruct",
     "token_histogram",
     "tokenizer_diagnostics",
     "tokenizer_psnr",
+    "tokenizer_shape_ceiling",
     "x0_entropy",
 ]
 
@@ -126,6 +134,63 @@ def x0_entropy(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reconstruct(vqvae: Any, images: torch.Tensor) -> torch.Tensor:
+    """``decode(encode(x))`` of images ``[B, 3, S, S]`` in ``[0, 1]`` on the tokenizer's device -> ``[B, 3, S, S]``
+    float32 in ``[0, 1]``, quantised to 8 bits as a saved image is."""
+    recon = (vqvae.decode_tokens(vqvae.encode(images * 2 - 1)).float() + 1) / 2
+    return (recon.clamp(0, 1) * 255).round() / 255
+
+
+@torch.no_grad()
+def tokenizer_shape_ceiling(
+    vqvae: Any, *, num_images_per_set: int = 256, seed: int = 0, batch_size: int = 64, sets: Sequence[str] = PROMPT_SETS
+) -> dict[str, Any]:
+    """The shapes suite's score of the tokenizer's own reconstructions: the most a generator drawing through
+    this tokenizer can reach.
+
+    For each prompt set, the suite's scenes (:func:`~vqdiffusion.data.shapes.prompt_set` with ``seed``, the
+    scenes ``vqdiffusion eval`` prompts for) are rendered afresh (a seed offset: not the images of a data set
+    made with ``seed``), encoded and decoded (:func:`reconstruct`), and scored against their scenes by
+    :func:`vqdiffusion.eval.shapes.evaluate`, the suite's scorer: fully correct under the strict and the lenient
+    shape rule, with 95% Wilson intervals (:func:`~vqdiffusion.eval.stats.wilson_interval`).
+
+    Returns ``{"num_images_per_set", "seed", "sets": {name: evaluate's summary + "fully_correct_ci95",
+    "lenient_fully_correct_ci95"}}``.
+    """
+    if num_images_per_set < 1 or batch_size < 1:
+        raise ValueError(f"num_images_per_set and batch_size must be >= 1, got {num_images_per_set}, {batch_size}")
+    device = _device(vqvae)
+    report: dict[str, Any] = {"num_images_per_set": num_images_per_set, "seed": seed, "sets": {}}
+    for index, name in enumerate(sets):
+        scenes = prompt_set(name, num_images_per_set, seed)
+        rng = np.random.default_rng([seed + _RENDER_SEED_OFFSET + 3, index])
+        recons = []
+        for images in _render_batches(scenes, rng, batch_size):
+            recon = reconstruct(vqvae, images.to(device))
+            recons += list((recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        summary = evaluate(recons, scenes)
+        for key in ("fully_correct", "lenient_fully_correct"):
+            summary[f"{key}_ci95"] = wilson_interval(round(summary[key] * len(scenes)), len(scenes))
+        report["sets"][name] = summary
+    logger.info("tokenizer shape ceiling: %s", report)
+    return report
+
+
+def format_shape_ceiling(report: dict[str, Any]) -> str:
+    """A markdown table of :func:`tokenizer_shape_ceiling`: per prompt set, fully correct (95% Wilson interval)
+    of the reconstructions under the strict and the lenient shape rule, and the strict shape accuracy."""
+    lines = [
+        "| tokenizer ceiling: prompt set | n | fully correct | fully correct, lenient rule | shape |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in report["sets"].items():
+        n = int(s["n"])
+        strict, lenient = round(s["fully_correct"] * n), round(s["lenient_fully_correct"] * n)
+        lines.append(f"| {name} | {n} | {format_rate(strict, n)} | {format_rate(lenient, n)} | {s['shape']:.1%} |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
 def tokenizer_psnr(vqvae: Any, *, num_images: int = 256, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
     """Mean per-image PSNR (dB, peak 1 on [0, 1]) of the VQ tokenizer's reconstructions of fresh renders.
 
@@ -148,8 +213,7 @@ def tokenizer_psnr(vqvae: Any, *, num_images: int = 256, seed: int = 0, batch_si
                 [np.asarray(render(scene, rng), dtype=np.float32) / 255.0 for scene in scenes[i : i + batch_size]]
             )
             images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)
-            recon = (vqvae.decode_tokens(vqvae.encode(images * 2 - 1).to(device)).float() + 1) / 2
-            recon = (recon.clamp(0, 1) * 255).round() / 255
+            recon = reconstruct(vqvae, images)
             mse = (recon - images).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
             values.append(-10.0 * torch.log10(mse))
         out[name] = float(torch.cat(values).mean())

@@ -126,8 +126,15 @@ def vqvae_config_to_diffusers(config: VQVAEConfig) -> dict[str, Any]:
 
     Raises :class:`ConfigError` if ``config.norm_eps`` differs from diffusers' fixed 1e-6.  An encoder that pads
     by replication has no diffusers equivalent: the export decodes (generates) exactly, but diffusers'
-    ``VQModel.encode`` would pad with zeros and give other tokens; a warning says so.
+    ``VQModel.encode`` would pad with zeros and give other tokens; a warning says so.  An FSQ tokenizer
+    (docs/design.md §13) is refused: ``VQModel`` has no bounding step, so its nearest-code encode of the raw
+    latent gives other tokens than round(bound(z)).
     """
+    if config.quantizer != "vq":
+        raise ConfigError(
+            f"quantizer={config.quantizer!r}: diffusers' VQModel has no FSQ bounding step, so its encode would give "
+            "other tokens; save the model in our layout instead"
+        )
     if config.encoder_padding != "zeros":
         logger.warning(
             "encoder_padding=%r has no diffusers equivalent: decoding is exact, diffusers' encode pads with zeros",

@@ -8,7 +8,8 @@ The layout is the taming-transformers encoder/decoder that VQ-Diffusion's tokeni
   blocks, each optionally followed by single-head self-attention, then a stride-2 downsample on every level
   but the last), a middle block (residual, optional attention, residual), GroupNorm + SiLU + 3x3 conv to
   ``latent_channels``;
-* ``quant_proj``: 1x1 conv to the codebook width ``embed_dim``; ``codebook``: K vectors of that width;
+* ``quant_proj``: 1x1 conv to the codebook width ``embed_dim``; ``codebook``: K vectors of that width (learned,
+  or with ``quantizer="fsq"`` the fixed grid of finite scalar quantization, docs/design.md §13);
 * ``post_quant_proj``: 1x1 conv back to ``latent_channels``;
 * decoder: the mirror image, with ``layers_per_block + 1`` residual blocks per level and nearest-neighbour
   x2 upsampling followed by a 3x3 conv.
@@ -33,7 +34,9 @@ from torch import nn
 
 from ..config import ConfigError
 from ..io import load_module, save_safetensors
-from .vqvae_config import ENCODER_PADDINGS, VQVAEConfig
+from .codebook import Codebook
+from .fsq import FSQCodebook
+from .vqvae_config import ENCODER_PADDINGS, QUANTIZERS, VQVAEConfig
 
 __all__ = [
     "CONFIG_FILE",
@@ -42,6 +45,8 @@ __all__ = [
     "WEIGHTS_FILE",
     "VQVAE",
     "Codebook",
+    "FSQCodebook",
+    "QUANTIZERS",
     "VQVAEConfig",
     "VQVAEOutput",
     "load_vqvae",
@@ -52,9 +57,6 @@ __all__ = [
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-# Number of distance-matrix entries (rows x K) computed at once when looking up nearest codes; bounds the
-# temporary memory of `Codebook.nearest` to about 64 MiB in float32 whatever the batch size.
-_DISTANCE_CHUNK_ELEMENTS = 1 << 24
 OVERFLOW_WARNING = (
     "the VQ decoder overflowed float16 (an activation above 65504): the images hold NaN or inf pixels; run the "
     "decoder in float32 (keep the VQ-VAE config's force_upcast true, the default, or call pipe.vqvae.float())"
@@ -251,48 +253,6 @@ class Decoder(nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
-class Codebook(nn.Module):
-    """K code vectors of width D (``weight``: ``[K, D]``) with nearest-neighbour search and lookup.
-
-    The vectors are a plain parameter here (trained by the codebook loss); an EMA-updated codebook can
-    subclass this and keep ``weight`` as a buffer, so the state-dict key stays ``codebook.weight``.
-    """
-
-    def __init__(self, num_embeddings: int, embed_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embed_dim))
-        nn.init.uniform_(self.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.weight.shape[0]
-
-    @torch.no_grad()
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Index of the closest code for each row of ``z`` ``[N, D]`` -> ``[N]`` int64.
-
-        ``||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2``; the first term is the same for every k, so the
-        argmin is taken over ``||e_k||^2 - 2 z.e_k``, one ``[rows, K]`` matmul per chunk of rows (never a
-        ``[N, K, D]`` broadcast).  Half-precision inputs are compared in float32; ties go to the lowest k.
-        """
-        compute_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
-        codes = self.weight.detach().to(compute_dtype)
-        code_sq = codes.square().sum(dim=1)  # [K]
-        rows = max(1, _DISTANCE_CHUNK_ELEMENTS // codes.shape[0])
-        out = []
-        for chunk in z.to(compute_dtype).split(rows):
-            # code_sq - 2 * chunk @ codes.T, fused
-            scores = torch.addmm(code_sq.unsqueeze(0), chunk, codes.t(), beta=1.0, alpha=-2.0)
-            out.append(scores.argmin(dim=1))
-        if not out:
-            return torch.empty(0, dtype=torch.long, device=z.device)
-        return torch.cat(out)
-
-    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Code vectors for integer ``tokens`` of any shape ``[...]`` -> ``[..., D]``."""
-        return F.embedding(tokens, self.weight)
-
-
 @dataclasses.dataclass
 class VQVAEOutput:
     """Result of :meth:`VQVAE.forward`.
@@ -303,7 +263,7 @@ class VQVAEOutput:
         commitment_loss: ``[B]`` per-example mean of ``(z - sg(z_q))^2``; gradients reach the encoder.
         codebook_loss: ``[B]`` per-example mean of ``(sg(z) - z_q)^2``; gradients reach the codebook.
             (The VQ-VAE objective is ``recon + codebook_loss + beta * commitment_loss``; an EMA codebook
-            drops ``codebook_loss``.)
+            drops ``codebook_loss``; FSQ has neither and both are zero.)
     """
 
     reconstruction: torch.Tensor
@@ -322,7 +282,11 @@ class VQVAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.quant_proj = nn.Conv2d(config.latent_channels, config.embed_dim, 1)
-        self.codebook = Codebook(config.num_embeddings, config.embed_dim)
+        self.codebook = (
+            FSQCodebook(config.fsq_levels)
+            if config.quantizer == "fsq"
+            else Codebook(config.num_embeddings, config.embed_dim)
+        )
         self.post_quant_proj = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
@@ -387,16 +351,28 @@ class VQVAE(nn.Module):
         return self.quant_proj(self.encoder(images))
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest codes: ``z [B, D, h, w] -> (z_q [B, D, h, w], tokens [B, h, w] int64)``.
+        """Quantise: ``z [B, D, h, w] -> (z_q [B, D, h, w], tokens [B, h, w] int64)``.
 
-        ``z_q`` are the code vectors themselves (no straight-through estimator; see :meth:`forward`).
+        VQ: the nearest codes, ``z_q`` the code vectors themselves (no gradient to ``z``; see
+        :meth:`straight_through`).  FSQ (docs/design.md §13): ``z_q = round(bound(z)) / (L // 2)`` with the
+        straight-through gradient of the bounding, the same values as the codebook rows of ``tokens``.
         """
         self._check_latents(z, self.config.embed_dim, "latents")
         b, d, height, width = z.shape
-        tokens = self.codebook.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, height, width)
+        rows = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if isinstance(self.codebook, FSQCodebook):
+            codes, tokens = self.codebook.quantize(rows)
+            return codes.view(b, height, width, d).permute(0, 3, 1, 2).contiguous(), tokens.view(b, height, width)
+        tokens = self.codebook.nearest(rows).view(b, height, width)
         # tokens come from argmin, so they are valid: skip `lookup`'s range check (a host sync)
         z_q = self.codebook.lookup(tokens).permute(0, 3, 1, 2).contiguous()
         return z_q, tokens
+
+    def straight_through(self, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        """The decoder input in training, with the value of ``z_q``: VQ ``z + sg(z_q - z)`` (the reconstruction
+        gradient reaches the encoder unchanged); FSQ ``z_q`` itself (its gradient already goes through the
+        bounding)."""
+        return z_q if self.config.quantizer == "fsq" else z + (z_q - z).detach()
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -429,19 +405,21 @@ class VQVAE(nn.Module):
     # -- training ----------------------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor) -> VQVAEOutput:
-        """Encode, quantise with the straight-through estimator, decode.
+        """Encode, quantise with the straight-through estimator (:meth:`straight_through`), decode.
 
-        The decoder sees ``z + sg(z_q - z)``: its value is ``z_q`` and the reconstruction gradient passes to
-        the encoder unchanged.  Returns per-example commitment and codebook terms (:class:`VQVAEOutput`).
+        Returns per-example commitment and codebook terms (:class:`VQVAEOutput`); both are zero for FSQ,
+        which has no learned codebook.
         """
         z = self.encode_latents(images)
         z_q, tokens = self.quantize(z)
         dims = tuple(range(1, z.ndim))
-        commitment = (z - z_q.detach()).float().square().mean(dim=dims)
-        codebook = (z.detach() - z_q).float().square().mean(dim=dims)
-        z_st = z + (z_q - z).detach()
+        if self.config.quantizer == "fsq":
+            commitment = codebook = z.new_zeros(z.shape[0], dtype=torch.float32)
+        else:
+            commitment = (z - z_q.detach()).float().square().mean(dim=dims)
+            codebook = (z.detach() - z_q).float().square().mean(dim=dims)
         return VQVAEOutput(
-            reconstruction=self.decode_latents(z_st),
+            reconstruction=self.decode_latents(self.straight_through(z, z_q)),
             tokens=tokens,
             commitment_loss=commitment,
             codebook_loss=codebook,

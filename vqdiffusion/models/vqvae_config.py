@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..config import ConfigBase, ConfigError, check_norm_eps, check_positive, check_size_limit, is_int
 
 ENCODER_PADDINGS = ("zeros", "replicate")
+QUANTIZERS = ("vq", "fsq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +57,12 @@ class VQVAEConfig(ConfigBase):
     sample_size: int = 256
     encoder_padding: str = "zeros"
     force_upcast: bool = True
+    quantizer: str = "vq"
+    fsq_levels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        for field in ("block_out_channels", "encoder_attention", "decoder_attention"):
+        for field in ("block_out_channels", "encoder_attention", "decoder_attention", "fsq_levels"):
             if not isinstance(getattr(self, field), tuple):
                 raise ConfigError(f"{name}: {field} must be a tuple, got {getattr(self, field)!r}")
         if len(self.block_out_channels) == 0:
@@ -102,10 +106,34 @@ class VQVAEConfig(ConfigBase):
                     f"{name}: block_out_channels[{i}]={channels} is not divisible by "
                     f"norm_num_groups={self.norm_num_groups}"
                 )
+        self._check_quantizer(name)
         if self.sample_size % self.downsample_factor:
             raise ConfigError(
                 f"{name}: sample_size={self.sample_size} is not divisible by the downsampling factor "
                 f"{self.downsample_factor} (2**(levels-1) with {levels} levels)"
+            )
+
+    def _check_quantizer(self, name: str) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"{name}: quantizer must be one of {list(QUANTIZERS)}, got {self.quantizer!r}")
+        levels = self.fsq_levels
+        if self.quantizer == "vq":
+            if levels:
+                raise ConfigError(f"{name}: fsq_levels={list(levels)} is for quantizer='fsq'; leave it empty for 'vq'")
+            return
+        if not levels or not all(is_int(level) and level >= 2 for level in levels):
+            raise ConfigError(
+                f"{name}: quantizer='fsq' needs fsq_levels, one integer >= 2 per latent dimension (e.g. [8, 5, 5, 5]), "
+                f"got {list(levels)}"
+            )
+        if self.embed_dim != len(levels):
+            raise ConfigError(
+                f"{name}: embed_dim={self.embed_dim} must equal len(fsq_levels)={len(levels)} for quantizer='fsq'"
+            )
+        if self.num_embeddings != math.prod(levels):
+            raise ConfigError(
+                f"{name}: num_embeddings={self.num_embeddings} must equal prod(fsq_levels)={math.prod(levels)} "
+                f"(fsq_levels={list(levels)}) for quantizer='fsq'"
             )
 
     @property

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive
+from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive, is_int
 from ..data.folders import RESIZE_MODES
-from ..models.vqvae_config import _PRESETS, VQVAEConfig
+from ..models.vqvae_config import _PRESETS, QUANTIZERS, VQVAEConfig
 from .codebook import CODE_RESTARTS, CODEBOOK_INITS
 from .lr_schedule import LR_SCHEDULES
 
 RECON_LOSSES = ("l1", "mse")
+
+# Settings of the learned (EMA) codebook, meaningless for FSQ's fixed grid: with quantizer="fsq" each must
+# keep its default.  Field -> the train-vqvae flag that sets it (None: no flag).
+VQ_ONLY_FIELDS: dict[str, str | None] = {
+    "commitment_beta": "--beta",
+    "codebook_decay": "--codebook-decay",
+    "codebook_eps": None,
+    "dead_code_threshold": "--dead-code-threshold",
+    "codebook_init": "--codebook-init",
+    "kmeans_images": "--kmeans-images",
+    "kmeans_iters": "--kmeans-iters",
+    "codebook_l2": "--codebook-l2",
+    "code_restart": "--code-restart",
+}
 
 
 VQ_MIXED_PRECISION = ("no", "bf16")
@@ -47,6 +62,10 @@ class VQVAETrainConfig(ConfigBase):
             the preset's, self-attention is placed at the lowest resolution level only.
         latent_channels, embed_dim, num_embeddings, layers_per_block, norm_num_groups, encoder_padding:
             overrides (None keeps the preset's value; see :class:`VQVAEConfig`).
+        quantizer, fsq_levels: ``"vq"`` (default: a learned codebook, trained by EMA) or ``"fsq"`` (finite
+            scalar quantization over ``fsq_levels``, docs/design.md §13); with ``"fsq"`` ``embed_dim`` and
+            ``num_embeddings`` default to ``len(fsq_levels)`` and ``prod(fsq_levels)`` and the codebook settings
+            (:data:`VQ_ONLY_FIELDS`) must keep their defaults.
         batch_size, steps: images per step and number of optimizer steps.
         mixed_precision: ``"no"``, ``"bf16"`` (encoder, decoder and losses under bfloat16 autocast; the
             nearest-code search and the EMA codebook stay float32).
@@ -98,6 +117,8 @@ class VQVAETrainConfig(ConfigBase):
     layers_per_block: int | None = None
     norm_num_groups: int | None = None
     encoder_padding: str | None = None
+    quantizer: str = "vq"
+    fsq_levels: tuple[int, ...] = ()
     batch_size: int = 16
     steps: int = 10000
     mixed_precision: str = "no"
@@ -147,6 +168,7 @@ class VQVAETrainConfig(ConfigBase):
             "code_restart": CODE_RESTARTS,
             "mixed_precision": VQ_MIXED_PRECISION,
             "model_preset": tuple(sorted(_PRESETS)),
+            "quantizer": QUANTIZERS,
         }
         check_choices(name, self, choices)
         ints = {
@@ -207,7 +229,22 @@ class VQVAETrainConfig(ConfigBase):
                 raise ConfigError(f"{name}: {key} must be true or false, got {getattr(self, key)!r}")
         if self.perceptual_weights is not None and self.image_size < 16:
             raise ConfigError(f"{name}: the perceptual loss needs image_size >= 16, got {self.image_size}")
+        self._check_fsq(name)
         self.model_config()  # validates the overrides and image_size against the downsampling factor
+
+    def _check_fsq(self, name: str) -> None:
+        """fsq_levels a tuple of integers; with quantizer="fsq" every codebook-only setting at its default."""
+        if not isinstance(self.fsq_levels, tuple) or not all(is_int(level) for level in self.fsq_levels):
+            raise ConfigError(f"{name}: fsq_levels must be a tuple of integers, got {self.fsq_levels!r}")
+        if self.quantizer != "fsq":
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for field, flag in VQ_ONLY_FIELDS.items():
+            if getattr(self, field) != defaults[field]:
+                raise ConfigError(
+                    f"{name}: {field}={getattr(self, field)!r}{f' ({flag})' if flag else ''} is a setting of the "
+                    "learned VQ codebook; quantizer='fsq' has a fixed grid and no codebook to train: leave it out"
+                )
 
     def model_config(self) -> VQVAEConfig:
         """The preset's :class:`VQVAEConfig` with this config's overrides and ``sample_size=image_size``."""
@@ -228,6 +265,11 @@ class VQVAETrainConfig(ConfigBase):
                 base["encoder_attention"] = base["decoder_attention"] = attention
             base["block_out_channels"] = channels
         base["sample_size"] = self.image_size
+        base["quantizer"], base["fsq_levels"] = self.quantizer, tuple(self.fsq_levels)
+        if self.quantizer == "fsq" and self.fsq_levels:
+            # the grid fixes the code width and count; an explicit override must agree (checked by VQVAEConfig)
+            base["embed_dim"] = len(self.fsq_levels) if self.embed_dim is None else self.embed_dim
+            base["num_embeddings"] = math.prod(self.fsq_levels) if self.num_embeddings is None else self.num_embeddings
         try:
             return VQVAEConfig(**base)
         except ConfigError as err:

@@ -5,7 +5,9 @@ in their appendix and in VQ-VAE-2):
 
     L = rec(x, x_hat) + beta * ||z - sg(z_q)||^2  [+ w_p * perceptual(x, x_hat)]  [- w_g * D_patch(x_hat)]
 
-with ``x_hat = Dec(z + sg(z_q - z))`` (the straight-through estimator).
+with ``x_hat = Dec(z + sg(z_q - z))`` (the straight-through estimator).  With ``quantizer="fsq"``
+(docs/design.md §13) ``x_hat = Dec(fsq(z))``, rounding passed straight through, no commitment term and no
+codebook statistics.
 
 ``rec`` is L1 (default) or MSE on pixels in ``[-1, 1]``.  The codebook gets no gradient: after each
 optimizer step :class:`EMACodebook` moves every code to the (Laplace-smoothed) running mean of the encoder
@@ -79,14 +81,16 @@ class VQVAETrainer:
         self.device = torch.device(device)
         seed_everything(config.seed)
         self.model = VQVAE(config.model_config()).to(self.device)
-        self.codebook_ema = EMACodebook(
-            self.model.codebook,
-            decay=config.codebook_decay,
-            eps=config.codebook_eps,
-            dead_code_threshold=config.dead_code_threshold,
-            l2=config.codebook_l2,
-            restart=config.code_restart,
-        )
+        self.codebook_ema: EMACodebook | None = None  # FSQ (docs/design.md §13): a fixed grid, nothing to train
+        if config.quantizer == "vq":
+            self.codebook_ema = EMACodebook(
+                self.model.codebook,
+                decay=config.codebook_decay,
+                eps=config.codebook_eps,
+                dead_code_threshold=config.dead_code_threshold,
+                l2=config.codebook_l2,
+                restart=config.code_restart,
+            )
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
             params, lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay
@@ -127,7 +131,12 @@ class VQVAETrainer:
         if cfg.random_flip:
             flips = (torch.rand(images.shape[0], generator=self.generator) < 0.5).to(self.device)
             images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
-        if self.step == 0 and cfg.codebook_init != "random" and not self.codebook_initialised:
+        if (
+            self.step == 0
+            and self.codebook_ema is not None
+            and cfg.codebook_init != "random"
+            and not self.codebook_initialised
+        ):
             self.init_codebook(images)
 
         lr = self.lr(self.step)
@@ -137,10 +146,12 @@ class VQVAETrainer:
         if cfg.codebook_l2:  # cosine lookup: quantise, commit and pass straight through on the unit latent
             z = l2_normalize(z, dim=1)
         z_q, tokens = model.quantize(z)  # float32, outside autocast (which would run the distances in bf16)
-        dims = (1, 2, 3)
-        commit = (z - z_q.detach()).square().mean(dim=dims)
+        if self.codebook_ema is None:  # FSQ: no commitment term
+            commit = z.new_zeros(z.shape[0])
+        else:
+            commit = (z - z_q.detach()).square().mean(dim=(1, 2, 3))
         with self.autocast():
-            reconstruction = model.decode_latents(z + (z_q - z).detach())
+            reconstruction = model.decode_latents(model.straight_through(z, z_q))
             diff = (reconstruction.float() - images.float()).flatten(1)
             rec = diff.abs().mean(dim=1) if cfg.recon_loss == "l1" else diff.square().mean(dim=1)
             per_example = rec + cfg.commitment_beta * commit
@@ -170,8 +181,11 @@ class VQVAETrainer:
             d_loss.backward()
             self.disc_optimizer.step()
 
-        flat_z = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        restarted = self.codebook_ema.update(flat_z, tokens.reshape(-1), self.step, self.generator)
+        if self.codebook_ema is None:
+            restarted = torch.zeros(model.config.num_embeddings, dtype=torch.bool, device=self.device)
+        else:
+            flat_z = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            restarted = self.codebook_ema.update(flat_z, tokens.reshape(-1), self.step, self.generator)
         self.step += 1
         return {
             "loss": loss.detach(),
@@ -200,6 +214,8 @@ class VQVAETrainer:
         """Initialise the codebook from the encoder outputs of ``images [B, 3, S, S]`` (float32, no
         autocast) as ``codebook_init`` says: random rows (``"data"``) or k-means centres (``"kmeans"``)."""
         cfg = self.config
+        if self.codebook_ema is None:
+            raise ValueError("an FSQ tokenizer has a fixed grid: there is no codebook to initialise")
         z = torch.cat([self.model.encode_latents(part.to(self.device)) for part in images.split(chunk)])
         if cfg.codebook_l2:
             z = l2_normalize(z, dim=1)
@@ -216,13 +232,14 @@ class VQVAETrainer:
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The whole training state as ``(tensors, meta)`` for :func:`save_checkpoint`.
 
-        Tensors: ``model.*`` (the VQVAE state dict), ``codebook_ema.{cluster_size,embed_sum,last_used}``,
+        Tensors: ``model.*`` (the VQVAE state dict), ``codebook_ema.{cluster_size,embed_sum,last_used}`` (VQ),
         ``optimizer.*``, ``disc.*`` and ``disc_optimizer.*`` (with a GAN), ``rng.torch_cpu``,
         ``rng.cuda.<i>``, ``rng.trainer`` (the trainer's generator).  Meta: ``kind``, ``step``, ``config``,
         ``model_config``, ``optimizer``/``disc_optimizer`` structure, ``rng`` (numpy and Python states).
         """
         tensors = with_prefix("model", self.model.state_dict())
-        tensors.update(with_prefix("codebook_ema", self.codebook_ema.state_dict()))
+        if self.codebook_ema is not None:
+            tensors.update(with_prefix("codebook_ema", self.codebook_ema.state_dict()))
         opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer, "optimizer")
         tensors.update(opt_tensors)
         disc_meta = None
@@ -252,9 +269,10 @@ class VQVAETrainer:
         if VQVAEConfig.from_dict(meta["model_config"]) != self.model.config:
             raise ConfigError(f"{source}: the checkpoint's model config differs from the configured model")
         load_into(self.model, take_prefix("model", tensors), f"{source} (model)")
-        self.codebook_ema.load_state_dict(
-            {k: v.to(self.device) for k, v in take_prefix("codebook_ema", tensors).items()}
-        )
+        if self.codebook_ema is not None:
+            self.codebook_ema.load_state_dict(
+                {k: v.to(self.device) for k, v in take_prefix("codebook_ema", tensors).items()}
+            )
         load_optimizer(self.optimizer, tensors, meta["optimizer"])
         if self.discriminator is not None:
             if meta.get("disc_optimizer") is None:
