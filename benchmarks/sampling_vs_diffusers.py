@@ -11,6 +11,7 @@ every time is the best (and the median) of ``--repeats`` runs after a warm-up.
 
     python benchmarks/sampling_vs_diffusers.py                 # all configs
     python benchmarks/sampling_vs_diffusers.py --configs small --batches 1 --truncations 1
+    python benchmarks/sampling_vs_diffusers.py --configs ithq2 ithq3 --no-bf16   # issue 27's cells
     python benchmarks/sampling_vs_diffusers.py --truncation-only
     python benchmarks/sampling_vs_diffusers.py --device cuda      # a GPU (benchmarks/gpu.sh runs this)
 """
@@ -49,6 +50,7 @@ CONFIGS = {
     "tiny": BenchConfig("tiny", 64, 8, 2, 64, 2, 32, 2, 20),
     "small": BenchConfig("small", 1024, 16, 8, 512, 8, 512, 12, 10),
     "ithq2": BenchConfig("ithq2", 4096, 32, 2, 1408, 16, 512, 12, 4),
+    "ithq3": BenchConfig("ithq3", 4096, 32, 3, 1408, 16, 512, 12, 4),
 }
 
 PROMPTS = ["a red circle", "a blue square at the top", "two yellow triangles", "a green field under sky"]

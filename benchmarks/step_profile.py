@@ -30,12 +30,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-
-import vqdiffusion.sampling as sampling_module
-import vqdiffusion.samplers.ancestral as ancestral_module
-from vqdiffusion import VQDiffusionPipeline
-
 from sampling_vs_diffusers import CONFIGS, PROMPTS, BenchConfig, build_diffusers_pipeline  # noqa: E402
+
+import vqdiffusion.samplers.ancestral as ancestral_module
+import vqdiffusion.sampling as sampling_module
+from vqdiffusion import VQDiffusionPipeline
 
 
 class PartTimer:
@@ -83,13 +82,14 @@ def profile_ours(pipe: VQDiffusionPipeline, prompts: list[str], call: dict, cloc
             (ancestral_module, "sample_categorical", "draw"),
         ):
             stack.enter_context(patched(module, name, timer.wrap(part, getattr(module, name))))
-        stack.enter_context(patched(sampling_module.FiniteWatch, "add", timer.wrap("guard", sampling_module.FiniteWatch.add)))
-        stack.enter_context(patched(pipe.denoiser, "forward", timer.wrap("network", pipe.denoiser.forward)))
-        stack.enter_context(patched(pipe.text_encoder, "forward", timer.wrap("text encoder", pipe.text_encoder.forward)))
-        stack.enter_context(patched(pipe.vqvae, "forward", timer.wrap("VQ decoder", pipe.vqvae.forward)))
-        stack.enter_context(
-            patched(pipe.vqvae, "decode_tokens", timer.wrap("VQ decoder", pipe.vqvae.decode_tokens))
-        )
+        for obj, name, part in (
+            (sampling_module.FiniteWatch, "add", "guard"),
+            (pipe.denoiser, "forward", "network"),
+            (pipe.text_encoder, "encode", "text encoder"),
+            (pipe.vqvae, "forward", "VQ decoder"),
+            (pipe.vqvae, "decode_tokens", "VQ decoder"),
+        ):
+            stack.enter_context(patched(obj, name, timer.wrap(part, getattr(obj, name))))
         start = clock()
         pipe(prompts, generator=torch.Generator().manual_seed(0), progress=False, **call)
         timer.totals["whole call"] = clock() - start
@@ -102,7 +102,8 @@ def profile_diffusers(pipe, prompts: list[str], call: dict, clock) -> collection
         stack.enter_context(patched(pipe, "truncate", timer.wrap("truncation", pipe.truncate)))
         stack.enter_context(patched(pipe.scheduler, "step", timer.wrap("posterior + draw", pipe.scheduler.step)))
         stack.enter_context(patched(pipe.transformer, "forward", timer.wrap("network", pipe.transformer.forward)))
-        stack.enter_context(patched(pipe.text_encoder, "forward", timer.wrap("text encoder", pipe.text_encoder.forward)))
+        text = pipe.text_encoder
+        stack.enter_context(patched(text, "forward", timer.wrap("text encoder", text.forward)))
         stack.enter_context(patched(pipe.vqvae, "decode", timer.wrap("VQ decoder", pipe.vqvae.decode)))
         start = clock()
         pipe(prompts, generator=torch.Generator().manual_seed(0), **call)
@@ -110,14 +111,25 @@ def profile_diffusers(pipe, prompts: list[str], call: dict, clock) -> collection
     return timer.totals
 
 
-ROWS = ("network", "guidance", "truncation", "guard", "posterior", "draw", "posterior + draw", "text encoder",
-        "VQ decoder", "rest of the loop", "whole call")
+ROWS = (
+    "network",
+    "guidance",
+    "truncation",
+    "guard",
+    "posterior",
+    "draw",
+    "posterior + draw",
+    "text encoder",
+    "VQ decoder",
+    "rest of the loop",
+    "whole call",
+)
 
 
 def table(cfg: BenchConfig, batch: int, ours: collections.Counter, ref: collections.Counter) -> list[str]:
     per_step = batch * cfg.steps
     lines = [
-        f"| part (s per image-step; text, decoder: per image) | diffusers | ours | diffusers / ours |",
+        "| part (s per image-step; text, decoder: per image) | diffusers | ours | diffusers / ours |",
         "|---|---|---|---|",
     ]
     for totals in (ours, ref):
@@ -128,9 +140,9 @@ def table(cfg: BenchConfig, batch: int, ours: collections.Counter, ref: collecti
             continue
         div = batch if row in ("text encoder", "VQ decoder") else per_step
         a, b = ref.get(row), ours.get(row)
-        cell = lambda v: "-" if v is None else f"{v / div:.4f}"  # noqa: E731
+        cells = ["-" if v is None else f"{v / div:.4f}" for v in (a, b)]
         ratio = f"{a / b:.2f}x" if a and b else "-"
-        lines.append(f"| {row} | {cell(a)} | {cell(b)} | {ratio} |")
+        lines.append(f"| {row} | {cells[0]} | {cells[1]} | {ratio} |")
     return lines
 
 
@@ -151,8 +163,17 @@ def main() -> None:
     torch.manual_seed(0)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     base = CONFIGS["ithq2"]
-    cfg = BenchConfig(f"ithq{args.layers}", base.num_classes, base.side, args.layers, base.width, base.heads,
-                      base.text_width, base.text_layers, args.steps)
+    cfg = BenchConfig(
+        f"ithq{args.layers}",
+        base.num_classes,
+        base.side,
+        args.layers,
+        base.width,
+        base.heads,
+        base.text_width,
+        base.text_layers,
+        args.steps,
+    )
     ref = build_diffusers_pipeline(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
@@ -162,10 +183,13 @@ def main() -> None:
     results = {}
     for name, run, pipe in (("ours", profile_ours, ours), ("diffusers", profile_diffusers, ref)):
         run(pipe, prompts, call, clock)  # warm-up
-        results[name] = min((run(pipe, prompts, call, clock) for _ in range(args.repeats)),
-                            key=lambda totals: totals["whole call"])
-    print(f"torch {torch.__version__}, {args.threads} thread(s), clock {args.clock}; ITHQ shape, {args.layers} "
-          f"layers, batch {args.batch}, {args.steps} steps, guidance {args.guidance}, truncation {args.truncation}")
+        results[name] = min(
+            (run(pipe, prompts, call, clock) for _ in range(args.repeats)), key=lambda totals: totals["whole call"]
+        )
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), clock {args.clock}; ITHQ shape, {args.layers} "
+        f"layers, batch {args.batch}, {args.steps} steps, guidance {args.guidance}, truncation {args.truncation}"
+    )
     print("\n".join(table(cfg, args.batch, results["ours"], results["diffusers"])))
 
 
