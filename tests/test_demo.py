@@ -1,5 +1,5 @@
 """The demo's work without a browser: DemoApp (no Gradio needed), the page built by Gradio, the pipeline's
-step callback, and two requests at once."""
+step callback, two requests at once, and an aMUSEd model's micro-condition controls."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.amused import SIDE, reference_folder
 from support.weights import tiny_label_components
 
 from vqdiffusion import samplers
@@ -32,6 +33,13 @@ OPTIONS = {
 @pytest.fixture(scope="module")
 def shapes():
     return VQDiffusionPipeline.from_pretrained("builtin:shapes")
+
+
+@pytest.fixture(scope="module")
+def amused(tmp_path_factory):
+    """A tiny random aMUSEd (tests/support/amused.py): 8 x 8 images, micro-conditions as call keywords."""
+    pytest.importorskip("diffusers")
+    return VQDiffusionPipeline.from_pretrained(reference_folder(tmp_path_factory.mktemp("demo_amused"))[1])
 
 
 def _tiny(kind: str) -> VQDiffusionPipeline:
@@ -222,6 +230,7 @@ def test_the_page_offers_every_tab_and_each_samplers_own_settings(shapes):
         control = by_id[f"t2i-{name.replace('_', '-')}"]
         assert control["props"]["visible"] is False, name
     assert by_id["t2i-choice-temperature"]["props"]["label"] == "Choice temperature"
+    assert not {"t2i-aesthetic-score", "t2i-crop-coords", "t2i-orig-size"} & set(by_id)  # no micro-conditions
 
 
 def test_only_the_chosen_samplers_settings_reach_the_pipeline(shapes):
@@ -258,3 +267,70 @@ def test_bad_port_is_one_line(capsys):
 
     assert main(["demo", "--port", "70000"]) == 2
     assert capsys.readouterr().err == "error: --port must be in [0, 65535], got 70000\n"
+
+
+# -- an aMUSEd model's micro-conditions ----------------------------------------------------------------------
+AMUSED_OPTIONS = {"num_inference_steps": 4, "seed": 5, "num_images": 1}  # the rest: aMUSEd's defaults
+
+
+def _amused_image(pipe, **micro) -> np.ndarray:
+    generator = torch.Generator().manual_seed(5)
+    return np.asarray(pipe("a cat", num_inference_steps=4, generator=generator, progress=False, **micro).images[0])
+
+
+def test_micro_condition_controls_only_for_models_that_have_them(shapes, amused):
+    assert DemoApp(shapes).condition_names == ()
+    app = DemoApp(amused)
+    assert app.condition_names == ("aesthetic_score", "crop_coords", "orig_size")
+    assert [app.default_value(name) for name in app.condition_names] == [6.0, "0, 0", ""]
+    pytest.importorskip("gradio", reason="the demo needs Gradio: pip install -e '.[demo]'")
+    by_id = {c["props"].get("elem_id"): c["props"] for c in build_demo(app).config["components"]}
+    for tab in ("t2i", "inpaint", "variation"):
+        score, crop, size = (by_id[f"{tab}-{name}"] for name in ("aesthetic-score", "crop-coords", "orig-size"))
+        assert (score["label"], score["value"]) == ("Aesthetic score", 6.0)
+        assert score["info"] == "aesthetic score to condition on (LAION scale)"  # the field's own help
+        assert (crop["label"], crop["value"]) == ("Crop coordinates", "0, 0")
+        assert (size["label"], size["value"], size["placeholder"]) == ("Original size", "", f"{2 * SIDE}, {2 * SIDE}")
+
+
+def test_micro_conditions_reach_the_pipeline(amused):
+    app = DemoApp(amused)
+    result = app.text_to_image("a cat", {**AMUSED_OPTIONS, "aesthetic_score": 2.0})
+    assert result.ok, result.status
+    image = np.asarray(result.images[0])
+    assert np.array_equal(image, _amused_image(amused, aesthetic_score=2.0))
+    assert not np.array_equal(image, _amused_image(amused))
+    default = app.text_to_image("a cat", {**AMUSED_OPTIONS, "crop_coords": " ", "orig_size": ""})  # empty: default
+    assert np.array_equal(np.asarray(default.images[0]), _amused_image(amused))
+    pairs = app.text_to_image("a cat", {**AMUSED_OPTIONS, "crop_coords": "1, 2", "orig_size": "16,12"})
+    assert np.array_equal(np.asarray(pairs.images[0]), _amused_image(amused, crop_coords=(1, 2), orig_size=(16, 12)))
+    pipe = EditingPipe(amused)
+    app = DemoApp(pipe)
+    micro = {"aesthetic_score": 4.5, "crop_coords": "3, 0"}
+    mask = Image.new("L", (8, 8), 255)
+    assert app.inpaint("a cat", (Image.new("RGB", (8, 8)), mask), {**AMUSED_OPTIONS, **micro}).ok
+    assert app.variation("a cat", Image.new("RGB", (8, 8)), 0.5, {**AMUSED_OPTIONS, **micro}).ok
+    for call in pipe.calls:
+        assert (call[-1]["aesthetic_score"], call[-1]["crop_coords"]) == (4.5, (3, 0)), call[0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"aesthetic_score": float("nan")}, "Aesthetic score must be a finite number (aMUSEd's default is 6), got nan"),
+        ({"crop_coords": "-1, 0"}, "Crop coordinates must be two finite numbers >= 0, (top, left), got (-1, 0)"),
+        ({"orig_size": "0, 8"}, "Original size must be two finite numbers > 0, (width, height), got (0, 8)"),
+        ({"crop_coords": "left"}, "Crop coordinates must be two numbers a, b (e.g. 0, 0), got 'left'"),
+    ],
+)
+def test_bad_micro_conditions_are_messages(amused, changes, message):
+    result = DemoApp(amused).text_to_image("a cat", {**AMUSED_OPTIONS, **changes})
+    assert not result.ok and result.images == [] and result.status == f"**Error:** {message}"
+
+
+def test_a_model_without_micro_conditions_refuses_them(shapes):
+    result = DemoApp(shapes).text_to_image("a cat", _options(aesthetic_score=6.0))
+    assert (
+        result.status
+        == "**Error:** Aesthetic score: this model takes no micro-conditions (aMUSEd models do); drop them"
+    )

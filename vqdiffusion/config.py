@@ -32,6 +32,18 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def number_pair(text: str) -> tuple[float, float]:
+    """Two numbers written ``"a,b"`` (spaces allowed; integers stay integers), e.g. a crop or a size; ValueError
+    naming the text otherwise."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return tuple(int(part) if part.lstrip("+-").isdigit() else float(part) for part in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise ValueError(f"expected two numbers a,b (e.g. 0,0), got {text!r}") from None
+
+
 def renamed(message: str, names: Mapping[str, str]) -> str:
     """A message that starts with a setting's name (``"<name> must ..."``, as every settings check writes it)
     with that name replaced by its spelling in ``names`` (a CLI flag, a form label); unchanged otherwise."""

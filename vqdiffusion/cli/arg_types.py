@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .. import config
+
 #: The largest seed: torch, numpy and Python's generators all take a seed below 2**63.
 MAX_SEED = 2**63 - 1
 
@@ -21,11 +23,8 @@ def seed(text: str) -> int:
 
 
 def number_pair(text: str) -> tuple[float, float]:
-    """A pair ``a,b`` of numbers (``--crop-coords 0,0``, ``--orig-size 256,256``); integers stay integers."""
-    parts = [part.strip() for part in text.split(",")]
+    """A pair ``a,b`` of numbers (``--crop-coords 0,0``, ``--orig-size 256,256``): :func:`config.number_pair`."""
     try:
-        if len(parts) != 2:
-            raise ValueError
-        return tuple(int(part) if part.lstrip("+-").isdigit() else float(part) for part in parts)  # type: ignore[return-value]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers a,b (e.g. 0,0), got {text!r}") from None
+        return config.number_pair(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

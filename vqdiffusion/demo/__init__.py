@@ -1,7 +1,8 @@
 """The web demo (``vqdiffusion demo``): text to image with every sampling option, inpainting and variations,
 in a local Gradio app.  The sampling controls are built from the settings' own fields and metadata
 (:class:`~vqdiffusion.sampling.SamplingOptions`, :mod:`vqdiffusion.samplers`); a strategy's own settings
-show only while it is the chosen sampler.
+show only while it is the chosen sampler.  A model with micro-conditions (aMUSEd) also gets a control for each
+field of :class:`~vqdiffusion.models.uvit_config.MicroConditions`, passed to every tab's pipeline call.
 
 :class:`DemoApp` holds the model and does the work of each tab as plain functions (no Gradio needed: tests
 call them directly); :func:`build_demo` lays them out as a ``gradio.Blocks`` page and :func:`launch_demo`

@@ -1,7 +1,6 @@
 """The demo's work without Gradio: :class:`DemoApp` does each tab's job as a plain method (tests call them
 directly) with the sampling settings given by name; their labels and explanations come from the settings'
-own metadata (:func:`sampling_settings`)."""
-
+own metadata (:func:`sampling_settings`), and so do a model's micro-conditions (:func:`condition_fields`)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import first_line, is_int, is_number, renamed
+from ..config import first_line, is_int, is_number, number_pair, renamed
+from ..models.uvit_config import MicroConditions
 from ..pipeline import PipelineOutput, VQDiffusionPipeline
 from ..samplers import SAMPLERS, sampler_settings
 from ..sampling import SamplingOptions
@@ -51,11 +51,26 @@ def sampling_settings() -> dict[str, dataclasses.Field]:
     return {**{f.name: f for f in dataclasses.fields(SamplingOptions)}, **sampler_settings()}
 
 
+def condition_fields() -> dict[str, dataclasses.Field]:
+    """Every micro-condition control by name: the fields of :class:`MicroConditions` (aMUSEd's); a page shows
+    those its model takes (:attr:`DemoApp.condition_names`)."""
+    return {f.name: f for f in dataclasses.fields(MicroConditions)}
+
+
+def takes_pair(field: dataclasses.Field) -> bool:
+    """Whether a micro-condition is a pair of numbers (a text box "a, b"), not one number."""
+    return str(field.type).startswith("tuple")
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {**sampling_settings(), **condition_fields()}
+
+
 def label_of(name: str) -> str:
     """The page's name of a control."""
     if name in OPTION_HELP:
         return OPTION_HELP[name][0]
-    field = sampling_settings().get(name)
+    field = _fields().get(name)
     label = field.metadata.get("label") if field is not None else None
     return label or name.replace("_", " ").capitalize()
 
@@ -65,7 +80,7 @@ def help_of(name: str) -> str:
         return OPTION_HELP[name][1]
     if name == "sampler":
         return "; ".join(f"{cls.name}: {cls.summary}" for cls in SAMPLERS.values())
-    return _PAGE_HELP.get(name) or sampling_settings()[name].metadata["help"]
+    return _PAGE_HELP.get(name) or _fields()[name].metadata["help"]
 
 
 @dataclasses.dataclass
@@ -83,7 +98,8 @@ class DemoApp:
 
     ``settings`` of every tab map control names to values: the sampling settings (a field of
     :class:`SamplingOptions` or of a strategy; the settings of strategies other than the chosen one are
-    ignored, a missing one takes the model's default), ``seed`` and ``num_images``.
+    ignored, a missing one takes the model's default), ``seed``, ``num_images`` and the model's
+    micro-conditions (:attr:`condition_names`; a missing or empty one takes the model's default).
 
     Every pipeline call runs under one lock (the text tokenizer and the device are shared), with a new
     ``torch.Generator`` seeded per request, so concurrent requests get the images they would get alone.
@@ -113,8 +129,16 @@ class DemoApp:
         """(width, height) of the model's images."""
         return self.pipe.image_size
 
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        """The micro-conditions the model takes, each a control (aMUSEd's; none for VQ-Diffusion)."""
+        return tuple(name for name in condition_fields() if name in self.pipe.condition_keywords)
+
     def default_value(self, name: str) -> Any:
-        """The control's initial value: the model's default (of its default sampler, else the setting's)."""
+        """The control's initial value: the model's default (of its default sampler, else the setting's); a
+        micro-condition's field default, a pair as its text "a, b" (None: empty)."""
+        if name in condition_fields():
+            return shown(condition_fields()[name].default)
         defaults = self.defaults
         if name == "sampler":
             return defaults.sampler.name
@@ -204,9 +228,10 @@ class DemoApp:
     def sampling_kwargs(
         self, settings: Mapping[str, Any], progress: Callable[[int, int], None] | None = None
     ) -> dict[str, Any]:
-        """The pipeline keywords of the controls' values (checked: ValueError naming the control)."""
+        """The pipeline keywords of the controls' values, the model's micro-conditions included (checked:
+        ValueError naming the control)."""
         fields = sampling_settings()
-        unknown = sorted(set(settings) - set(fields) - {"seed", "num_images"})
+        unknown = sorted(set(settings) - set(fields) - set(condition_fields()) - {"seed", "num_images"})
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}")
         values = {name: settings.get(name) for name in fields if settings.get(name) is not None}
@@ -233,12 +258,35 @@ class DemoApp:
             self.pipe.sampling_options(**values)
         except ValueError as err:
             raise ValueError(_labelled(str(err))) from None
+        values.update(self.condition_kwargs(settings))
         generator = torch.Generator(device=self.pipe.device).manual_seed(seed)
         kwargs = {**values, "num_images_per_prompt": count, "generator": generator, "output_type": "pil"}
         kwargs["progress"] = False  # no terminal progress bar for a web request
         if progress is not None:
             kwargs["callback"] = progress
         return kwargs
+
+    def condition_kwargs(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The micro-condition keywords of the controls' values (a pair's text "a, b" read as two numbers; a
+        missing or empty control left out: the model's default), checked by the pipeline (ValueError naming
+        the control)."""
+        values: dict[str, Any] = {}
+        for name, field in condition_fields().items():
+            value = settings.get(name)
+            if isinstance(value, str) and not value.strip():
+                value = None
+            if isinstance(value, str) and takes_pair(field):
+                try:
+                    value = number_pair(value)
+                except ValueError:
+                    raise ValueError(f"{label_of(name)} must be two numbers a, b (e.g. 0, 0), got {value!r}") from None
+            if value is not None:
+                values[name] = value
+        try:
+            self.pipe.condition_settings(**values)
+        except ValueError as err:
+            raise ValueError(_labelled(str(err))) from None
+        return values
 
     def _image_and_mask(self, editor: Any) -> tuple[Image.Image, Image.Image]:
         """(RGB image, L mask: 255 = regenerate) at the model's size, from an ImageEditor value."""
@@ -310,7 +358,16 @@ class _Request:
 
 def _labelled(message: str) -> str:
     """A settings message (it starts with the setting's name) with the setting named by its control."""
-    return renamed(message, {name: label_of(name) for name in sampling_settings()})
+    return renamed(message, {name: label_of(name) for name in _fields()})
+
+
+def shown(value: Any) -> Any:
+    """A value as its control shows it: a pair as "a, b", None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple | list):
+        return ", ".join(f"{v:g}" for v in value)
+    return value
 
 
 def _drawn_mask(layers: list[Any], background: Image.Image | None) -> Image.Image | None:

@@ -1,7 +1,7 @@
 """The demo's page: :func:`build_demo` lays :class:`~vqdiffusion.demo.app.DemoApp` out as a ``gradio.Blocks``
-page, its sampling controls generated from the settings' fields and metadata, and :func:`launch_demo` serves
-it.  Gradio is the optional extra ``pip install "vqdiffusion[demo]"``, imported only here and only when the
-page is built."""
+page, its sampling and micro-condition controls generated from the settings' fields and metadata, and
+:func:`launch_demo` serves it.  Gradio is the optional extra ``pip install "vqdiffusion[demo]"``, imported
+only here and only when the page is built."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from ..pipeline import DEFAULT_MODEL, VQDiffusionPipeline
 from ..samplers import SAMPLERS, sampler_settings
 from ..sampling import SamplingOptions
-from .app import DemoApp, help_of, label_of
+from .app import DemoApp, condition_fields, help_of, label_of, shown, takes_pair
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -97,6 +97,26 @@ def _sampling_controls(gr: Any, app: DemoApp, tab: str) -> dict[str, Any]:
         return [gr.update(visible=name in names) for name in own]
 
     out["sampler"].change(show, out["sampler"], [out[name] for name in own], queue=False)
+    return {**out, **_condition_controls(gr, app, tab)}
+
+
+def _condition_controls(gr: Any, app: DemoApp, tab: str) -> dict[str, Any]:
+    """The model's micro-condition controls by name (none for a model without them), built from the fields of
+    :class:`~vqdiffusion.models.uvit_config.MicroConditions` and their metadata: a number box for a number, a
+    text box "a, b" for a pair (its placeholder the value an empty box stands for)."""
+    if not app.condition_names:
+        return {}
+    fields, resolved = condition_fields(), app.pipe.condition_settings()
+    out: dict[str, Any] = {}
+    with gr.Accordion("Micro-conditions", open=True), gr.Row():
+        for name in app.condition_names:
+            meta = fields[name].metadata
+            info = {"label": label_of(name), "info": help_of(name), "elem_id": f"{tab}-{name.replace('_', '-')}"}
+            value = app.default_value(name)
+            if takes_pair(fields[name]):
+                out[name] = gr.Textbox(value=value, placeholder=shown(resolved[name]), lines=1, **info)
+            else:
+                out[name] = gr.Number(value=value, minimum=meta.get("low"), maximum=meta.get("high"), **info)
     return out
 
 
@@ -193,9 +213,7 @@ def build_demo(app: DemoApp) -> Any:
 
 def _theme(gr: Any) -> Any:
     """Gradio's default look with the system's fonts (the default theme fetches web fonts from the network)."""
-    return gr.themes.Default(
-        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
-    )
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
 def launch_demo(

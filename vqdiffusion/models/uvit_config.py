@@ -26,9 +26,13 @@ class MicroConditions:
     image's size.  :meth:`values` gives the five numbers in the network's order (:data:`MICRO_CONDITIONS`)."""
 
     aesthetic_score: float = setting(DEFAULT_AESTHETIC_SCORE, "aesthetic score to condition on (LAION scale)")
-    crop_coords: tuple[float, float] = setting((0, 0), "(top, left) crop coordinates to condition on, >= 0")
+    crop_coords: tuple[float, float] = setting(
+        (0, 0), "(top, left) crop coordinates to condition on, >= 0", label="Crop coordinates"
+    )
     orig_size: tuple[float, float] | None = setting(
-        None, "(width, height) of the original image to condition on, > 0 (default: the generated size)"
+        None,
+        "(width, height) of the original image to condition on, > 0 (default: the generated size)",
+        label="Original size",
     )
 
     def __post_init__(self) -> None:
