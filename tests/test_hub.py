@@ -213,6 +213,8 @@ def test_pipeline_files_keep_shards_and_prefer_our_layout():
         "model_index.json",
         "schedule.json",
         "defaults.json",
+        "history.json",
+        "README.md",
         "null_condition.safetensors",
         "denoiser/config.json",
         "denoiser/model.safetensors",
@@ -225,6 +227,7 @@ def test_pipeline_files_keep_shards_and_prefer_our_layout():
         "defaults.json",
         "denoiser/config.json",
         "denoiser/model.safetensors",
+        "history.json",  # kept: `vqdiffusion info` shows it; README.md (not read) is left out
         "null_condition.safetensors",
         "schedule.json",
         "text_encoder/model-00001-of-00002.safetensors",

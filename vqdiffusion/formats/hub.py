@@ -32,7 +32,12 @@ COMPONENT_FOLDERS = (
     diffusers_format.NULL_DIR,
 )
 # Top-level files besides the index (ours: the schedule, the default settings and the learned null text).
-TOP_LEVEL_FILES = (ours_format.SCHEDULE_FILE, ours_format.DEFAULTS_FILE, ours_format.NULL_CONDITION_FILE)
+TOP_LEVEL_FILES = (
+    ours_format.SCHEDULE_FILE,
+    ours_format.DEFAULTS_FILE,
+    ours_format.NULL_CONDITION_FILE,
+    ours_format.HISTORY_FILE,  # how the model was trained: `vqdiffusion info` shows it
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SMALL_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies and merges, sharded-weight indexes
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
