@@ -87,17 +87,17 @@ def build_reference(layers: int, text_layers: int, res_blocks: int = 3, seed: in
     return pipe
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(best, median) seconds of ``repeats`` calls of ``fn`` and its last result."""
+def timed(fn, repeats: int, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, object]:
+    """(best, median) seconds of ``repeats`` calls of ``fn`` by ``clock`` and its last result."""
     times, out = [], None
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         out = fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times), statistics.median(times), out
 
 
@@ -177,7 +177,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--decode", action="store_true", help="time the VQ decoding too")
     parser.add_argument("--profile", action="store_true", help="where the time goes (torch.profiler), per batch")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall: time.perf_counter (a quiet machine); thread: the main thread's CPU time, one intra-op thread "
+        "(meaningful on a shared machine)",
+    )
     args = parser.parse_args()
+    clock = time.perf_counter
+    if args.clock == "thread":
+        if args.device != "cpu":
+            parser.error("--clock thread times the CPU's main thread: use it with --device cpu")
+        torch.set_num_threads(1)
+        clock = time.thread_time
     dtype = getattr(torch, args.dtype)
 
     reference = build_reference(args.layers, args.text_layers, args.res_blocks)
@@ -206,7 +219,7 @@ def main() -> None:
     params = sum(p.numel() for p in ours.denoiser.parameters())
     print(f"transformer: {args.layers} layers, {args.res_blocks} res blocks per stage, {params / 1e6:.0f}M "
           f"parameters; text: {args.text_layers} layers; "
-          f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, {args.steps} steps, "
+          f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, clock {args.clock}, {args.steps} steps, "
           "guidance 10")  # fmt: skip
     print("| batch | diffusers s/call (best, median) | ours s/call (best, median) | diffusers / ours | same tokens |")
     print("| --- | --- | --- | --- | --- |")
@@ -219,8 +232,8 @@ def main() -> None:
             return
         for batch in args.batches:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-            t_best, t_med, theirs = timed(lambda p=prompts: run_theirs(p, args.steps), args.repeats)
-            o_best, o_med, got = timed(lambda p=prompts: run_ours(p, args.steps), args.repeats)
+            t_best, t_med, theirs = timed(lambda p=prompts: run_theirs(p, args.steps), args.repeats, clock)
+            o_best, o_med, got = timed(lambda p=prompts: run_ours(p, args.steps), args.repeats, clock)
             want = theirs_tokens(prompts) if args.decode else theirs.cpu()
             same = torch.equal(got.tokens.cpu(), want)
             print(f"| {batch} | {t_best:.2f}, {t_med:.2f} | {o_best:.2f}, {o_med:.2f} | {t_best / o_best:.2f}x | "
