@@ -25,6 +25,11 @@ python -m pytest -q tests -k cuda -x || true
 echo "== sampling speed against diffusers on the GPU (truncation 1 and 0.86, batch 1 and 4)"
 python benchmarks/sampling_vs_diffusers.py --device cuda --repeats 5 | tee "$OUT/sampling_vs_diffusers.txt"
 
+echo "== aMUSEd: ours against diffusers' AmusedPipeline at the amused-256 shape (fp32, then fp16)"
+python benchmarks/amused_vs_diffusers.py --device cuda --batches 1 8 --repeats 3 | tee "$OUT/amused_vs_diffusers.txt"
+python benchmarks/amused_vs_diffusers.py --device cuda --dtype float16 --batches 1 8 --repeats 3 \
+  | tee -a "$OUT/amused_vs_diffusers.txt"
+
 echo "== training throughput on the GPU"
 python benchmarks/train_throughput.py --device cuda --precisions no,bf16 | tee "$OUT/train_throughput.txt"
 
