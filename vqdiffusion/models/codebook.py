@@ -25,6 +25,9 @@ class Codebook(nn.Module):
     subclass this and keep ``weight`` as a buffer, so the state-dict key stays ``codebook.weight``.
     """
 
+    #: Whether the codes are learned, so that training adds the codebook and commitment terms.
+    learned: bool = True
+
     def __init__(self, num_embeddings: int, embed_dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, embed_dim))
@@ -58,3 +61,15 @@ class Codebook(nn.Module):
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """Code vectors for integer ``tokens`` of any shape ``[...]`` -> ``[..., D]``."""
         return F.embedding(tokens, self.weight)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``z [N, D]`` -> ``(z_q [N, D], tokens [N] int64)``: the nearest codes themselves (no gradient
+        to ``z``; see :meth:`straight_through`)."""
+        tokens = self.nearest(z)
+        # tokens come from argmin, so they are valid: no range check (a host sync)
+        return self.lookup(tokens), tokens
+
+    def straight_through(self, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        """The decoder's input in training, with the value of ``z_q``: ``z + sg(z_q - z)``, so the reconstruction
+        gradient reaches the encoder unchanged."""
+        return z + (z_q - z).detach()

@@ -105,6 +105,8 @@ class FSQCodebook(Codebook):
     (so the state-dict key stays ``codebook.weight``), :meth:`nearest` bounds and rounds, :meth:`lookup` is
     the codebook's.  Nothing here is trained."""
 
+    learned = False
+
     def __init__(self, levels: Sequence[int]):
         torch.nn.Module.__init__(self)  # not Codebook.__init__: no parameter to create
         self.levels = tuple(int(level) for level in levels)
@@ -119,6 +121,10 @@ class FSQCodebook(Codebook):
         compute_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
         codes, indices = fsq_quantize(z.to(compute_dtype), self.level_tensor)
         return codes.to(z.dtype), indices
+
+    def straight_through(self, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        """``z_q`` itself: its gradient already passes through the bounding (:func:`fsq_quantize`)."""
+        return z_q
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:

@@ -359,20 +359,14 @@ class VQVAE(nn.Module):
         """
         self._check_latents(z, self.config.embed_dim, "latents")
         b, d, height, width = z.shape
-        rows = z.permute(0, 2, 3, 1).reshape(-1, d)
-        if isinstance(self.codebook, FSQCodebook):
-            codes, tokens = self.codebook.quantize(rows)
-            return codes.view(b, height, width, d).permute(0, 3, 1, 2).contiguous(), tokens.view(b, height, width)
-        tokens = self.codebook.nearest(rows).view(b, height, width)
-        # tokens come from argmin, so they are valid: skip `lookup`'s range check (a host sync)
-        z_q = self.codebook.lookup(tokens).permute(0, 3, 1, 2).contiguous()
-        return z_q, tokens
+        z_q, tokens = self.codebook.quantize(z.permute(0, 2, 3, 1).reshape(-1, d))
+        return z_q.view(b, height, width, d).permute(0, 3, 1, 2).contiguous(), tokens.view(b, height, width)
 
     def straight_through(self, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
         """The decoder input in training, with the value of ``z_q``: VQ ``z + sg(z_q - z)`` (the reconstruction
         gradient reaches the encoder unchanged); FSQ ``z_q`` itself (its gradient already goes through the
         bounding)."""
-        return z_q if self.config.quantizer == "fsq" else z + (z_q - z).detach()
+        return self.codebook.straight_through(z, z_q)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -413,11 +407,11 @@ class VQVAE(nn.Module):
         z = self.encode_latents(images)
         z_q, tokens = self.quantize(z)
         dims = tuple(range(1, z.ndim))
-        if self.config.quantizer == "fsq":
-            commitment = codebook = z.new_zeros(z.shape[0], dtype=torch.float32)
-        else:
+        if self.codebook.learned:
             commitment = (z - z_q.detach()).float().square().mean(dim=dims)
             codebook = (z.detach() - z_q).float().square().mean(dim=dims)
+        else:  # FSQ: a fixed grid
+            commitment = codebook = z.new_zeros(z.shape[0], dtype=torch.float32)
         return VQVAEOutput(
             reconstruction=self.decode_latents(self.straight_through(z, z_q)),
             tokens=tokens,
