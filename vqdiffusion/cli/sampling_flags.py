@@ -84,8 +84,11 @@ def add_sampling_arguments(
 
 def check_condition_flags(pipe: Any, args: argparse.Namespace) -> None:
     """CLIError when a micro-condition flag was given for a model that has no micro-conditions."""
-    given = [flag for flag, (dest, _, _) in condition_flags().items() if getattr(args, dest, None) is not None]
-    extra = [flag for flag in given if condition_flags()[flag][0] not in pipe.condition_keywords]
+    extra = [
+        flag
+        for flag, (dest, _, _) in condition_flags().items()
+        if getattr(args, dest, None) is not None and dest not in pipe.condition_keywords
+    ]
     if extra:
         raise CLIError(
             f"{', '.join(extra)}: this model has no micro-conditions (aMUSEd models have them); drop the flag"
