@@ -267,6 +267,18 @@ class FrozenTextModel(nn.Module):
 
     text_model: nn.Module
 
+    def _hold(self, text_model: nn.Module, tokenizer: Any) -> None:
+        """Keep the frozen ``text_model`` and its ``tokenizer``; ``max_length`` is the shorter of the tokenizer's
+        and the model's position limits (77 for CLIP).  The subclasses check both first."""
+        self.text_model = text_model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = min(int(tokenizer.model_max_length), int(text_model.config.max_position_embeddings))
+
+    @property
+    def hidden_size(self) -> int:
+        """D, the width of the text model's hidden states (512 for CLIP ViT-B/32, 768 for ViT-L/14)."""
+        return int(self.text_model.config.hidden_size)
+
     @property
     def device(self) -> torch.device:
         return next(self.text_model.parameters()).device
@@ -321,16 +333,10 @@ class CLIPTextCondition(FrozenTextModel):
                 raise ValueError("the tokenizer has no pad token; give pad_token_id (0 for the authors' padding)")
         elif not is_int(pad_token_id) or not 0 <= pad_token_id < vocab_size:
             raise ValueError(f"pad_token_id must be an id in [0, {vocab_size}) or None, got {pad_token_id!r}")
-        self.text_model = text_model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self._hold(text_model, tokenizer)
         self.pad_token_id = pad_token_id
-        self.max_length = min(int(tokenizer.model_max_length), int(config.max_position_embeddings))
 
     # -- properties ---------------------------------------------------------------------------------
-    @property
-    def hidden_size(self) -> int:
-        """D, the width of the condition (512 for CLIP ViT-B/32)."""
-        return int(self.text_model.config.hidden_size)
 
     @property
     def padding_id(self) -> int:

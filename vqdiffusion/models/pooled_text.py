@@ -48,14 +48,7 @@ class CLIPPooledTextCondition(FrozenTextModel):
             raise ValueError(
                 f"aMUSEd needs a CLIPTextModelWithProjection (pooled text_embeds), got {type(text_model).__name__}"
             )
-        self.text_model = text_model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.max_length = min(int(tokenizer.model_max_length), int(config.max_position_embeddings))
-
-    @property
-    def hidden_size(self) -> int:
-        """D, the width of the hidden states (768 for aMUSEd's CLIP ViT-L/14)."""
-        return int(self.text_model.config.hidden_size)
+        self._hold(text_model, tokenizer)
 
     @property
     def projection_dim(self) -> int:
