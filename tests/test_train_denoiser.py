@@ -417,3 +417,55 @@ def test_word_vocabulary_text_model_trains_exports_and_encodes_like_training(tok
     assert run_train(parser.parse_args([*base, "--resume", "--steps", "3", "--text-vocab", "words", "--quiet"])) == 0
     with pytest.raises(ConfigError, match="text_words"):
         make_config(token_dir, tmp_path, text_model="pretrained", text_words=("red",))
+
+
+class _CountingTrainer:
+    """The smallest Trainer: counts steps, saves its step count."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.saved: list[int] = []
+
+    def train_step(self, batch):
+        self.step += 1
+        return {"loss": torch.tensor(1.0)}
+
+    def lr(self, step: int) -> float:
+        return 1e-3
+
+    def save(self, path) -> None:
+        self.saved.append(self.step)
+        Path(path).write_bytes(b"x")
+
+
+def test_time_limit_ends_the_run_at_the_first_metrics_row_past_it(tmp_path):
+    from vqdiffusion.training.loop import LoopSettings, SumWindow, run_loop
+
+    ticks = iter(range(1000))  # the fake clock advances one second per reading
+    trainer, rows = _CountingTrainer(), []
+    settings = LoopSettings(
+        steps=100, log_every=4, save_every=50, sample_every=1000, keep_checkpoints=5, progress=False, time_limit=9.5
+    )
+    last = run_loop(
+        trainer, range(100), settings, tmp_path, SumWindow(("loss",), 1),
+        log=lambda step, values: rows.append(step), clock=lambda: float(next(ticks)),
+    )  # fmt: skip
+    # readings: start 0, then one per metrics row (steps 4, 8, 12 ...): 1, 2, 3 ... -> 10 >= 9.5 at step 40
+    assert trainer.step == 40 and rows[-1] == 40
+    assert trainer.saved == [40] and last.name == "step_00000040.safetensors"
+
+
+def test_time_limit_stops_with_an_export_and_resume_reaches_the_uninterrupted_run(token_dir, tmp_path):
+    stopped = train_denoiser(make_config(token_dir, tmp_path / "stopped", steps=10, time_limit=1e-9))
+    assert (stopped / "denoiser" / "model.safetensors").is_file()
+    assert find_latest_checkpoint(tmp_path / "stopped" / "checkpoints").name == "step_00000005.safetensors"
+    train_denoiser(make_config(token_dir, tmp_path / "stopped", steps=10), resume=True)
+    train_denoiser(make_config(token_dir, tmp_path / "straight", steps=10))
+    a = (tmp_path / "straight" / "model" / "denoiser" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "stopped" / "model" / "denoiser" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "soon"])
+def test_time_limit_must_be_positive_seconds(token_dir, tmp_path, bad):
+    with pytest.raises(ConfigError, match="time_limit"):
+        make_config(token_dir, tmp_path / "run", time_limit=bad)

@@ -74,6 +74,8 @@ _FLAGS: FlagTable = {
     "--seed": ("seed", seed, "random seed (default 0)"),
     "--device": ("device", str, "auto (default), cpu, cuda, cuda:N"),
     "--num-workers": ("num_workers", int, "data loader processes (default 0)"),
+    "--time-limit": ("time_limit", float, "stop after this many seconds of training, with a checkpoint and the "
+                     "export (a cluster job's wall limit; --resume continues)"),
 }
 
 

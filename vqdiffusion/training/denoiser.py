@@ -142,6 +142,7 @@ def _train(
         progress=config.progress,
         desc="train",
         postfix=("loss", "lr", "samples_per_s"),
+        time_limit=config.time_limit,
     )
     try:
         last_saved = run_loop(
@@ -154,6 +155,7 @@ def _train(
             sample=sample,
             is_main=world.main,
             barrier=world.barrier,
+            agree=world.broadcast,
         )
     finally:
         if metrics_log is not None:

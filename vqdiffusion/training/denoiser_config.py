@@ -37,6 +37,7 @@ RESUMABLE_FIELDS = frozenset(
         "device",
         "num_workers",
         "progress",
+        "time_limit",
     }
 )
 
@@ -90,6 +91,8 @@ class DenoiserTrainConfig(ConfigBase):
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ... (under torchrun with CUDA: ``cuda:LOCAL_RANK``).
         num_workers: DataLoader processes preparing batches (caption tokenization).
         progress: show a tqdm progress bar.
+        time_limit: seconds of training after which this call stops early (checked at every metrics row): it
+            logs, saves a checkpoint and exports as at the last step; ``--resume`` continues the schedule.
     """
 
     token_dir: str
@@ -144,6 +147,7 @@ class DenoiserTrainConfig(ConfigBase):
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -207,6 +211,8 @@ class DenoiserTrainConfig(ConfigBase):
             check_positive(name, grad_clip=self.grad_clip)
         if self.mlp_ratio is not None:
             check_positive(name, mlp_ratio=self.mlp_ratio)
+        if self.time_limit is not None and (not is_number(self.time_limit) or not self.time_limit > 0):
+            raise ConfigError(f"{name}: time_limit must be a number of seconds > 0, got {self.time_limit!r}")
         for key in ("adaptive_aux", "progress"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{name}: {key} must be true or false, got {getattr(self, key)!r}")

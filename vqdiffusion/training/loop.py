@@ -75,7 +75,9 @@ class SumWindow:
 class LoopSettings:
     """Cadence of a run: ``steps`` in all; a metrics row every ``log_every``, a sample grid every
     ``sample_every``, a checkpoint every ``save_every`` steps (and all three at the last step), keeping the
-    ``keep_checkpoints`` most recent; ``postfix`` names the metrics shown on the progress bar."""
+    ``keep_checkpoints`` most recent; ``postfix`` names the metrics shown on the progress bar.  With
+    ``time_limit`` (seconds) the run also ends at the first metrics row after that much wall time, which is
+    then handled as the last step (metrics, grid, checkpoint)."""
 
     steps: int
     log_every: int
@@ -85,6 +87,7 @@ class LoopSettings:
     progress: bool = True
     desc: str = "train"
     postfix: tuple[str, ...] = ("loss",)
+    time_limit: float | None = None
 
 
 def checkpoint_to_resume(checkpoint_dir: Path, resume: bool | str | os.PathLike) -> Path | None:
@@ -114,6 +117,8 @@ def run_loop(
     after_save: Callable[[int], None] | None = None,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    agree: Callable[[bool], bool] = lambda flag: flag,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path | None:
     """Train on ``batches`` (one per remaining step) until ``settings.steps``; returns the last checkpoint
     written by this call (None if none was).
@@ -121,7 +126,8 @@ def run_loop(
     ``log(step, values)`` receives the window's means plus ``lr``; a non-finite loss raises
     FloatingPointError.  ``sample(step)`` draws a sample grid; ``after_save(step)`` runs after each
     checkpoint (e.g. an export).  Only the main process logs, samples and saves; every process calls
-    ``barrier`` after a save.
+    ``barrier`` after a save.  ``agree(flag)`` returns the main process's ``flag`` on every process (the
+    time-limit decision must be the same everywhere); ``clock`` measures the time limit.
     """
     bar = tqdm(
         total=settings.steps,
@@ -131,12 +137,15 @@ def run_loop(
         unit="step",
     )
     last_saved = None
+    started = clock()
     try:
         for batch in batches:
             window.add(trainer.train_step(batch))
             step = trainer.step
             bar.update(1)
             final = step == settings.steps
+            if settings.time_limit is not None and not final and step % settings.log_every == 0:
+                final = agree(clock() - started >= settings.time_limit)
             if is_main and (step % settings.log_every == 0 or final):
                 values = window.summary()
                 if not math.isfinite(values["loss"]):
@@ -156,6 +165,8 @@ def run_loop(
                     if after_save is not None:
                         after_save(step)
                 barrier()
+            if final:
+                break
     finally:
         bar.close()
     return last_saved
