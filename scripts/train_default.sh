@@ -2,8 +2,9 @@
 # Build the built-in model (vqdiffusion/assets/shapes) in session-sized stages, each at most ~90 minutes on
 # the project's 2-core CPU machine (docs/built-in-model.md):
 #
-#   bash scripts/train_default.sh [--device DEVICE] [--stage N|next|all] [--tokenizer VQVAE_DIR] [WORK_DIR]
-#       defaults: --device cpu, --stage all, a newly trained tokenizer, WORK_DIR runs/default
+#   bash scripts/train_default.sh [--device DEVICE] [--stage N|next|all|gpu] [--tokenizer VQVAE_DIR]
+#                                 [--time-limit SECONDS] [WORK_DIR]
+#       defaults: --device cpu, --stage all, a newly trained tokenizer, --time-limit 300, WORK_DIR runs/default
 #
 #   stage 1  data set (make-shapes) -> VQ tokenizer (K = 256, k-means init, distance restart, padding
 #            consistency: docs/tokenizer_experiments.md) -> tokens -> a fresh 4 x 256 denoiser with a jointly
@@ -17,6 +18,11 @@
 # now (builtin:shapes, committed after stage N - 1); --stage next picks N from that model's history.json.
 # A session runs one stage, evaluates it (vqdiffusion eval --model WORK_DIR/stageN/model) and ships it only if
 # it beats the shipped model; the export goes to WORK_DIR/stageN/model and, with --ship, into the package.
+# --stage gpu (one GPU, e.g. the device tool's 8-minute call: --device cuda) trains a denoiser from scratch on
+# a larger data set (GPU_SHARDS x GPU_SHARD_N images, made in parallel) tokenized with --tokenizer (default:
+# the package's), batch GPU_BATCH, for --time-limit seconds: a 150-step probe measures samples/s and the
+# cosine schedule is sized to end at the limit.  Export into WORK_DIR/stagegpu/export (and the package with
+# --ship).
 # Each stage checkpoints; run the same command again after an interruption and it resumes.  DEVICE is cpu,
 # cuda or cuda:N (the same flags train the same model on either, up to floating-point differences).
 set -euo pipefail
@@ -26,7 +32,8 @@ WORK=runs/default
 TOKENIZER=
 STAGE=all
 SHIP=0
-usage="use --device DEVICE, --stage N|next|all, --tokenizer VQVAE_DIR, --ship and an optional WORK_DIR"
+TIME_LIMIT=300
+usage="use --device DEVICE, --stage N|next|all|gpu, --tokenizer VQVAE_DIR, --time-limit SECONDS, --ship and an optional WORK_DIR"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=${2:?--device needs a value: cpu, cuda or cuda:N}; shift 2 ;;
@@ -35,8 +42,10 @@ while [ $# -gt 0 ]; do
     --stage=*) STAGE=${1#--stage=}; shift ;;
     --tokenizer) TOKENIZER=${2:?--tokenizer needs an exported VQ-VAE folder}; shift 2 ;;
     --tokenizer=*) TOKENIZER=${1#--tokenizer=}; shift ;;
+    --time-limit) TIME_LIMIT=${2:?--time-limit needs a number of seconds}; shift 2 ;;
+    --time-limit=*) TIME_LIMIT=${1#--time-limit=}; shift ;;
     --ship) SHIP=1; shift ;;
-    -h|--help) sed -n 2,23p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,29p "$0"; exit 0 ;;
     -*) echo "error: unknown option $1 ($usage)" >&2; exit 2 ;;
     *) WORK=$1; shift ;;
   esac
@@ -50,8 +59,11 @@ if [ "$STAGE" = next ]; then
   STAGE=$(python -c "from vqdiffusion.formats.ours import read_history; print(len(read_history('$ASSET')) + 1)")
 fi
 case "$STAGE" in
-  all|[1-9]|[1-9][0-9]) ;;
-  *) echo "error: --stage $STAGE is not a stage number, next or all" >&2; exit 2 ;;
+  all|gpu|[1-9]|[1-9][0-9]) ;;
+  *) echo "error: --stage $STAGE is not a stage number, next, all or gpu" >&2; exit 2 ;;
+esac
+case "$TIME_LIMIT" in
+  ''|*[!0-9]*|0) echo "error: --time-limit $TIME_LIMIT is not a whole number of seconds > 0" >&2; exit 2 ;;
 esac
 mkdir -p "$WORK"
 
@@ -64,6 +76,13 @@ DENOISER_STEPS_1=4000     # stage 1: 256k samples from scratch (lr 8e-4, warm-up
 CONTINUE_STEPS=3000       # stage k >= 2: 192k samples (lr 3e-4, warm-up 100)
 # The objective of each continuation stage 2, 3, ... (the last one repeats): docs/built-in-model.md.
 STAGE_OBJECTIVES=(vlb vlb vlb)
+# --stage gpu: data set size, batch and optimiser of a from-scratch GPU stage (overridable for a dry run).
+GPU_SHARDS=${GPU_SHARDS:-8}        # make-shapes processes (seeds 0 .. GPU_SHARDS - 1; shard 0 begins with stage 1's set)
+GPU_SHARD_N=${GPU_SHARD_N:-25000}  # images per shard: 200k in all
+GPU_BATCH=${GPU_BATCH:-512}
+GPU_LR=${GPU_LR:-1e-3}
+GPU_WARMUP=${GPU_WARMUP:-500}
+GPU_WORKERS=${GPU_WORKERS:-4}      # data loader processes of the denoiser run
 EXPORT_FLAGS=(--half --steps 50 --guidance 1 --truncation 0.7 --sampler ancestral)
 
 resume() { compgen -G "$1/checkpoints/step_*.safetensors" > /dev/null && echo --resume || true; }
@@ -121,7 +140,48 @@ run_stage_k() {  # $1: stage number, $2: the model it continues
   export_stage "$k"
 }
 
-if [ "$STAGE" = all ]; then
+gpu_data() {  # GPU_SHARDS make-shapes processes in parallel into WORK/data_gpu/shardI (a recursive image folder)
+  [ -f "$WORK/data_gpu.done" ] && return
+  local pids=() i
+  for i in $(seq 0 $(( GPU_SHARDS - 1 ))); do
+    vqdiffusion make-shapes "$WORK/data_gpu/shard$i" --n "$GPU_SHARD_N" --seed "$i" --overwrite > /dev/null 2>&1 &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i"; done
+  touch "$WORK/data_gpu.done"
+}
+
+run_stage_gpu() {
+  local vq=${TOKENIZER:-$ASSET/vqvae} out=$WORK/stagegpu
+  stamp "stage gpu: $(( GPU_SHARDS * GPU_SHARD_N )) images"
+  gpu_data
+  stamp "stage gpu: tokens of $vq"
+  [ -f "$WORK/tokens_gpu.done" ] && [ "$(cat "$WORK/tokens_gpu.done")" = "$vq" ] || {
+    vqdiffusion tokenize "$WORK/data_gpu" --vqvae "$vq" --out "$WORK/tokens_gpu" --overwrite --device "$DEVICE" \
+      --batch-size 512 --num-workers "$GPU_WORKERS" --quiet && echo "$vq" > "$WORK/tokens_gpu.done"
+  }
+  local flags=("${DENOISER_FLAGS[@]}" --batch-size "$GPU_BATCH" --ema-decay 0.999 --log-every 50
+    --sample-every 1000000 --num-workers "$GPU_WORKERS" --device "$DEVICE" --quiet)
+  local steps
+  if [ -d "$out/checkpoints" ]; then  # resuming: keep the schedule the run started with
+    steps=$(python -c "import json; print(json.load(open('$out/train_config.json'))['steps'])")
+  else
+    stamp "stage gpu: a 150-step probe of samples/s"
+    rm -rf "$WORK/gpu_probe"
+    vqdiffusion train "$WORK/tokens_gpu" --out "$WORK/gpu_probe" "${flags[@]}" --lr "$GPU_LR" \
+      --lr-warmup "$GPU_WARMUP" --steps 150 --save-every 1000000 > /dev/null
+    steps=$(python -c "import csv; rows = list(csv.DictReader(open('$WORK/gpu_probe/metrics.csv'))); \
+print(max(200, int(float(rows[-1]['samples_per_s']) * $TIME_LIMIT / $GPU_BATCH)))")
+  fi
+  stamp "stage gpu: denoiser from scratch, $steps steps of $GPU_BATCH (time limit $TIME_LIMIT s)"
+  vqdiffusion train "$WORK/tokens_gpu" --out "$out" $(resume "$out") "${flags[@]}" --lr "$GPU_LR" \
+    --lr-warmup "$GPU_WARMUP" --steps "$steps" --save-every 1000 --time-limit "$TIME_LIMIT" --seed 0
+  export_stage gpu
+}
+
+if [ "$STAGE" = gpu ]; then
+  run_stage_gpu
+elif [ "$STAGE" = all ]; then
   run_stage_1
   for k in $(seq 2 $(( ${#STAGE_OBJECTIVES[@]} + 1 ))); do
     run_stage_k "$k" "$WORK/stage$(( k - 1 ))/export"
