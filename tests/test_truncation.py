@@ -68,14 +68,15 @@ KINDS = ["random", "flat", "peaked", "ties", "uniform", "one-hot-ish"]
 RATES = [1e-9, 0.05, 0.3, 0.5, 0.86, 0.99, 1 - 2**-30, 1 - 1e-12]
 
 
+@pytest.mark.parametrize("method", ["histogram", "sort"])
 @pytest.mark.parametrize("layout", ["contiguous", "classes_last"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rate", RATES)
-def test_kept_sets_equal_the_sort_reference(kind: str, rate: float, layout: str) -> None:
+def test_kept_sets_equal_the_sort_reference(kind: str, rate: float, layout: str, method: str) -> None:
     log_p = inputs(kind, (2, 37, 5), seed=len(kind) + int(rate * 1000))
     if layout == "classes_last":  # the denoiser's output: a transposed view of [B, N, K]
         log_p = log_p.transpose(1, 2).contiguous().transpose(1, 2)
-    out = truncate_log_probs(log_p, rate)
+    out = truncate_log_probs(log_p, rate, method=method)
     keep = sorted_keep(log_p, rate)
     assert torch.equal(torch.isfinite(out), keep)
     assert keep[:, :, :].any(1).all()  # the top class is always kept
@@ -98,11 +99,12 @@ def test_rate_exactly_at_a_cumulative_mass_boundary() -> None:
         assert torch.equal(torch.isfinite(at), sorted_keep(log_p, above / QUANTUM))
 
 
-def test_ties_are_kept_or_dropped_together() -> None:
+@pytest.mark.parametrize("method", ["histogram", "sort"])
+def test_ties_are_kept_or_dropped_together(method: str) -> None:
     # p = (2, 1, 1, 1, 1, 0.5) / 6.5 up to rounding; the four tied classes straddle r = 0.4
     log_p = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 0.5]).log()[None, :, None]
     for rate, kept in [(0.3, 1), (0.31, 5), (0.4, 5), (0.93, 6)]:
-        out = truncate_log_probs(log_p, rate)
+        out = truncate_log_probs(log_p, rate, method=method)
         assert int(torch.isfinite(out).sum()) == kept, rate
         assert torch.equal(torch.isfinite(out), sorted_keep(log_p, rate))
 
@@ -131,3 +133,14 @@ def test_unnormalised_and_half_precision_inputs() -> None:
     half = truncate_log_probs(log_p.bfloat16(), 0.7)
     assert half.dtype == torch.float32
     assert torch.equal(torch.isfinite(half), sorted_keep(log_p.bfloat16().float(), 0.7))
+
+
+def test_the_two_methods_keep_the_same_classes_at_the_ithq_shape() -> None:
+    """K = 4096, peaked and flat positions side by side: histogram and sort give the same output exactly."""
+    log_p = torch.cat([inputs("flat", (1, 4096, 8), seed=1), inputs("peaked", (1, 4096, 8), seed=2)], dim=2)
+    for rate in (0.5, 0.86):
+        assert torch.equal(
+            truncate_log_probs(log_p, rate, method="histogram"), truncate_log_probs(log_p, rate, method="sort")
+        )
+    with pytest.raises(ValueError, match="truncation method"):
+        truncate_log_probs(log_p, 0.5, method="bisect")

@@ -47,7 +47,10 @@ def truncation_quanta(log_p_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return log_p, p, (p * float(2**MASS_QUANTUM_BITS)).to(torch.int32)
 
 
-def truncate_log_probs(log_p_x0: torch.Tensor, rate: float) -> torch.Tensor:
+TRUNCATION_METHODS = ("histogram", "sort")
+
+
+def truncate_log_probs(log_p_x0: torch.Tensor, rate: float, *, method: str | None = None) -> torch.Tensor:
     """Truncation (paper sec. 4.3): per position keep the most likely classes, renormalised.
 
     With p = softmax(log p) and M(c) = 2^-30 sum_{j: p_j > p_c} q_j the mass of the classes strictly more
@@ -61,27 +64,51 @@ def truncate_log_probs(log_p_x0: torch.Tensor, rate: float) -> torch.Tensor:
     bit pattern (for p >= 0 the patterns order like the values; p <= 1 needs 30 bits), 10 bits at a time:
     a histogram of q over the next 10 bits of the classes that share the bits found so far (plus one bucket
     for the classes above them) gives H at every candidate at once (:func:`_threshold_digit`).  Three rounds
-    of a few passes over [B, K, N], whatever the distribution; no sort.
+    of a few passes over [B, K, N], whatever the distribution; no sort.  ``method="sort"`` finds the same
+    theta by sorting (:func:`_threshold_by_sort`): a GPU sorts faster than it builds the histograms' scattered
+    sums, a CPU the other way round, so the default (None) is ``"sort"`` on CUDA and ``"histogram"`` elsewhere.
 
     Args:
         log_p_x0: [B, K, N] log-probabilities (renormalised over dim 1 first).
         rate: truncation rate r in (0, 1].
+        method: ``"histogram"``, ``"sort"`` or None (by device); the kept sets are identical.
     Returns:
         [B, K, N] float32 log-probabilities with dropped classes at -inf, renormalised over the kept ones.
     """
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"truncation rate must be in (0, 1], got {rate}")
+    if method is None:
+        method = "sort" if log_p_x0.device.type == "cuda" else "histogram"
+    if method not in TRUNCATION_METHODS:
+        raise ValueError(f"truncation method must be one of {list(TRUNCATION_METHODS)}, got {method!r}")
     if rate >= 1.0:
         return log_p_x0
     log_p, p, q = truncation_quanta(log_p_x0)
-    bits = p.view(torch.int32)  # p in [0, 1]: patterns 0 .. 0x3F800000 < 2^30, ordered like the values
     limit = math.ceil(rate * 2**MASS_QUANTUM_BITS)
-    prefix = torch.zeros((p.shape[0], 1, p.shape[2]), dtype=torch.int32, device=p.device)  # [B, 1, N]
-    for shift in (20, 10, 0):
-        prefix = (prefix << 10) + _threshold_digit(bits, q, prefix, shift, limit)
-    keep = bits >= prefix  # prefix is now theta's full bit pattern
+    if method == "sort":
+        keep = p >= _threshold_by_sort(p, q, limit)
+    else:
+        bits = p.view(torch.int32)  # p in [0, 1]: patterns 0 .. 0x3F800000 < 2^30, ordered like the values
+        prefix = torch.zeros((p.shape[0], 1, p.shape[2]), dtype=torch.int32, device=p.device)  # [B, 1, N]
+        for shift in (20, 10, 0):
+            prefix = (prefix << 10) + _threshold_digit(bits, q, prefix, shift, limit)
+        keep = bits >= prefix  # prefix is now theta's full bit pattern
     kept_mass = torch.where(keep, p, torch.zeros((), device=p.device)).sum(dim=1, keepdim=True)
     return torch.where(keep, log_p - kept_mass.log(), torch.full((), -math.inf, device=p.device))
+
+
+def _threshold_by_sort(p: torch.Tensor, q: torch.Tensor, limit: int) -> torch.Tensor:
+    """theta of :func:`truncate_log_probs` by sorting, [B, 1, N] float32.
+
+    Sorted descending, S_i = sum_{k < i} q_(k) (exact in int64) is non-decreasing and S_0 = 0 < R; with i* the
+    last i where S_i < R, theta = p_(i*).  Classes tied with p_(i*) have the mass strictly above them at most
+    S_(i*) < R and are kept; a class below theta has a first tied position j > i* with S_j >= R.
+    """
+    p_sorted, order = p.sort(dim=1, descending=True)
+    q_sorted = q.gather(1, order).to(torch.int64)
+    before = q_sorted.cumsum(1) - q_sorted
+    last = (before < limit).sum(1, keepdim=True) - 1  # [B, 1, N], >= 0
+    return p_sorted.gather(1, last)
 
 
 def _threshold_digit(bits: torch.Tensor, q: torch.Tensor, prefix: torch.Tensor, shift: int, limit: int) -> torch.Tensor:
