@@ -6,8 +6,8 @@
 #                                 [--time-limit SECONDS] [WORK_DIR]
 #       defaults: --device cpu, --stage all, a newly trained tokenizer, --time-limit 300, WORK_DIR runs/default
 #
-#   stage 1  data set (make-shapes) -> VQ tokenizer (K = 256, k-means init, distance restart, padding
-#            consistency: docs/tokenizer_experiments.md) -> tokens -> a fresh 4 x 256 denoiser with a jointly
+#   stage 1  data set (make-shapes) -> FSQ tokenizer (levels 8,5,5,5: K = 1000, padding consistency;
+#            docs/tokenizer_experiments.md, round 3) -> tokens -> a fresh 4 x 256 denoiser with a jointly
 #            trained text model (DENOISER_STEPS_1 steps) -> export into the package
 #   stage k  (k >= 2) the data and tokens again if WORK_DIR lacks them (same seed: the same set; tokens of
 #            the model's own tokenizer), then CONTINUE_STEPS steps of the denoiser started with
@@ -20,9 +20,10 @@
 # it beats the shipped model; the export goes to WORK_DIR/stageN/model and, with --ship, into the package.
 # --stage gpu (one GPU, e.g. the device tool's 8-minute call: --device cuda) trains a denoiser from scratch on
 # a larger data set (GPU_SHARDS x GPU_SHARD_N images, made in parallel) tokenized with --tokenizer (default:
-# the package's), batch GPU_BATCH, for --time-limit seconds: a 150-step probe measures samples/s and the
-# cosine schedule is sized to end at the limit.  Export into WORK_DIR/stagegpu/export (and the package with
-# --ship).
+# stage 1's tokenizer, trained first), batch GPU_BATCH, for --time-limit seconds: a 150-step probe measures
+# samples/s and the cosine schedule is sized to end at the limit.  Export into WORK_DIR/stagegpu/export (and
+# the package with --ship).  The shipped model (v3) is this stage, run on one H100 with --time-limit 180 and
+# --tokenizer the FSQ tokenizer of stage 1's recipe (docs/built-in-model.md).
 # Each stage checkpoints; run the same command again after an interruption and it resumes.  DEVICE is cpu,
 # cuda or cuda:N (the same flags train the same model on either, up to floating-point differences).
 set -euo pipefail
@@ -94,10 +95,10 @@ data_and_tokens() {  # $1: the VQ-VAE folder to tokenize with ("" = train stage 
   if [ -z "$vq" ]; then
     [ -f "$WORK/vq.done" ] || {
       vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
-        --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --embed-dim 32 \
-        --codebook-size 256 --norm-groups 16 --batch-size 16 --steps 3000 --lr 4e-4 --lr-warmup 100 \
-        --lr-schedule cosine --mixed-precision bf16 --codebook-init kmeans --code-restart distance \
-        --pad-consistency 0.1 --save-every 250 --sample-every 500 --log-every 50
+        --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --norm-groups 16 \
+        --batch-size 16 --steps 3000 --lr 4e-4 --lr-warmup 100 --lr-schedule cosine --mixed-precision bf16 \
+        --quantizer fsq --fsq-levels 8,5,5,5 --pad-consistency 0.1 --save-every 250 --sample-every 1000 \
+        --log-every 100 --seed 0
       touch "$WORK/vq.done"
     }
     vq=$WORK/vq/vqvae
@@ -152,7 +153,12 @@ gpu_data() {  # GPU_SHARDS make-shapes processes in parallel into WORK/data_gpu/
 }
 
 run_stage_gpu() {
-  local vq=${TOKENIZER:-$ASSET/vqvae} out=$WORK/stagegpu
+  local vq=$TOKENIZER out=$WORK/stagegpu
+  if [ -z "$vq" ]; then
+    stamp "stage gpu: stage 1's tokenizer"
+    data_and_tokens ""
+    vq=$WORK/vq/vqvae
+  fi
   stamp "stage gpu: $(( GPU_SHARDS * GPU_SHARD_N )) images"
   gpu_data
   stamp "stage gpu: tokens of $vq"
