@@ -278,6 +278,19 @@ def gib(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def time_cell(cfg: BenchConfig, ref, ours, batch: int, rate: float, args, device: torch.device, weights: tuple):
+    """One cell: both pipelines warmed up, then timed (``measure``); returns (the call's prompts and keywords,
+    seconds per image-step and peak memory of diffusers, the same for ours).  ``weights``: their resident bytes."""
+    prompts, call = cell_calls(cfg, batch, rate, args.guidance)
+    run_ref = functools.partial(run_pipeline, ref, prompts, call)
+    run_ours = functools.partial(run_pipeline, ours, prompts, {**call, "progress": False})
+    run_ref(), run_ours()  # warm-up
+    per = batch * cfg.steps
+    t_ref, m_ref = measure(run_ref, args.repeats, device, weights[0])
+    t_ours, m_ours = measure(run_ours, args.repeats, device, weights[1])
+    return (prompts, call), (t_ref / per, m_ref), (t_ours / per, m_ours)
+
+
 def default_rows(cfg: BenchConfig, ref, tmp: str, args, device: torch.device) -> list[str]:
     """Diffusers fp32 against ours fp32 and (unless ``--no-bf16``) ours bf16, per batch and truncation."""
     ours = VQDiffusionPipeline.from_pretrained(tmp, text_pad_token_id=None).to(args.device)
@@ -292,14 +305,10 @@ def default_rows(cfg: BenchConfig, ref, tmp: str, args, device: torch.device) ->
     w_bf16 = 0 if ours_bf16 is None else resident_bytes(ours_bf16.modules().values(), device)
     rows = []
     for batch, rate in itertools.product(args.batches, args.truncations):
-        prompts, call = cell_calls(cfg, batch, rate, args.guidance)
-        run_ref = functools.partial(run_pipeline, ref, prompts, call)
-        run_ours = functools.partial(run_pipeline, ours, prompts, {**call, "progress": False})
-        run_ref(), run_ours()  # warm-up
+        (prompts, call), (t_ref, m_ref), (t_ours, m_ours) = time_cell(
+            cfg, ref, ours, batch, rate, args, device, (w_ref, w_ours)
+        )
         per = batch * cfg.steps
-        t_ref, m_ref = measure(run_ref, args.repeats, device, w_ref)
-        t_ours, m_ours = measure(run_ours, args.repeats, device, w_ours)
-        t_ref, t_ours = t_ref / per, t_ours / per
         cells = [cfg.name, str(batch), str(cfg.steps), f"{rate:g}", f"{t_ref:.4f}", f"{t_ours:.4f}"]
         cells.append(f"{t_ref / t_ours:.2f}x")
         m_bf16 = None
@@ -340,14 +349,7 @@ def dtype_rows(cfg: BenchConfig, ref, tmp: str, dtype: torch.dtype, args, device
     w_ours = resident_bytes(ours.modules().values(), device)
     rows = []
     for batch, rate in itertools.product(args.batches, args.truncations):
-        prompts, call = cell_calls(cfg, batch, rate, args.guidance)
-        run_ref = functools.partial(run_pipeline, ref_d, prompts, call)
-        run_ours = functools.partial(run_pipeline, ours, prompts, {**call, "progress": False})
-        run_ref(), run_ours()  # warm-up
-        per = batch * cfg.steps
-        t_ref, m_ref = measure(run_ref, args.repeats, device, w_ref)
-        t_ours, m_ours = measure(run_ours, args.repeats, device, w_ours)
-        t_ref, t_ours = t_ref / per, t_ours / per
+        _, (t_ref, m_ref), (t_ours, m_ours) = time_cell(cfg, ref_d, ours, batch, rate, args, device, (w_ref, w_ours))
         cells = [cfg.name, str(batch), str(cfg.steps), f"{rate:g}", SHORT[dtype], f"{t_ref:.4f}", f"{t_ours:.4f}"]
         cells.append(f"{t_ref / t_ours:.2f}x")
         if device.type == "cuda":
