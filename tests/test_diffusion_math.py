@@ -411,3 +411,19 @@ def test_loss_gradient_is_finite_at_every_step_including_the_first() -> None:
         terms.total().sum().backward()
         assert torch.isfinite(logits.grad).all()
         assert logits.grad[0].abs().sum() > 0  # the decoder NLL at t = 0 does train the model
+
+
+def test_a_generator_draws_on_its_own_device_and_the_noise_moves() -> None:
+    """A CPU generator driving a pipeline on another device (here "meta", the one other device every machine
+    has) draws its numbers on the CPU, as diffusers does, so the same seed gives the same noise on any device;
+    one generator per row does the same."""
+    from vqdiffusion.diffusion import rand_uniform
+
+    g, twin = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    out = rand_uniform((2, 3), g, torch.device("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3) and out.dtype == torch.float64
+    assert torch.equal(g.get_state(), (torch.rand((2, 3), generator=twin, dtype=torch.float64), twin)[1].get_state())
+    rows = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    before = [r.get_state().clone() for r in rows]
+    assert rand_uniform((2, 3), rows, torch.device("meta")).device.type == "meta"
+    assert all(not torch.equal(b, r.get_state()) for b, r in zip(before, rows, strict=True))  # each drew on the CPU

@@ -38,8 +38,8 @@ def check_generators(generator: object, count: int) -> None:
 def rand_uniform(
     shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """Uniform [0, 1) noise, float64 unless asked; a list of generators gives row b of the batch from
-    generator b.
+    """Uniform [0, 1) noise on ``device``, float64 unless asked; a list of generators gives row b of the batch
+    from generator b.  Each generator draws on its own device (a CPU generator drives a CUDA pipeline).
 
     The draws are float64 because float32 uniforms have a resolution of 2^-24: a Gumbel -log(-log U) built
     on them never exceeds about 16.6 and is coarse near its top, and an inverse-CDF draw cannot resolve a
@@ -47,10 +47,18 @@ def rand_uniform(
     time-agnostic masked models and exploit inaccurate categorical sampling").
     """
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return _rand_on(tuple(shape), generator, device, dtype)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per image")
-    return torch.cat([torch.rand((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.cat([_rand_on((1, *shape[1:]), g, device, dtype) for g in generator])
+
+
+def _rand_on(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype):
+    """Uniforms drawn on the generator's own device, then moved to ``device``: a CPU generator gives the same
+    numbers whatever device the pipeline runs on (as in diffusers), and torch refuses a generator of another
+    device."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where, dtype=dtype).to(device)
 
 
 def sample_categorical(log_probs: torch.Tensor, generator: Generator = None) -> torch.Tensor:
