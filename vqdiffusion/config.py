@@ -179,6 +179,39 @@ def check_positive(owner: str, **values: int | float) -> None:
             raise ConfigError(f"{owner}: {name} must be > 0, got {value}")
 
 
+def check_integers(
+    owner: str,
+    *,
+    positive: Mapping[str, Any] | None = None,
+    nonneg: Mapping[str, Any] | None = None,
+    optional_positive: Mapping[str, Any] | None = None,
+    optional: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise ConfigError naming the first integer field that is wrong, checked in this order: every value is an
+    integer (a bool is not one; None is allowed only in ``optional_positive`` and ``optional``), then each of
+    ``positive`` is > 0, each given value of ``optional_positive`` is > 0, and each of ``nonneg`` is >= 0
+    (``optional``: None or any integer, e.g. a token id)."""
+    positive, nonneg = positive or {}, nonneg or {}
+    optional_positive, optional = optional_positive or {}, optional or {}
+    for key, value in {**positive, **nonneg}.items():
+        if not is_int(value):
+            raise ConfigError(f"{owner}: {key} must be an integer, got {value!r}")
+    for key, value in {**optional_positive, **optional}.items():
+        if value is not None and not is_int(value):
+            raise ConfigError(f"{owner}: {key} must be an integer, got {value!r}")
+    check_positive(owner, **positive, **{key: value for key, value in optional_positive.items() if value is not None})
+    for key, value in nonneg.items():
+        if not value >= 0:
+            raise ConfigError(f"{owner}: {key} must be a number >= 0, got {value!r}")
+
+
+def check_positive_integers(owner: str, **values: Any) -> None:
+    """Raise ConfigError naming the first value that is not an integer >= 1 (a bool is not one)."""
+    for name, value in values.items():
+        if not is_int(value) or value < 1:
+            raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
 def check_choices(owner: str, config: Any, choices: dict[str, tuple[Any, ...]]) -> None:
     """Raise ConfigError naming the first field of ``config`` whose value is not among its allowed values."""
     for field, allowed in choices.items():

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..config import ConfigBase, ConfigError, check_norm_eps, check_size_limit, is_int, shown
+from ..config import ConfigBase, ConfigError, check_norm_eps, check_positive_integers, check_size_limit, is_int, shown
 from .conditions import ConditionKind
 
 ACTIVATIONS = ("gelu2", "gelu")
@@ -56,10 +56,8 @@ class DenoiserConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        for field in ("num_classes", "height", "width", "num_layers", "dim", "num_heads", "num_timesteps"):
-            value = getattr(self, field)
-            if not is_int(value) or value < 1:
-                raise ConfigError(f"{name}: {field} must be a positive integer, got {value!r}")
+        sizes = ("num_classes", "height", "width", "num_layers", "dim", "num_heads", "num_timesteps")
+        check_positive_integers(name, **{field: getattr(self, field) for field in sizes})
         check_size_limit(name, **{f: getattr(self, f) for f in ("num_classes", "height", "width", "num_layers", "dim")})
         check_size_limit(name, num_heads=self.num_heads, num_timesteps=self.num_timesteps)
         check_size_limit(name, num_tokens=self.height * self.width)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..config import ConfigBase, ConfigError, is_number, setting
+from ..config import ConfigBase, ConfigError, check_positive_integers, is_int, is_number, setting
 
 __all__ = ["DEFAULT_AESTHETIC_SCORE", "MICRO_CONDITIONS", "MicroConditions", "UVitConfig", "uvit_part_counts"]
 
@@ -60,10 +60,6 @@ class MicroConditions:
         return {"aesthetic_score": score, "crop_coords": [top, left], "orig_size": [orig_w, orig_h]}
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class UVitConfig(ConfigBase):
     """Sizes of the aMUSEd transformer (the ``UVit2DModel`` config fields it needs; dropouts are not kept).
@@ -101,7 +97,7 @@ class UVitConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        for field in (
+        fields = (
             "hidden_size",
             "cond_embed_dim",
             "micro_cond_encode_dim",
@@ -116,11 +112,9 @@ class UVitConfig(ConfigBase):
             "num_attention_heads",
             "intermediate_size",
             "sample_size",
-        ):
-            value = getattr(self, field)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name}: {field} must be a positive integer, got {value!r}")
-        if not _is_int(self.num_res_blocks) or self.num_res_blocks < 0:
+        )
+        check_positive_integers(name, **{field: getattr(self, field) for field in fields})
+        if not is_int(self.num_res_blocks) or self.num_res_blocks < 0:
             raise ConfigError(f"{name}: num_res_blocks must be an integer >= 0, got {self.num_res_blocks!r}")
         for field in ("use_bias", "downsample", "upsample", "ln_elementwise_affine"):
             if not isinstance(getattr(self, field), bool):
@@ -149,7 +143,7 @@ class UVitConfig(ConfigBase):
                 "(the embedding holds the codes and the mask token)"
             )
         mask = self.mask_token_id
-        if mask is not None and (not _is_int(mask) or not self.codebook_size <= mask < self.vocab_size):
+        if mask is not None and (not is_int(mask) or not self.codebook_size <= mask < self.vocab_size):
             raise ConfigError(
                 f"{name}: mask_token_id must lie in [codebook_size, vocab_size) = [{self.codebook_size}, "
                 f"{self.vocab_size}), got {mask!r}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..config import ConfigBase, ConfigError, check_norm_eps, check_positive, check_size_limit, is_int
+from ..config import ConfigBase, ConfigError, check_integers, check_norm_eps, check_size_limit, is_int
 
 ENCODER_PADDINGS = ("zeros", "replicate")
 QUANTIZERS = ("vq", "fsq")
@@ -79,10 +79,7 @@ class VQVAEConfig(ConfigBase):
         }
         for i, channels in enumerate(self.block_out_channels):
             ints[f"block_out_channels[{i}]"] = channels
-        for key, value in ints.items():
-            if not is_int(value):
-                raise ConfigError(f"{name}: {key} must be an integer, got {value!r}")
-        check_positive(name, **ints)
+        check_integers(name, positive=ints)
         check_size_limit(name, **ints)
         check_norm_eps(name, self.norm_eps)
         if self.encoder_padding not in ENCODER_PADDINGS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive, is_number
+from ..config import ConfigBase, ConfigError, check_choices, check_integers, check_paths, check_positive, is_number
 from ..diffusion import MaskReplaceSchedule
 from ..models.denoiser import ACTIVATIONS, DENOISER_PRESETS, DenoiserConfig
 from ..objectives import is_mask_only
@@ -179,22 +179,22 @@ class DenoiserTrainConfig(ConfigBase):
             "keep_checkpoints": self.keep_checkpoints,
         }
         nonneg = {"lr_warmup": self.lr_warmup, "seed": self.seed, "num_workers": self.num_workers}
-        optional = {
+        optional_positive = {
             "num_layers": self.num_layers,
             "dim": self.dim,
             "num_heads": self.num_heads,
             "cond_dim": self.cond_dim,
             "lr_decay_steps": self.lr_decay_steps,
-            "text_pad_token_id": self.text_pad_token_id,
         }
-        for key, value in {**positive, **nonneg, **optional}.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ConfigError(f"{name}: {key} must be an integer, got {value!r}")
-        check_positive(name, **positive, lr=self.lr)
-        for key, value in optional.items():
-            if value is not None and key != "text_pad_token_id":
-                check_positive(name, **{key: value})
-        for key, value in {**nonneg, "min_lr": self.min_lr, "weight_decay": self.weight_decay}.items():
+        check_integers(
+            name,
+            positive=positive,
+            nonneg=nonneg,
+            optional_positive=optional_positive,
+            optional={"text_pad_token_id": self.text_pad_token_id},  # any integer (a token id) or None
+        )
+        check_positive(name, lr=self.lr)
+        for key, value in {"min_lr": self.min_lr, "weight_decay": self.weight_decay}.items():
             if not is_number(value) or not value >= 0:
                 raise ConfigError(f"{name}: {key} must be a number >= 0, got {value!r}")
         if not is_number(self.aux_weight) or not self.aux_weight >= 0:

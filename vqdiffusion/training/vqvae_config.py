@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..config import ConfigBase, ConfigError, check_choices, check_paths, check_positive, is_int
+from ..config import ConfigBase, ConfigError, check_choices, check_integers, check_paths, check_positive, is_int
 from ..data.folders import RESIZE_MODES
 from ..models.vqvae_config import _PRESETS, QUANTIZERS, VQVAEConfig
 from .codebook import CODE_RESTARTS, CODEBOOK_INITS
@@ -191,14 +191,9 @@ class VQVAETrainConfig(ConfigBase):
             "num_workers": self.num_workers,
             "seed": self.seed,
         }
-        for key, value in {**ints, **nonneg, "lr_decay_steps": self.lr_decay_steps}.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ConfigError(f"{name}: {key} must be an integer, got {value!r}")
-        check_positive(name, **ints, lr=self.lr, codebook_eps=self.codebook_eps)
-        if self.lr_decay_steps is not None:
-            check_positive(name, lr_decay_steps=self.lr_decay_steps)
+        check_integers(name, positive=ints, nonneg=nonneg, optional_positive={"lr_decay_steps": self.lr_decay_steps})
+        check_positive(name, lr=self.lr, codebook_eps=self.codebook_eps)
         floats_nonneg = {
-            **nonneg,
             "min_lr": self.min_lr,
             "weight_decay": self.weight_decay,
             "commitment_beta": self.commitment_beta,
