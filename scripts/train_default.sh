@@ -3,7 +3,7 @@
 # the project's 2-core CPU machine (docs/built-in-model.md):
 #
 #   bash scripts/train_default.sh [--device DEVICE] [--stage N|next|all|gpu] [--tokenizer VQVAE_DIR]
-#                                 [--time-limit SECONDS] [WORK_DIR]
+#                                 [--time-limit SECONDS] [--init-from MODEL] [WORK_DIR]
 #       defaults: --device cpu, --stage all, a newly trained tokenizer, --time-limit 300, WORK_DIR runs/default
 #
 #   stage 1  data set (make-shapes) -> FSQ tokenizer (levels 8,5,5,5: K = 1000, padding consistency;
@@ -23,7 +23,9 @@
 # stage 1's tokenizer, trained first), batch GPU_BATCH, for --time-limit seconds: a 150-step probe measures
 # samples/s and the cosine schedule is sized to end at the limit.  Export into WORK_DIR/stagegpu/export (and
 # the package with --ship).  The shipped model (v3) is this stage, run on one H100 with --time-limit 180 and
-# --tokenizer the FSQ tokenizer of stage 1's recipe (docs/built-in-model.md).
+# --tokenizer the FSQ tokenizer of stage 1's recipe (docs/built-in-model.md).  With --init-from MODEL (e.g.
+# vqdiffusion/assets/shapes) the GPU stage continues that model instead (its tokenizer, fresh images from
+# make-shapes seeds 8 .., lr GPU_CONT_LR): the next GPU session's stage.
 # Each stage checkpoints; run the same command again after an interruption and it resumes.  DEVICE is cpu,
 # cuda or cuda:N (the same flags train the same model on either, up to floating-point differences).
 set -euo pipefail
@@ -34,6 +36,7 @@ TOKENIZER=
 STAGE=all
 SHIP=0
 TIME_LIMIT=300
+INIT_FROM=
 usage="use --device DEVICE, --stage N|next|all|gpu, --tokenizer VQVAE_DIR, --time-limit SECONDS, --ship and an optional WORK_DIR"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -45,8 +48,10 @@ while [ $# -gt 0 ]; do
     --tokenizer=*) TOKENIZER=${1#--tokenizer=}; shift ;;
     --time-limit) TIME_LIMIT=${2:?--time-limit needs a number of seconds}; shift 2 ;;
     --time-limit=*) TIME_LIMIT=${1#--time-limit=}; shift ;;
+    --init-from) INIT_FROM=${2:?--init-from needs a model folder}; shift 2 ;;
+    --init-from=*) INIT_FROM=${1#--init-from=}; shift ;;
     --ship) SHIP=1; shift ;;
-    -h|--help) sed -n 2,29p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,32p "$0"; exit 0 ;;
     -*) echo "error: unknown option $1 ($usage)" >&2; exit 2 ;;
     *) WORK=$1; shift ;;
   esac
@@ -63,6 +68,10 @@ case "$STAGE" in
   all|gpu|[1-9]|[1-9][0-9]) ;;
   *) echo "error: --stage $STAGE is not a stage number, next, all or gpu" >&2; exit 2 ;;
 esac
+if [ -n "$INIT_FROM" ] && [ "$STAGE" != gpu ]; then
+  echo "error: --init-from is for --stage gpu (stages N >= 2 continue the package's model by themselves)" >&2
+  exit 2
+fi
 case "$TIME_LIMIT" in
   ''|*[!0-9]*|0) echo "error: --time-limit $TIME_LIMIT is not a whole number of seconds > 0" >&2; exit 2 ;;
 esac
@@ -84,6 +93,7 @@ GPU_BATCH=${GPU_BATCH:-512}
 GPU_LR=${GPU_LR:-1e-3}
 GPU_WARMUP=${GPU_WARMUP:-500}
 GPU_WORKERS=${GPU_WORKERS:-4}      # data loader processes of the denoiser run
+GPU_CONT_LR=${GPU_CONT_LR:-5e-4}   # --init-from: a continuation's peak learning rate (warm-up GPU_WARMUP)
 EXPORT_FLAGS=(--half --steps 50 --guidance 1 --truncation 0.7 --sampler ancestral)
 
 resume() { compgen -G "$1/checkpoints/step_*.safetensors" > /dev/null && echo --resume || true; }
@@ -141,11 +151,13 @@ run_stage_k() {  # $1: stage number, $2: the model it continues
   export_stage "$k"
 }
 
+SEED_BASE=0  # make-shapes seeds of the GPU data set: SEED_BASE .. SEED_BASE + GPU_SHARDS - 1
 gpu_data() {  # GPU_SHARDS make-shapes processes in parallel into WORK/data_gpu/shardI (a recursive image folder)
   [ -f "$WORK/data_gpu.done" ] && return
   local pids=() i
   for i in $(seq 0 $(( GPU_SHARDS - 1 ))); do
-    vqdiffusion make-shapes "$WORK/data_gpu/shard$i" --n "$GPU_SHARD_N" --seed "$i" --overwrite > /dev/null 2>&1 &
+    vqdiffusion make-shapes "$WORK/data_gpu/shard$i" --n "$GPU_SHARD_N" --seed "$(( SEED_BASE + i ))" --overwrite \
+      > /dev/null 2>&1 &
     pids+=($!)
   done
   for i in "${pids[@]}"; do wait "$i"; done
@@ -153,7 +165,12 @@ gpu_data() {  # GPU_SHARDS make-shapes processes in parallel into WORK/data_gpu/
 }
 
 run_stage_gpu() {
-  local vq=$TOKENIZER out=$WORK/stagegpu
+  local vq=$TOKENIZER out=$WORK/stagegpu lr=$GPU_LR init=() what="from scratch" seed=0
+  if [ -n "$INIT_FROM" ]; then
+    [ -f "$INIT_FROM/vqdiffusion.json" ] || { echo "error: --init-from $INIT_FROM is not a model folder" >&2; exit 2; }
+    vq=${vq:-$INIT_FROM/vqvae} lr=$GPU_CONT_LR init=(--init-from "$INIT_FROM") what="from $INIT_FROM" seed=1
+    SEED_BASE=8
+  fi
   if [ -z "$vq" ]; then
     stamp "stage gpu: stage 1's tokenizer"
     data_and_tokens ""
@@ -174,14 +191,14 @@ run_stage_gpu() {
   else
     stamp "stage gpu: a 150-step probe of samples/s"
     rm -rf "$WORK/gpu_probe"
-    vqdiffusion train "$WORK/tokens_gpu" --out "$WORK/gpu_probe" "${flags[@]}" --lr "$GPU_LR" \
+    vqdiffusion train "$WORK/tokens_gpu" --out "$WORK/gpu_probe" "${flags[@]}" "${init[@]}" --lr "$lr" \
       --lr-warmup "$GPU_WARMUP" --steps 150 --save-every 1000000 > /dev/null
     steps=$(python -c "import csv; rows = list(csv.DictReader(open('$WORK/gpu_probe/metrics.csv'))); \
 print(max(200, int(float(rows[-1]['samples_per_s']) * $TIME_LIMIT / $GPU_BATCH)))")
   fi
-  stamp "stage gpu: denoiser from scratch, $steps steps of $GPU_BATCH (time limit $TIME_LIMIT s)"
-  vqdiffusion train "$WORK/tokens_gpu" --out "$out" $(resume "$out") "${flags[@]}" --lr "$GPU_LR" \
-    --lr-warmup "$GPU_WARMUP" --steps "$steps" --save-every 1000 --time-limit "$TIME_LIMIT" --seed 0
+  stamp "stage gpu: denoiser $what, $steps steps of $GPU_BATCH (time limit $TIME_LIMIT s)"
+  vqdiffusion train "$WORK/tokens_gpu" --out "$out" $(resume "$out") "${flags[@]}" "${init[@]}" --lr "$lr" \
+    --lr-warmup "$GPU_WARMUP" --steps "$steps" --save-every 1000 --time-limit "$TIME_LIMIT" --seed "$seed"
   export_stage gpu
 }
 
