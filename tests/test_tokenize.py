@@ -141,3 +141,37 @@ def test_cli(tmp_path, capsys):
     assert len(TokenDataset(tmp_path / "t")) == 4
     with pytest.raises(ValueError, match="multiple of"):
         tokenize_dataset(data_dir, vqvae_dir, tmp_path / "u", image_size=7, device="cpu", progress=False)
+
+
+class _FlakyImages:
+    """A folder dataset stand-in: 7 random images, of which index 4 fails to decode."""
+
+    skipped: list = []
+
+    def __init__(self) -> None:
+        self.images = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        self.paths = [Path(f"img_{i}.png") for i in range(7)]
+
+    def __len__(self) -> int:
+        return 7
+
+    def load(self, index: int) -> torch.Tensor:
+        if index == 4:
+            raise OSError("truncated file")
+        return self.images[index]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_images_are_stacked_per_batch_and_a_decode_failure_is_skipped(token_setup, num_workers):
+    """Batches of 3 with a failure inside the second: the tokens are those of the 6 good images in order, with or
+    without loader processes, and the failure is reported with its reason."""
+    from vqdiffusion.training.tokenize import _encode_all
+
+    _, _, vqvae_dir = token_setup
+    model = VQVAE(VQVAEConfig.load_json(vqvae_dir / "config.json"))
+    load_into(model, load_weights(vqvae_dir / "model.safetensors"), "vqvae")
+    data = _FlakyImages()
+    tokens, kept, skipped = _encode_all(data, model.eval(), torch.device("cpu"), 3, num_workers, progress=False)
+    assert kept == [0, 1, 2, 3, 5, 6]
+    assert skipped == [("img_4.png", "failed to decode (OSError: truncated file)")]
+    assert torch.equal(tokens.long(), model.encode(data.images[kept]))

@@ -42,8 +42,15 @@ class _Items(Dataset):
             return index, None, f"failed to decode ({type(err).__name__}: {err})"
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> list:
-    return items
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """(indices of the images that decoded, those images stacked [n, 3, S, S] or None, (index, reason) of the
+    rest).  Stacking in the loader process sends one tensor per batch to the main process instead of one per
+    image, which made the per-tensor hand-over, not decoding, the cost of a tokenize run with workers."""
+    good = [(i, image) for i, image, _ in items if image is not None]
+    images = torch.stack([image for _, image in good]) if good else None
+    return [i for i, _ in good], images, [(i, reason) for i, image, reason in items if image is None]
 
 
 def _open_dataset(kind: str, data_dir: str | os.PathLike, image_size: int, resize: str):
@@ -136,23 +143,26 @@ def _encode_all(
     """Tokens [n, h, w] of every image that decodes, the dataset indices kept, and the files skipped (the
     folder's own plus undecodable images, each with its reason)."""
     skipped = list(dataset.skipped)
-    loader = DataLoader(_Items(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(
+        _Items(dataset),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
     dtype = token_dtype(vqvae.config.num_embeddings)
     chunks: list[torch.Tensor] = []
     kept: list[int] = []
     with tqdm(total=len(dataset), desc="tokenize", unit="img", disable=not progress) as bar:
-        for items in loader:
-            good = [(i, image) for i, image, _ in items if image is not None]
-            for i, _, reason in items:
-                if reason is not None:
-                    skipped.append((str(dataset.paths[i]), reason))
-                    logger.warning("%s: %s; skipped", dataset.paths[i], reason)
-            if good:
-                images = torch.stack([image for _, image in good]).to(device)
+        for indices, images, failures in loader:
+            for i, reason in failures:
+                skipped.append((str(dataset.paths[i]), reason))
+                logger.warning("%s: %s; skipped", dataset.paths[i], reason)
+            if images is not None:
                 with torch.inference_mode():
-                    chunks.append(vqvae.encode(images).to("cpu", dtype))
-                kept.extend(i for i, _ in good)
-            bar.update(len(items))
+                    chunks.append(vqvae.encode(images.to(device, non_blocking=True)).to("cpu", dtype))
+                kept.extend(indices)
+            bar.update(len(indices) + len(failures))
     return (torch.cat(chunks) if chunks else torch.empty(0)), kept, skipped
 
 
