@@ -7,6 +7,8 @@
 #   PLAN=continue (default): one GPU stage that continues the package's model (train_default.sh --stage gpu
 #       --init-from vqdiffusion/assets/shapes, TIME_LIMIT 270 s), evaluated on two prompt seeds; then the
 #       truncation-alone table (the sort path that CUDA takes since 2026-12-06, not yet timed on a GPU).
+#   PLAN=scratch: the shipped model's recipe from nothing, with round 4's tokenizer (FSQ, replicate padding:
+#       one blank-image code): the tokenizer trained in the call, then one from-scratch stage (TIME_LIMIT 240 s).
 #   PLAN=compare: the call of 2026-12-06 that made the fourth model: the same from-scratch stage on two
 #       tokenizers at once (the package's and TOKENIZER_B, carried in .carry), then the ITHQ-36 table.
 #
@@ -34,6 +36,7 @@ export -f vqdiffusion
 PLAN=${PLAN:-continue}
 case "$PLAN" in
   continue) RUNS=(c) DEFAULT_LIMIT=270 BENCH=(--truncation-only --repeats 5) ;;
+  scratch) RUNS=(c) DEFAULT_LIMIT=240 BENCH=(--truncation-only --repeats 5) ;;
   compare) RUNS=(a b) DEFAULT_LIMIT=180
     BENCH=(--configs ithq --dtypes float32,float16 --batches 1 4 --truncations 1 0.86 --repeats 2) ;;
   *) echo "error: PLAN=$PLAN is not continue or compare" >&2; exit 2 ;;
@@ -42,7 +45,8 @@ if [ "${DRY:-0}" = 1 ]; then
   DEVICE=cpu TIME_LIMIT=20 BENCH_LIMIT=60
   export GPU_SHARDS=2 GPU_SHARD_N=300 GPU_BATCH=16 GPU_WORKERS=1 OMP_NUM_THREADS=1
   [ "$PLAN" = compare ] && BENCH=(--configs tiny --batches 1 --truncations 1 0.86 --repeats 1)
-  [ "$PLAN" = continue ] && BENCH=(--truncation-only --repeats 1)
+  [ "$PLAN" != compare ] && BENCH=(--truncation-only --repeats 1)
+  export VQ_STEPS=20
 else
   DEVICE=cuda TIME_LIMIT=${TIME_LIMIT:-$DEFAULT_LIMIT} BENCH_LIMIT=${BENCH_LIMIT:-$(( ${CALL_LIMIT:-570} ))}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
@@ -57,6 +61,11 @@ rm -rf "$W" && mkdir -p "$W/a" "$W/b" "$W/c"
 if [ "$PLAN" = continue ]; then
   stamp "1. GPU stage continuing the package's model (time limit $TIME_LIMIT s)"
   bash scripts/train_default.sh --stage gpu --device "$DEVICE" --init-from vqdiffusion/assets/shapes \
+    --time-limit "$TIME_LIMIT" "$W/c" > "$W/c.log" 2>&1 &
+  PIDS=($!)
+elif [ "$PLAN" = scratch ]; then
+  stamp "1. tokenizer (FSQ, replicate padding) and a from-scratch GPU stage (time limit $TIME_LIMIT s)"
+  TOKENIZER_PADDING=replicate bash scripts/train_default.sh --stage gpu --device "$DEVICE" \
     --time-limit "$TIME_LIMIT" "$W/c" > "$W/c.log" 2>&1 &
   PIDS=($!)
 else
@@ -92,12 +101,12 @@ for r in "${RUNS[@]}"; do
   tail -2 "$W/$r/stagegpu/metrics.csv" 2>/dev/null | tee -a "$LOG"
 done
 
-stamp "3. evaluation of the exports (vqdiffusion eval --n 256, the shipped sampling defaults; continue: seeds 0, 1)"
+stamp "3. evaluation of the exports (vqdiffusion eval --n 256, the shipped sampling defaults; continue, scratch: seeds 0, 1)"
 for r in "${RUNS[@]}"; do
   [ -d "$W/$r/stagegpu/export" ] || continue
   timeout 150 python -m vqdiffusion.cli eval --model "$W/$r/stagegpu/export" --n "${EVAL_N:-256}" --batch-size 256 \
     --device "$DEVICE" --out "$W/$r/eval" --quiet > "$W/$r/eval.txt" 2>&1 &
-  [ "$PLAN" = continue ] && timeout 150 python -m vqdiffusion.cli eval --model "$W/$r/stagegpu/export" \
+  [ "$PLAN" != compare ] && timeout 150 python -m vqdiffusion.cli eval --model "$W/$r/stagegpu/export" \
     --n "${EVAL_N:-256}" --batch-size 256 --seed 1 --device "$DEVICE" --out "$W/$r/eval_seed1" --quiet \
     > "$W/$r/eval_seed1.txt" 2>&1 &
 done
@@ -106,7 +115,9 @@ for r in "${RUNS[@]}"; do
   for e in eval eval_seed1; do
     [ -f "$W/$r/$e.txt" ] && { stamp "$e $r:"; tail -12 "$W/$r/$e.txt" | tee -a "$LOG"; }
   done
-  # two files per run (the tool returns files of at most 16 MiB); the tokenizer is the one carried here
+  # two files per run (the tool returns files of at most 16 MiB) and, for a new tokenizer, a third
+  [ "$PLAN" = scratch ] && [ -d "$W/$r/stagegpu/export/vqvae" ] \
+    && tar -cf "$OUT/model_${r}_vqvae.tar" -C "$W/$r" stagegpu/export/vqvae
   [ -d "$W/$r/stagegpu/export" ] && tar -cf "$OUT/model_${r}_denoiser.tar" -C "$W/$r" stagegpu/export/denoiser \
     && tar -cf "$OUT/model_${r}_rest.tar" -C "$W/$r" --exclude=stagegpu/export/denoiser \
       --exclude=stagegpu/export/vqvae stagegpu/export stagegpu/metrics.csv stagegpu/train_config.json \

@@ -86,6 +86,10 @@ DENOISER_STEPS_1=4000     # stage 1: 256k samples from scratch (lr 8e-4, warm-up
 CONTINUE_STEPS=3000       # stage k >= 2: 192k samples (lr 3e-4, warm-up 100)
 # The objective of each continuation stage 2, 3, ... (the last one repeats): docs/built-in-model.md.
 STAGE_OBJECTIVES=(vlb vlb vlb)
+# Stage 1's tokenizer: its steps and the encoder's padding.  The shipped (fourth) model's FSQ tokenizer used
+# zeros; replicate padding gives the blank image 1 code instead of 14 (docs/tokenizer_experiments.md, round 4).
+VQ_STEPS=${VQ_STEPS:-3000}
+TOKENIZER_PADDING=${TOKENIZER_PADDING:-zeros}
 # --stage gpu: data set size, batch and optimiser of a from-scratch GPU stage (overridable for a dry run).
 GPU_SHARDS=${GPU_SHARDS:-8}        # make-shapes processes (seeds 0 .. GPU_SHARDS - 1; shard 0 begins with stage 1's set)
 GPU_SHARD_N=${GPU_SHARD_N:-25000}  # images per shard: 200k in all
@@ -99,18 +103,23 @@ EXPORT_FLAGS=(--half --steps 50 --guidance 1 --truncation 0.7 --sampler ancestra
 resume() { compgen -G "$1/checkpoints/step_*.safetensors" > /dev/null && echo --resume || true; }
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 
+stage1_tokenizer() {  # stage 1's data set and tokenizer (WORK/vq/vqvae)
+  [ -f "$WORK/data.done" ] || { vqdiffusion make-shapes "$WORK/data" --n 20000 --seed 0 && touch "$WORK/data.done"; }
+  [ -f "$WORK/vq.done" ] || {
+    vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
+      --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --norm-groups 16 \
+      --batch-size 16 --steps "$VQ_STEPS" --lr 4e-4 --lr-warmup 100 --lr-schedule cosine --mixed-precision bf16 \
+      --quantizer fsq --fsq-levels 8,5,5,5 --pad-consistency 0.1 --encoder-padding "$TOKENIZER_PADDING" \
+      --save-every 250 --sample-every 1000 --log-every 100 --seed 0
+    touch "$WORK/vq.done"
+  }
+}
+
 data_and_tokens() {  # $1: the VQ-VAE folder to tokenize with ("" = train stage 1's tokenizer)
   [ -f "$WORK/data.done" ] || { vqdiffusion make-shapes "$WORK/data" --n 20000 --seed 0 && touch "$WORK/data.done"; }
   local vq=$1
   if [ -z "$vq" ]; then
-    [ -f "$WORK/vq.done" ] || {
-      vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
-        --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --norm-groups 16 \
-        --batch-size 16 --steps 3000 --lr 4e-4 --lr-warmup 100 --lr-schedule cosine --mixed-precision bf16 \
-        --quantizer fsq --fsq-levels 8,5,5,5 --pad-consistency 0.1 --save-every 250 --sample-every 1000 \
-        --log-every 100 --seed 0
-      touch "$WORK/vq.done"
-    }
+    stage1_tokenizer
     vq=$WORK/vq/vqvae
   fi
   [ -f "$WORK/tokens.done" ] && [ "$(cat "$WORK/tokens.done")" = "$vq" ] || {
@@ -173,7 +182,7 @@ run_stage_gpu() {
   fi
   if [ -z "$vq" ]; then
     stamp "stage gpu: stage 1's tokenizer"
-    data_and_tokens ""
+    stage1_tokenizer
     vq=$WORK/vq/vqvae
   fi
   stamp "stage gpu: $(( GPU_SHARDS * GPU_SHARD_N )) images"
