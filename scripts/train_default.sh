@@ -103,8 +103,12 @@ EXPORT_FLAGS=(--half --steps 50 --guidance 1 --truncation 0.7 --sampler ancestra
 resume() { compgen -G "$1/checkpoints/step_*.safetensors" > /dev/null && echo --resume || true; }
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 
-stage1_tokenizer() {  # stage 1's data set and tokenizer (WORK/vq/vqvae)
+stage1_data() {  # stage 1's data set (WORK/data)
   [ -f "$WORK/data.done" ] || { vqdiffusion make-shapes "$WORK/data" --n 20000 --seed 0 && touch "$WORK/data.done"; }
+}
+
+stage1_tokenizer() {  # stage 1's data set and tokenizer (WORK/vq/vqvae)
+  stage1_data
   [ -f "$WORK/vq.done" ] || {
     vqdiffusion train-vqvae "$WORK/data" --out "$WORK/vq" $(resume "$WORK/vq") --device "$DEVICE" \
       --image-size 64 --channels 32,64,128,128 --layers-per-block 1 --latent-channels 64 --norm-groups 16 \
@@ -116,7 +120,7 @@ stage1_tokenizer() {  # stage 1's data set and tokenizer (WORK/vq/vqvae)
 }
 
 data_and_tokens() {  # $1: the VQ-VAE folder to tokenize with ("" = train stage 1's tokenizer)
-  [ -f "$WORK/data.done" ] || { vqdiffusion make-shapes "$WORK/data" --n 20000 --seed 0 && touch "$WORK/data.done"; }
+  stage1_data
   local vq=$1
   if [ -z "$vq" ]; then
     stage1_tokenizer
