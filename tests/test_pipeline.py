@@ -160,17 +160,51 @@ def test_call_options_override_model_defaults(pair) -> None:
         ours.defaults = saved
 
 
-@pytest.mark.parametrize(("guidance", "rows_out"), [(1.0, 2), (5.0, 4)])
-def test_guidance_one_costs_one_forward_pass(pair, guidance: float, rows_out: int) -> None:
-    """One denoiser call per step; with guidance it returns [null; text] rows for the shared x_t."""
+@pytest.mark.parametrize(("guidance", "rows_in"), [(1.0, 2), (5.0, 4)])
+def test_guidance_one_costs_one_forward_pass(pair, guidance: float, rows_in: int) -> None:
+    """One denoiser call per step; with guidance it reads the [null; text] condition rows for the shared x_t
+    and returns the B guided rows."""
     _, _, ours = pair
     calls = []
-    hook = ours.denoiser.register_forward_hook(lambda m, args, out: calls.append((args[0].shape[0], out.shape[0])))
+
+    def record(module, args, kwargs, out) -> None:
+        calls.append((args[0].shape[0], kwargs["cond_cache"][0][0].shape[0], out.shape[0]))
+
+    hook = ours.denoiser.register_forward_hook(record, with_kwargs=True)
     try:
         ours(PROMPTS, num_inference_steps=5, guidance_scale=guidance, output_type="tokens", progress=False)
     finally:
         hook.remove()
-    assert calls == [(2, rows_out)] * 5
+    assert calls == [(2, rows_in, 2)] * 5
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_guidance_before_the_head_equals_guided_log_probs(pair, normalize: bool) -> None:
+    """forward(guidance_scale=s) combines the head's input; it must equal log_softmax(l_u + s (l_c - l_u)) of
+    the two groups' own logits (the combination of the paper, computed here in float64)."""
+    _, _, ours = pair
+    K = ours.schedule.num_classes
+    x_t = torch.randint(0, K + 1, (2, 16), generator=torch.Generator().manual_seed(3))
+    cond = torch.cat([ours.null_embeddings(2), ours.encode_prompt(PROMPTS)])
+    with torch.no_grad():
+        kv = ours.denoiser.precompute_condition(cond)
+        logits_u, logits_c = ours.denoiser(x_t, 40, cond_cache=kv, return_logits=True).double().chunk(2)
+        guided = ours.denoiser(x_t, 40, cond_cache=kv, return_logits=not normalize, guidance_scale=5.0)
+    expected = logits_u + 5.0 * (logits_c - logits_u)
+    if normalize:
+        expected = torch.log_softmax(expected, dim=1)
+        torch.testing.assert_close(guided.double(), expected, rtol=0, atol=1e-4)
+    else:  # logits are defined up to a per-position constant only in the softmax; here they are exact
+        torch.testing.assert_close(guided.double(), expected, rtol=1e-5, atol=1e-4)
+    assert guided.shape == (2, K, 16)
+
+
+def test_guidance_scale_needs_two_condition_groups(pair) -> None:
+    _, _, ours = pair
+    x_t = torch.zeros(2, 16, dtype=torch.long)
+    kv = ours.denoiser.precompute_condition(ours.encode_prompt(PROMPTS))
+    with pytest.raises(ValueError, match=r"two groups \[null; cond\] \(4 rows .* got 2 rows"):
+        ours.denoiser(x_t, 40, cond_cache=kv, guidance_scale=5.0)
 
 
 def test_shared_x_t_groups_equal_explicit_copies(pair) -> None:

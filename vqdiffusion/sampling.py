@@ -21,8 +21,6 @@ from .diffusion import (
     MaskReplaceSchedule,
     check_generators,
     check_timesteps,
-    guided_log_probs,
-    guided_logits,
     spaced_timesteps,
     temper_log_probs,
     truncate_log_probs,
@@ -243,7 +241,9 @@ def guided_predictor(
     With guidance the conditional and null inputs run as one batch of 2B and are combined as
     :func:`~vqdiffusion.diffusion.guided_log_probs` (log_softmax((1 - s) * logits_u + s * logits_c));
     per-position constants cancel in the softmax, so the raw logits can be used directly (Improved
-    VQ-Diffusion sec. 3.1).  ``normalize=False`` skips the final log_softmax (for a strategy that
+    VQ-Diffusion sec. 3.1), and since the denoiser's head is affine it combines its input instead
+    (``Denoiser.forward(..., guidance_scale=s)``: the head runs on B rows, not 2B).
+    ``normalize=False`` skips the final log_softmax (for a strategy that
     :attr:`~vqdiffusion.samplers.Sampler.reads_logits`): the same distribution, up to a per-position constant.
     """
     if guidance_scale != 1.0 and null_cond is None:
@@ -260,10 +260,9 @@ def guided_predictor(
     scale = float(guidance_scale)
 
     def predict_guided(x_t: torch.Tensor, t: int) -> torch.Tensor:
-        # x_t is shared by the two condition groups (the first self-attention runs once): [2B, K, N]
-        logits = denoiser(x_t, t, cond_cache=both_kv, validate=False, return_logits=True)
-        logits_u, logits_c = logits.chunk(2)  # [B, K, N] each
-        return guided_log_probs(logits_u, logits_c, scale) if normalize else guided_logits(logits_u, logits_c, scale)
+        # x_t is shared by the two condition groups (the first block's self-attention and queries run once);
+        # the denoiser combines them before its affine head: [B, K, N]
+        return denoiser(x_t, t, cond_cache=both_kv, validate=False, return_logits=not normalize, guidance_scale=scale)
 
     return predict_guided
 

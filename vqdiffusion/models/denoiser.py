@@ -102,13 +102,21 @@ class Attention(nn.Module):
         """context [B, L, Dc] -> (k, v), each [B, heads, L, head_dim]."""
         return _split_heads(self.to_k(context), self.heads), _split_heads(self.to_v(context), self.heads)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x [B, N, D]; ``kv`` from :meth:`key_value` (cross-attention) or None (self-attention over x)."""
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, groups: int = 1
+    ) -> torch.Tensor:
+        """x [B, N, D]; ``kv`` from :meth:`key_value` (cross-attention) or None (self-attention over x).
+
+        With ``groups`` G > 1 (cross-attention only) ``kv`` holds G * B rows that all attend from the same x:
+        the queries are projected once on the B rows and shared, and the output has G * B rows, group-major.
+        """
         batch, length, dim = x.shape
         q = _split_heads(self.to_q(x), self.heads)
         k, v = self.key_value(x) if kv is None else kv
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
-        return self.to_out(out.transpose(1, 2).reshape(batch, length, dim))
+        if groups > 1:
+            q = q.repeat(groups, 1, 1, 1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [G * B, heads, N, head_dim]
+        return self.to_out(out.transpose(1, 2).reshape(groups * batch, length, dim))
 
 
 # CPU inference: rows of the MLP computed at once (see Block._mlp), and the most elements of their hidden
@@ -183,15 +191,18 @@ class Block(nn.Module):
         """x [B, N, D], t [groups * B] long, cond_cache (k, v) each [groups * B, heads, L, head_dim] or None;
         for a class-conditional block, (scale, shift) of the MLP norm, each [groups * B, 1, D].
 
-        Returns [groups * B, N, D]. With ``groups > 1`` (guidance: the same x_t for every condition group)
-        the self-attention runs once on the B rows and the copies are made before the cross-attention.
+        Returns [groups * B, N, D]. With ``groups > 1`` (guidance: the same x_t and t for every condition
+        group) the self-attention, the cross-attention's norm and its queries run once on the B rows; the
+        groups part at the cross-attention's keys and values.
         """
         # Residuals add into the fresh branch output (add_ on a Linear's output is autograd-safe).
-        x = self.self_attn(self.norm_self(x, t[: x.shape[0]])).add_(x)
-        if groups > 1:
-            x = x.repeat(groups, 1, 1)
+        steps = t[: x.shape[0]]  # t is [G * B], the B steps repeated per group
+        x = self.self_attn(self.norm_self(x, steps)).add_(x)
+        copies = x if groups == 1 else x.repeat(groups, 1, 1)  # [G * B, N, D]
         if self.cross_attn is not None:
-            x = self.cross_attn(self.norm_cross(x, t), cond_cache).add_(x)
+            x = self.cross_attn(self.norm_cross(x, steps), cond_cache, groups).add_(copies)
+        else:
+            x = copies
         if isinstance(self.norm_mlp, AdaLayerNorm):
             return self._mlp(self.norm_mlp.modulate(x, *cond_cache)).add_(x)
         return self._mlp(self.norm_mlp(x)).add_(x)
@@ -352,8 +363,10 @@ class Denoiser(nn.Module):
         cond_cache: ConditionCache | None = None,
         validate: bool = True,
         return_logits: bool = False,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Predict log p(x0 | x_t, cond) over the K real tokens (never [MASK]).
+        """Predict log p(x0 | x_t, cond) over the K real tokens (never [MASK]): log_softmax(head(z)) with z
+        from :meth:`features`.
 
         Args:
             x_t: [B, N] long (or int32) tokens in [0, K]; K is [MASK].
@@ -366,10 +379,39 @@ class Denoiser(nn.Module):
             validate: check token and step ranges (one host sync; the sampling loop passes False).
                 Shapes and dtypes are always checked.
             return_logits: return unnormalised logits instead of log-probabilities.
+            guidance_scale: classifier-free guidance s with ``cond_cache`` holding the two groups [null; cond]:
+                returns the B guided rows log_softmax(l_u + s (l_c - l_u)) (Improved VQ-Diffusion sec. 3.1;
+                logits: l_u + s (l_c - l_u)). The head is affine, so this is head(z_u + s (z_c - z_u)): the
+                combination runs on [B, N, D] in float32 and the head on B rows (docs/design.md §6).
         Returns:
             [G * B, K, N] float32 log-probabilities (G = 1 unless ``cond_cache`` says otherwise); log_softmax
             over K is computed in float32 whatever the module dtype. It is a transposed view of a
             contiguous [G * B, N, K] tensor, so it is *not* contiguous; call ``.contiguous()`` if needed.
+        """
+        z = self.features(x_t, t, cond, cond_cache=cond_cache, validate=validate)
+        if guidance_scale is not None:
+            if z.shape[0] != 2 * x_t.shape[0]:
+                raise ValueError(
+                    f"guidance_scale needs cond_cache with the two groups [null; cond] ({2 * x_t.shape[0]} rows for "
+                    f"x_t of batch {x_t.shape[0]}), got {z.shape[0]} rows"
+                )
+            z_u, z_c = z.float().chunk(2)
+            z = torch.lerp(z_u, z_c, float(guidance_scale)).to(z.dtype)  # z_u + s (z_c - z_u), [B, N, D]
+        logits = self.head(z).float()  # [G * B, N, K] ([B, N, K] guided); no-op cast in float32
+        out = logits if return_logits else torch.log_softmax(logits, dim=-1)
+        return out.transpose(1, 2)
+
+    def features(
+        self,
+        x_t: torch.Tensor,
+        t: int | torch.Tensor,
+        cond: torch.Tensor | None = None,
+        *,
+        cond_cache: ConditionCache | None = None,
+        validate: bool = True,
+    ) -> torch.Tensor:
+        """The input z of the affine head, [G * B, N, D] in the module's dtype (the final LayerNorm's output);
+        arguments and checks as :meth:`forward`, whose logits are head(z) = z W^T + b.
         """
         cfg = self.config
         if not isinstance(x_t, torch.Tensor) or x_t.dtype not in (torch.long, torch.int32):
@@ -396,9 +438,7 @@ class Denoiser(nn.Module):
         hidden += self.position_embedding()  # broadcast over the batch, no per-sample copy
         for i, block in enumerate(self.blocks):
             hidden = block(hidden, t, cond_cache[i] if cond_cache else None, groups if i == 0 else 1)
-        logits = self.head(self.norm_out(hidden)).float()  # [G * B, N, K]; no-op cast in float32
-        out = logits if return_logits else torch.log_softmax(logits, dim=-1)
-        return out.transpose(1, 2)
+        return self.norm_out(hidden)
 
     def _check_ranges(self, x_t: torch.Tensor, t: torch.Tensor) -> None:
         """Token and step ranges, with a single host sync on the good path."""
