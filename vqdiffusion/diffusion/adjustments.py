@@ -61,12 +61,12 @@ def truncate_log_probs(log_p_x0: torch.Tensor, rate: float, *, method: str | Non
 
     Below 1 the kept set is {c : p_c >= theta} for the smallest threshold theta with H(theta) =
     sum_{p_j > theta} q_j < R (R = ceil(rate 2^30)); H falls as theta grows.  theta is found as a float32
-    bit pattern (for p >= 0 the patterns order like the values; p <= 1 needs 30 bits), 10 bits at a time:
-    a histogram of q over the next 10 bits of the classes that share the bits found so far (plus one bucket
-    for the classes above them) gives H at every candidate at once (:func:`_threshold_digit`).  Three rounds
-    of a few passes over [B, K, N], whatever the distribution; no sort.  ``method="sort"`` finds the same
-    theta by sorting (:func:`_threshold_by_sort`): a GPU sorts faster than it builds the histograms' scattered
-    sums, a CPU the other way round, so the default (None) is ``"sort"`` on CUDA and ``"histogram"`` elsewhere.
+    bit pattern (for p >= 0 the patterns order like the values; p <= 1 needs 30 bits), 10 bits at a time
+    (:func:`_threshold_by_histogram`): a histogram of q over the next 10 bits gives H at every candidate at
+    once, and each round after the first reads only the classes that share the bits found so far.  No sort.
+    ``method="sort"`` finds the same theta by sorting (:func:`_threshold_by_sort`): a GPU sorts faster than it
+    builds the histograms' scattered sums, a CPU the other way round, so the default (None) is ``"sort"`` on
+    CUDA and ``"histogram"`` elsewhere.
 
     Args:
         log_p_x0: [B, K, N] log-probabilities (renormalised over dim 1 first).
@@ -85,16 +85,16 @@ def truncate_log_probs(log_p_x0: torch.Tensor, rate: float, *, method: str | Non
         return log_p_x0
     log_p, p, q = truncation_quanta(log_p_x0)
     limit = math.ceil(rate * 2**MASS_QUANTUM_BITS)
+    bits = p.view(torch.int32)  # p in [0, 1]: patterns 0 .. 0x3F800000 < 2^30, ordered like the values
     if method == "sort":
-        keep = p >= _threshold_by_sort(p, q, limit)
+        theta = _threshold_by_sort(p, q, limit).view(torch.int32)
     else:
-        bits = p.view(torch.int32)  # p in [0, 1]: patterns 0 .. 0x3F800000 < 2^30, ordered like the values
-        prefix = torch.zeros((p.shape[0], 1, p.shape[2]), dtype=torch.int32, device=p.device)  # [B, 1, N]
-        for shift in (20, 10, 0):
-            prefix = (prefix << 10) + _threshold_digit(bits, q, prefix, shift, limit)
-        keep = bits >= prefix  # prefix is now theta's full bit pattern
-    kept_mass = torch.where(keep, p, torch.zeros((), device=p.device)).sum(dim=1, keepdim=True)
-    return torch.where(keep, log_p - kept_mass.log(), torch.full((), -math.inf, device=p.device))
+        theta = _threshold_by_histogram(bits, q, limit)
+    # Vectorised arithmetic instead of torch.where, whose CPU kernel branches per element.
+    keep = (bits >= theta).to(p.dtype)  # [B, K, N], 1 kept / 0 dropped
+    kept_mass = (p * keep).sum(dim=1, keepdim=True)  # [B, 1, N]
+    bound = keep.sub_(0.5).mul_(math.inf)  # +inf kept / -inf dropped
+    return torch.minimum(log_p - kept_mass.log(), bound)
 
 
 def _threshold_by_sort(p: torch.Tensor, q: torch.Tensor, limit: int) -> torch.Tensor:
@@ -111,28 +111,58 @@ def _threshold_by_sort(p: torch.Tensor, q: torch.Tensor, limit: int) -> torch.Te
     return p_sorted.gather(1, last)
 
 
-def _threshold_digit(bits: torch.Tensor, q: torch.Tensor, prefix: torch.Tensor, shift: int, limit: int) -> torch.Tensor:
-    """The next 10-bit digit d of the threshold of :func:`truncate_log_probs`, [B, 1, N] int32.
+DIGIT_BITS = 10  # bits of theta found per histogram round: 3 rounds cover the 30 bits of p <= 1
 
-    Known: theta >> (shift + 10) == ``prefix``.  Bucket every class by v = (bits >> shift) - (prefix << 10)
-    clamped to [-1, 1024] (-1: below the prefix, 1024: above it) and add up q per bucket; the mass above
-    bucket d is H(top of candidate d), non-increasing in d, so d = the number of d' in 0..1023 with
-    mass above d' >= R (H below the prefix is >= R by the previous digit).
+
+def _threshold_by_histogram(bits: torch.Tensor, q: torch.Tensor, limit: int) -> torch.Tensor:
+    """theta of :func:`truncate_log_probs` as a float32 bit pattern, [B, 1, N] int32, in three rounds.
+
+    Round r knows theta's bits above ``shift`` + 10 (the prefix P) and the mass A of the classes above P (A < R).
+    Among the candidates (classes whose bits above shift + 10 equal P) it adds up q per 10-bit digit v; the
+    mass above digit d is A + sum_{v > d} hist[v], non-increasing in d, and the digit is the first d where it
+    is below R (the count of d with mass >= R; d = 1023 always qualifies, as that mass is A).  The next round's
+    candidates are those with v = d, and A grows by the mass above d.  The first round reads all B K N classes;
+    the later ones only the candidates, gathered once per round.
     """
     B, K, N = bits.shape
-    width = 1026  # buckets v + 1 = 0 .. 1025 per position
-    # One flat histogram [B, N, width]: position (b, n) owns entries (b N + n) width + 0 .. width - 1.
-    index_dtype = torch.int32 if B * N * width < 2**31 else torch.int64  # int32 indices: cheaper to build
-    start = torch.arange(B * N, device=bits.device, dtype=index_dtype).view(B, 1, N) * width
-    low = (prefix << 10).to(index_dtype) - 1  # v = -1
-    index = ((bits >> shift).to(index_dtype) + (start - low)).clamp_(start, start + (width - 1))
-    # index and q flattened in the same order (memory order for the denoiser's classes-contiguous layout)
-    flat = (lambda x: x.transpose(1, 2).reshape(-1)) if q.stride(1) == 1 else (lambda x: x.reshape(-1))
-    hist = torch.zeros(B * N * width, dtype=torch.int32, device=bits.device).index_add_(0, flat(index), flat(q))
-    upto = hist.view(B, N, width).cumsum(2, dtype=torch.int32)  # exact: the total is below 2^31
-    # mass above bucket v + 1 = total - upto[v + 1] >= R  <=>  upto[v + 1] <= total - R
-    below = (upto[:, :, 1 : width - 1] <= upto[:, :, width - 1 :] - limit).sum(2, dtype=torch.int32)
-    return below.view(B, 1, N)
+    rows = B * N
+    # [rows, K] views with the classes of one position contiguous (the denoiser's layout; a copy otherwise).
+    bits_r = bits.transpose(1, 2).reshape(rows, K).contiguous()
+    q_r = q.transpose(1, 2).reshape(rows, K).contiguous()
+    index_dtype = torch.int32 if rows * 2**DIGIT_BITS < 2**31 else torch.int64  # int32 indices: cheaper
+    base = torch.arange(rows, device=bits.device, dtype=index_dtype) << DIGIT_BITS  # each row's histogram
+    digit = (bits_r >> 2 * DIGIT_BITS).to(index_dtype)  # [rows, K], the top digit (p <= 1: at most 1016)
+    d, above = _next_digit((digit + base.unsqueeze(1)).view(-1), q_r.reshape(-1), None, rows, limit)
+    theta = d
+    position = (digit == d.unsqueeze(1)).view(-1).nonzero().squeeze(1)  # candidates, flat [M]
+    row, cand_bits, cand_q = position // K, bits_r.reshape(-1)[position], q_r.reshape(-1)[position]
+    for shift in (DIGIT_BITS, 0):
+        digit = ((cand_bits >> shift) & (2**DIGIT_BITS - 1)).to(index_dtype)
+        d, above = _next_digit(digit + base[row], cand_q, above, rows, limit)
+        theta = (theta << DIGIT_BITS) | d
+        if shift:
+            same = digit == d[row]
+            row, cand_bits, cand_q = row[same], cand_bits[same], cand_q[same]
+    return theta.to(torch.int32).view(B, N).unsqueeze(1)
+
+
+def _next_digit(
+    index: torch.Tensor, q: torch.Tensor, above: torch.Tensor | None, rows: int, limit: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of :func:`_threshold_by_histogram`: (digit d, mass above P's digit d), each [rows].
+
+    ``index`` [M] is row * 1024 + v for each candidate, ``q`` [M] its mass, ``above`` [rows] the mass above
+    the prefix (None: 0).  Sums are exact in int32 (the total is below 2^31).
+    """
+    width = 2**DIGIT_BITS
+    hist = torch.zeros(rows * width, dtype=torch.int32, device=q.device).index_add_(0, index, q).view(rows, width)
+    upto = hist.cumsum(1, dtype=torch.int32)  # [rows, width]
+    total = upto[:, -1:]
+    if above is not None:
+        total = total + above.unsqueeze(1)  # mass above digit v = total - upto[v]
+    digit = (upto <= total - limit).sum(1, dtype=torch.int32)  # the first v whose mass above is below R
+    mass_above = (total - upto.gather(1, digit.long().unsqueeze(1))).squeeze(1)
+    return digit.to(index.dtype), mass_above
 
 
 def temper_log_probs(log_p_x0: torch.Tensor, temperature: float) -> torch.Tensor:
