@@ -4,8 +4,8 @@ Builds both pipelines at the ITHQ shape (K = 4096, 32 x 32 tokens, width 1408, 1
 with ``--layers`` transformer layers (``sampling_vs_diffusers.py`` builds the same), runs each for
 ``--steps`` steps with guidance, and times the parts of the call by wrapping them:
 
-* ours: the denoiser (``network``: transformer and output head), the guidance combination
-  (``sampling.guided_log_probs``), truncation (``sampling.truncate_log_probs``), the numerical guard
+* ours: the denoiser (``network``: transformer, the guidance combination, which it runs before its affine
+  head, the head and the log-softmax), truncation (``sampling.truncate_log_probs``), the numerical guard
   (``FiniteWatch.add``), the posterior (``posterior_log_probs``) and the draw (``sample_categorical``);
 * diffusers: the transformer (``network``: it includes its float64 log-softmax), ``truncate``,
   ``scheduler.step`` (posterior and Gumbel draw), and the rest of the loop (guidance and clamps);
@@ -76,7 +76,6 @@ def profile_ours(pipe: VQDiffusionPipeline, prompts: list[str], call: dict, cloc
     timer = PartTimer(clock)
     with contextlib.ExitStack() as stack:
         for module, name, part in (
-            (sampling_module, "guided_log_probs", "guidance"),
             (sampling_module, "truncate_log_probs", "truncation"),
             (ancestral_module, "posterior_log_probs", "posterior"),
             (ancestral_module, "sample_categorical", "draw"),
@@ -113,7 +112,6 @@ def profile_diffusers(pipe, prompts: list[str], call: dict, clock) -> collection
 
 ROWS = (
     "network",
-    "guidance",
     "truncation",
     "guard",
     "posterior",

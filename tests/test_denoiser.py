@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -244,9 +245,10 @@ def test_shared_x_t_groups_equal_duplicated_batch(tiny: Denoiser) -> None:
 def test_gradients_flow_and_match_inference(tiny: Denoiser) -> None:
     x_t, cond = random_inputs(tiny.config, batch=2)
     with torch.no_grad():
-        inference = tiny(x_t, 30, cond)  # in-place GELU2 path
+        inference = tiny(x_t, 30, cond)  # GELU2 as silu(a h) / a with a folded into the products
     out = tiny(x_t, 30, cond)
-    torch.testing.assert_close(out.detach(), inference, atol=1e-6, rtol=0)
+    # the same function; the folded scales round differently, a few float32 ulps of log p ~ -log K
+    torch.testing.assert_close(out.detach(), inference, atol=1e-5, rtol=0)
     out[:, 0].sum().backward()
     grads = {name: p.grad for name, p in tiny.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
@@ -270,7 +272,12 @@ def test_chunked_inference_mlp_equals_the_plain_mlp(
     with torch.enable_grad():
         plain = block.mlp(h.clone().requires_grad_(True)).detach()  # the training path: one pass, no chunks
     assert chunked.shape == plain.shape
-    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-6)
+    # GELU2's scale rides on the chunks' matrix products (silu(a h) / a): a few float32 ulps from the plain MLP
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    first, _, second = (m.double() for m in copy.deepcopy(block.mlp))
+    inner = first(h.double())
+    exact = second(inner * torch.sigmoid(1.702 * inner))  # W2 GELU2(W1 h + b1) + b2 in float64
+    torch.testing.assert_close(chunked.double(), exact, atol=1e-5, rtol=1e-5)
 
 
 def test_logits_and_output_layout(tiny: Denoiser) -> None:

@@ -144,3 +144,19 @@ def test_the_two_methods_keep_the_same_classes_at_the_ithq_shape() -> None:
         )
     with pytest.raises(ValueError, match="truncation method"):
         truncate_log_probs(log_p, 0.5, method="bisect")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "classes_last"])
+def test_cpu_chunks_of_the_batch_give_the_same_output(monkeypatch, layout: str) -> None:
+    """On CPU a large batch is truncated a few images at a time; with chunks of 2 images (7 images: 2 + 2 + 2 +
+    1) the output equals the reference's kept sets, keeps the input's layout and equals the one-chunk run."""
+    from vqdiffusion.diffusion import adjustments
+
+    log_p = torch.cat([inputs(kind, (1, 37, 5), seed=i) for i, kind in enumerate(KINDS + ["random"])])  # [7, 37, 5]
+    if layout == "classes_last":
+        log_p = log_p.transpose(1, 2).contiguous().transpose(1, 2)
+    whole = truncate_log_probs(log_p, 0.86)
+    monkeypatch.setattr(adjustments, "TRUNCATION_CHUNK_ELEMENTS", 2 * 37 * 5)
+    chunked = truncate_log_probs(log_p, 0.86)
+    assert torch.equal(chunked, whole) and chunked.stride() == log_p.stride()
+    assert torch.equal(torch.isfinite(chunked), sorted_keep(log_p, 0.86))

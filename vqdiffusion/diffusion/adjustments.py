@@ -83,8 +83,26 @@ def truncate_log_probs(log_p_x0: torch.Tensor, rate: float, *, method: str | Non
         raise ValueError(f"truncation method must be one of {list(TRUNCATION_METHODS)}, got {method!r}")
     if rate >= 1.0:
         return log_p_x0
-    log_p, p, q = truncation_quanta(log_p_x0)
     limit = math.ceil(rate * 2**MASS_QUANTUM_BITS)
+    batch, classes, length = log_p_x0.shape
+    rows = max(1, TRUNCATION_CHUNK_ELEMENTS // (classes * length))
+    if log_p_x0.device.type != "cpu" or batch <= rows:
+        return _truncate(log_p_x0, limit, method)
+    # CPU: a few images at a time, so that the temporaries are reused allocations of at most
+    # TRUNCATION_CHUNK_ELEMENTS instead of fresh ones whose page faults cost as much as the passes over them.
+    out = torch.empty_like(log_p_x0, dtype=torch.float32)  # the input's layout (the denoiser's: classes inner)
+    for i in range(0, batch, rows):
+        out[i : i + rows] = _truncate(log_p_x0[i : i + rows], limit, method)
+    return out
+
+
+# Elements of log p per truncation chunk on CPU (16 MB in float32: one ITHQ image, [4096, 1024]).
+TRUNCATION_CHUNK_ELEMENTS = 2**22
+
+
+def _truncate(log_p_x0: torch.Tensor, limit: int, method: str) -> torch.Tensor:
+    """:func:`truncate_log_probs` below rate 1 on one chunk of the batch; ``limit`` = R = ceil(rate 2^30)."""
+    log_p, p, q = truncation_quanta(log_p_x0)
     bits = p.view(torch.int32)  # p in [0, 1]: patterns 0 .. 0x3F800000 < 2^30, ordered like the values
     if method == "sort":
         theta = _threshold_by_sort(p, q, limit).view(torch.int32)
@@ -121,21 +139,23 @@ def _threshold_by_histogram(bits: torch.Tensor, q: torch.Tensor, limit: int) -> 
     Among the candidates (classes whose bits above shift + 10 equal P) it adds up q per 10-bit digit v; the
     mass above digit d is A + sum_{v > d} hist[v], non-increasing in d, and the digit is the first d where it
     is below R (the count of d with mass >= R; d = 1023 always qualifies, as that mass is A).  The next round's
-    candidates are those with v = d, and A grows by the mass above d.  The first round reads all B K N classes;
-    the later ones only the candidates, gathered once per round.
+    candidates are those with v = d, and A grows by the mass above d.  The first round reads all B K N classes
+    (in whatever layout they come); the later ones only the candidates, gathered once.
     """
     B, K, N = bits.shape
-    rows = B * N
-    # [rows, K] views with the classes of one position contiguous (the denoiser's layout; a copy otherwise).
-    bits_r = bits.transpose(1, 2).reshape(rows, K).contiguous()
-    q_r = q.transpose(1, 2).reshape(rows, K).contiguous()
+    rows = B * N  # one histogram per position (b, n), row b N + n
     index_dtype = torch.int32 if rows * 2**DIGIT_BITS < 2**31 else torch.int64  # int32 indices: cheaper
-    base = torch.arange(rows, device=bits.device, dtype=index_dtype) << DIGIT_BITS  # each row's histogram
-    digit = (bits_r >> 2 * DIGIT_BITS).to(index_dtype)  # [rows, K], the top digit (p <= 1: at most 1016)
-    d, above = _next_digit((digit + base.unsqueeze(1)).view(-1), q_r.reshape(-1), None, rows, limit)
+    base = torch.arange(rows, device=bits.device, dtype=index_dtype) << DIGIT_BITS  # [rows], each row's start
+    # Work in memory order: [B, N, K] for the denoiser's classes-contiguous layout (a view), else [B, K, N].
+    classes_inner = bits.stride(1) == 1
+    shape = (B, N, 1) if classes_inner else (B, 1, N)  # one value per position, broadcast over the classes
+    bits_v, q_v = (bits.transpose(1, 2), q.transpose(1, 2)) if classes_inner else (bits.contiguous(), q.contiguous())
+    digit = (bits_v >> 2 * DIGIT_BITS).to(index_dtype)  # the top digit (p <= 1: at most 1016)
+    d, above = _next_digit((digit + base.view(shape)).view(-1), q_v.reshape(-1), None, rows, limit)
     theta = d
-    position = (digit == d.unsqueeze(1)).view(-1).nonzero().squeeze(1)  # candidates, flat [M]
-    row, cand_bits, cand_q = position // K, bits_r.reshape(-1)[position], q_r.reshape(-1)[position]
+    i0, i1, i2 = (digit == d.view(shape)).nonzero(as_tuple=True)  # the candidates, [M] each
+    row = i0 * N + (i1 if classes_inner else i2)
+    cand_bits, cand_q = bits_v[i0, i1, i2], q_v[i0, i1, i2]
     for shift in (DIGIT_BITS, 0):
         digit = ((cand_bits >> shift) & (2**DIGIT_BITS - 1)).to(index_dtype)
         d, above = _next_digit(digit + base[row], cand_q, above, rows, limit)
@@ -143,7 +163,7 @@ def _threshold_by_histogram(bits: torch.Tensor, q: torch.Tensor, limit: int) -> 
         if shift:
             same = digit == d[row]
             row, cand_bits, cand_q = row[same], cand_bits[same], cand_q[same]
-    return theta.to(torch.int32).view(B, N).unsqueeze(1)
+    return theta.to(torch.int32).view(B, 1, N)
 
 
 def _next_digit(
