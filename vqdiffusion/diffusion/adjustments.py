@@ -150,12 +150,12 @@ def _threshold_by_histogram(bits: torch.Tensor, q: torch.Tensor, limit: int) -> 
     classes_inner = bits.stride(1) == 1
     shape = (B, N, 1) if classes_inner else (B, 1, N)  # one value per position, broadcast over the classes
     bits_v, q_v = (bits.transpose(1, 2), q.transpose(1, 2)) if classes_inner else (bits.contiguous(), q.contiguous())
-    digit = (bits_v >> 2 * DIGIT_BITS).to(index_dtype)  # the top digit (p <= 1: at most 1016)
-    d, above = _next_digit((digit + base.view(shape)).view(-1), q_v.reshape(-1), None, rows, limit)
+    index = (bits_v >> 2 * DIGIT_BITS).to(index_dtype).add_(base.view(shape))  # row start + the top digit
+    d, above = _next_digit(index.view(-1), q_v.reshape(-1), None, rows, limit)  # (p <= 1: digit <= 1016)
     theta = d
-    i0, i1, i2 = (digit == d.view(shape)).nonzero(as_tuple=True)  # the candidates, [M] each
-    row = i0 * N + (i1 if classes_inner else i2)
-    cand_bits, cand_q = bits_v[i0, i1, i2], q_v[i0, i1, i2]
+    position = (index == (base + d).view(shape)).view(-1).nonzero().squeeze(1)  # the candidates, flat [M]
+    row = position // K if classes_inner else position // (K * N) * N + position % N  # b N + n
+    cand_bits, cand_q = bits_v.reshape(-1).index_select(0, position), q_v.reshape(-1).index_select(0, position)
     for shift in (DIGIT_BITS, 0):
         digit = ((cand_bits >> shift) & (2**DIGIT_BITS - 1)).to(index_dtype)
         d, above = _next_digit(digit + base[row], cand_q, above, rows, limit)
