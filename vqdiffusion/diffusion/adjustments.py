@@ -49,6 +49,9 @@ def truncation_quanta(log_p_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 TRUNCATION_METHODS = ("histogram", "sort")
 
+# Elements of log p per truncation chunk on CPU (16 MB in float32: one ITHQ image, [4096, 1024]).
+TRUNCATION_CHUNK_ELEMENTS = 2**22
+
 
 def truncate_log_probs(log_p_x0: torch.Tensor, rate: float, *, method: str | None = None) -> torch.Tensor:
     """Truncation (paper sec. 4.3): per position keep the most likely classes, renormalised.
@@ -94,10 +97,6 @@ def truncate_log_probs(log_p_x0: torch.Tensor, rate: float, *, method: str | Non
     for i in range(0, batch, rows):
         out[i : i + rows] = _truncate(log_p_x0[i : i + rows], limit, method)
     return out
-
-
-# Elements of log p per truncation chunk on CPU (16 MB in float32: one ITHQ image, [4096, 1024]).
-TRUNCATION_CHUNK_ELEMENTS = 2**22
 
 
 def _truncate(log_p_x0: torch.Tensor, limit: int, method: str) -> torch.Tensor:
