@@ -21,7 +21,8 @@ def log_softmax_classes(x: torch.Tensor) -> torch.Tensor:
 
 def guided_logits(log_p_uncond: torch.Tensor, log_p_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance before normalising: lu + s (lc - lu), [B, K, N] in the inputs' layout (its
-    softmax over dim 1 is that of :func:`guided_log_probs`; aMUSEd's pipeline draws from it as is)."""
+    softmax over dim 1 is that of :func:`guided_log_probs`; aMUSEd's pipeline draws from it as is).  Being
+    linear, it also combines the input of an affine head (the denoiser's z, [B, N, D]; docs/design.md §6.3)."""
     return log_p_uncond + scale * (log_p_cond - log_p_uncond)
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..diffusion.adjustments import guided_logits
 from .conditions import ConditionKind
 from .denoiser_config import (  # re-exported: the config's old home
     ACTIVATIONS,
@@ -136,9 +137,9 @@ class GELU2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            return x * torch.sigmoid(1.702 * x)
-        # Inference: one temporary instead of three (the MLP is the largest activation on CPU).
-        return torch.mul(x, 1.702).sigmoid_().mul_(x)
+            return x * torch.sigmoid(self.scale * x)
+        # Inference outside Block._mlp (the conv MLP): one temporary instead of three.
+        return torch.mul(x, self.scale).sigmoid_().mul_(x)
 
 
 class ConvMLP(nn.Module):
@@ -231,19 +232,22 @@ class Block(nn.Module):
             rows = max(1, min(MLP_CHUNK_ROWS, MLP_CHUNK_ELEMENTS // first.out_features))
             chunks = -(-flat.shape[0] // rows)
             rows = -(-flat.shape[0] // max(1, chunks))  # equal chunks: 2048 rows -> 2 x 1024, not 1024 + 1024 + 0
-        a = GELU2.scale if isinstance(activation, GELU2) else 1.0
+        gelu2 = isinstance(activation, GELU2)
+        a = GELU2.scale if gelu2 else 1.0  # GELU2(h) = silu(a h) / a; exact GELU keeps a = 1
         out = torch.empty_like(flat)
         for start in range(0, flat.shape[0], rows):
-            part = flat[start : start + rows]
+            part, rows_out = flat[start : start + rows], out[start : start + rows]
             if first.bias is None:
-                inner = torch.mm(part, first.weight.t()).mul_(a)
+                inner = torch.mm(part, first.weight.t()).mul_(a) if gelu2 else torch.mm(part, first.weight.t())
             else:
                 inner = torch.addmm(first.bias, part, first.weight.t(), beta=a, alpha=a)  # a (W1 h + b1)
-            inner = F.silu(inner, inplace=True) if a != 1.0 else activation(inner)
+            inner = F.silu(inner, inplace=True) if gelu2 else activation(inner)
             if second.bias is None:
-                torch.mm(inner, second.weight.t(), out=out[start : start + rows]).mul_(1.0 / a)  # a = 1: exact
+                torch.mm(inner, second.weight.t(), out=rows_out)
+                if gelu2:
+                    rows_out.mul_(1.0 / a)
             else:
-                torch.addmm(second.bias, inner, second.weight.t(), alpha=1.0 / a, out=out[start : start + rows])
+                torch.addmm(second.bias, inner, second.weight.t(), alpha=1.0 / a, out=rows_out)
         return out.view(h.shape)
 
 
@@ -411,7 +415,7 @@ class Denoiser(nn.Module):
                     f"x_t of batch {x_t.shape[0]}), got {z.shape[0]} rows"
                 )
             z_u, z_c = z.float().chunk(2)
-            z = torch.lerp(z_u, z_c, float(guidance_scale)).to(z.dtype)  # z_u + s (z_c - z_u), [B, N, D]
+            z = guided_logits(z_u, z_c, float(guidance_scale)).to(z.dtype)  # z_u + s (z_c - z_u), [B, N, D]
         logits = self.head(z).float()  # [G * B, N, K] ([B, N, K] guided); no-op cast in float32
         out = logits if return_logits else torch.log_softmax(logits, dim=-1)
         return out.transpose(1, 2)
