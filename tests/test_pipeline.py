@@ -178,14 +178,19 @@ def test_guidance_one_costs_one_forward_pass(pair, guidance: float, rows_in: int
     assert calls == [(2, rows_in, 2)] * 5
 
 
+def guidance_inputs(ours, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t [2, 16] with [MASK] allowed, and the [null; text] condition rows [4, L, D] of PROMPTS."""
+    K = ours.schedule.num_classes
+    x_t = torch.randint(0, K + 1, (2, 16), generator=torch.Generator().manual_seed(seed))
+    return x_t, torch.cat([ours.null_embeddings(2), ours.encode_prompt(PROMPTS)])
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_guidance_before_the_head_equals_guided_log_probs(pair, normalize: bool) -> None:
     """forward(guidance_scale=s) combines the head's input; it must equal log_softmax(l_u + s (l_c - l_u)) of
     the two groups' own logits (the combination of the paper, computed here in float64)."""
     _, _, ours = pair
-    K = ours.schedule.num_classes
-    x_t = torch.randint(0, K + 1, (2, 16), generator=torch.Generator().manual_seed(3))
-    cond = torch.cat([ours.null_embeddings(2), ours.encode_prompt(PROMPTS)])
+    x_t, cond = guidance_inputs(ours, seed=3)
     with torch.no_grad():
         kv = ours.denoiser.precompute_condition(cond)
         logits_u, logits_c = ours.denoiser(x_t, 40, cond_cache=kv, return_logits=True).double().chunk(2)
@@ -196,7 +201,7 @@ def test_guidance_before_the_head_equals_guided_log_probs(pair, normalize: bool)
         torch.testing.assert_close(guided.double(), expected, rtol=0, atol=1e-4)
     else:  # logits are defined up to a per-position constant only in the softmax; here they are exact
         torch.testing.assert_close(guided.double(), expected, rtol=1e-5, atol=1e-4)
-    assert guided.shape == (2, K, 16)
+    assert guided.shape == (2, ours.schedule.num_classes, 16)
 
 
 def test_guidance_scale_needs_two_condition_groups(pair) -> None:
@@ -208,11 +213,10 @@ def test_guidance_scale_needs_two_condition_groups(pair) -> None:
 
 
 def test_shared_x_t_groups_equal_explicit_copies(pair) -> None:
-    """Sharing the first self-attention across guidance groups equals running the duplicated batch."""
+    """Sharing the first block's self-attention and cross-attention queries across guidance groups equals
+    running the duplicated batch."""
     _, _, ours = pair
-    K = ours.schedule.num_classes
-    x_t = torch.randint(0, K + 1, (2, 16), generator=torch.Generator().manual_seed(5))
-    cond = torch.cat([ours.null_embeddings(2), ours.encode_prompt(PROMPTS)])
+    x_t, cond = guidance_inputs(ours, seed=5)
     with torch.no_grad():
         kv = ours.denoiser.precompute_condition(cond)
         shared = ours.denoiser(x_t, torch.tensor([3, 70]), cond_cache=kv)
